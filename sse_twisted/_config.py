@@ -1,0 +1,293 @@
+"""The server's settings: one immutable object built from defaults < environment < options."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SETTINGS", "Config", "ConfigError", "Setting", "load_config"]
+
+POSTGRES_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+APP_ENVS = ("dev", "prod")
+
+
+class ConfigError(Exception):
+    """A setting has a value the server cannot run with; the message names it."""
+
+
+def _port(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"{text!r} is not a port number")
+    number = int(text)
+    if number > 65535:
+        raise ValueError(f"{number} is out of range 0-65535")
+    return number
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise ValueError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not number > 0:
+        raise ValueError(f"{text!r} must be greater than 0")
+    return number
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (true or false)")
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def _existing_directory(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise ValueError(f"{text!r} is not a directory")
+    return path
+
+
+def _optional_directory(text: str) -> Path | None:
+    if not text:
+        return None
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{text!r} exists and is not a directory")
+    return path
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(origin.strip() for origin in text.split(",") if origin.strip())
+    if not origins:
+        raise ValueError("must list at least one origin, or *")
+    return origins
+
+
+_MAX_AGE = re.compile(r"^[1-9][0-9]*(Y|M|D|h|m|s)$")
+
+
+def _max_age(text: str) -> str:
+    if not _MAX_AGE.match(text):
+        raise ValueError(f"{text!r} is not a RabbitMQ max-age such as 7D, 12h or 30m")
+    return text
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value: its environment name, twistd option, default and parser."""
+
+    field: str
+    env: str
+    option: str
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+    secret: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("app_env", "SSE_APP_ENV", "app-env", "prod", _one_of(APP_ENVS), "dev or prod"),
+    Setting("port", "SSE_PORT", "port", "8001", _port, "TLS port for browsers (0 = any free)"),
+    Setting(
+        "listen_address",
+        "SSE_LISTEN_ADDRESS",
+        "listen-address",
+        "0.0.0.0",
+        _non_empty,
+        "address the TLS port binds to",
+    ),
+    Setting("log_index", "SSE_LOG_INDEX", "log-index", "sse", _non_empty, "`index` log field"),
+    Setting(
+        "logs_dir",
+        "SSE_LOGS_DIR",
+        "logs-dir",
+        "",
+        _optional_directory,
+        "directory for daily JSON log files (empty = stdout only)",
+    ),
+    Setting(
+        "certs_dir",
+        "SSE_CERTS_DIR",
+        "certs-dir",
+        "certs",
+        _existing_directory,
+        "directory holding the certificate files",
+    ),
+    Setting(
+        "postgres_host", "SSE_POSTGRES_HOST", "postgres-host", "localhost", _non_empty,
+        "PostgreSQL host (verify-full checks the certificate against it)",
+    ),
+    Setting("postgres_port", "SSE_POSTGRES_PORT", "postgres-port", "5432", _port, "PostgreSQL port"),
+    Setting(
+        "postgres_username", "SSE_POSTGRES_USERNAME", "postgres-username", "postgres", _non_empty,
+        "PostgreSQL user",
+    ),
+    Setting(
+        "postgres_password", "SSE_POSTGRES_PASSWORD", "postgres-password", "", _text,
+        "PostgreSQL password", secret=True,
+    ),
+    Setting(
+        "postgres_db_name", "SSE_POSTGRES_DB_NAME", "postgres-db-name", "postgres", _non_empty,
+        "database holding the users table",
+    ),
+    Setting(
+        "postgres_sslmode", "SSE_POSTGRES_SSLMODE", "postgres-sslmode", "verify-full",
+        _one_of(POSTGRES_SSLMODES), "libpq sslmode (disable = plaintext)",
+    ),
+    Setting(
+        "postgres_pool_size", "SSE_POSTGRES_POOL_SIZE", "postgres-pool-size", "4", _positive_int,
+        "PostgreSQL connections in the pool",
+    ),
+    Setting(
+        "postgres_timeout_seconds", "SSE_POSTGRES_TIMEOUT_SECONDS", "postgres-timeout-seconds",
+        "5", _positive_float, "how long a subscribe waits for the auth query",
+    ),
+    Setting(
+        "rabbitmq_host", "SSE_RABBITMQ_HOST", "rabbitmq-host", "localhost", _non_empty,
+        "RabbitMQ host (TLS checks the certificate against it)",
+    ),
+    Setting(
+        "rabbitmq_port", "SSE_RABBITMQ_PORT", "rabbitmq-port", "", _port,
+        "RabbitMQ port (default 5671 with TLS, 5672 without)",
+    ),
+    Setting(
+        "rabbitmq_username", "SSE_RABBITMQ_USERNAME", "rabbitmq-username", "guest", _non_empty,
+        "RabbitMQ user",
+    ),
+    Setting(
+        "rabbitmq_password", "SSE_RABBITMQ_PASSWORD", "rabbitmq-password", "guest", _text,
+        "RabbitMQ password", secret=True,
+    ),
+    Setting("rabbitmq_vhost", "SSE_RABBITMQ_VHOST", "rabbitmq-vhost", "/", _non_empty, "vhost"),
+    Setting(
+        "rabbitmq_queue_name", "SSE_RABBITMQ_QUEUE_NAME", "rabbitmq-queue-name", "messages",
+        _non_empty, "stream queue the messages are read from",
+    ),
+    Setting(
+        "rabbitmq_tls", "SSE_RABBITMQ_TLS", "rabbitmq-tls", "true", _boolean,
+        "amqps with a client certificate (false = plain AMQP)",
+    ),
+    Setting(
+        "rabbitmq_max_age", "SSE_RABBITMQ_MAX_AGE", "rabbitmq-max-age", "1D", _max_age,
+        "retention of the stream queue when this server declares it",
+    ),
+    Setting(
+        "rabbitmq_prefetch", "SSE_RABBITMQ_PREFETCH", "rabbitmq-prefetch", "1000", _positive_int,
+        "unacknowledged messages the broker may send ahead",
+    ),
+    Setting(
+        "rabbitmq_heartbeat_seconds", "SSE_RABBITMQ_HEARTBEAT_SECONDS",
+        "rabbitmq-heartbeat-seconds", "10", _positive_int,
+        "AMQP heartbeat; a dead broker link is noticed after about twice this",
+    ),
+    Setting(
+        "heartbeat_seconds", "SSE_HEARTBEAT_SECONDS", "heartbeat-seconds", "15", _positive_float,
+        "seconds between keep-alive comments on each stream",
+    ),
+    Setting(
+        "retry_milliseconds", "SSE_RETRY_MILLISECONDS", "retry-milliseconds", "3000",
+        _positive_int, "reconnect delay sent to browsers (retry: field)",
+    ),
+    Setting(
+        "max_message_bytes", "SSE_MAX_MESSAGE_BYTES", "max-message-bytes", "262144",
+        _positive_int, "larger messages are skipped with a warning",
+    ),
+    Setting(
+        "cors_origins", "SSE_CORS_ORIGINS", "cors-origins", "*", _origins,
+        "comma-separated origins allowed to subscribe, or *",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of one server process; secrets are left out of the repr."""
+
+    app_env: str
+    port: int
+    listen_address: str
+    log_index: str
+    logs_dir: Path | None
+    certs_dir: Path
+    postgres_host: str
+    postgres_port: int
+    postgres_username: str
+    postgres_password: str = field(repr=False)
+    postgres_db_name: str
+    postgres_sslmode: str
+    postgres_pool_size: int
+    postgres_timeout_seconds: float
+    rabbitmq_host: str
+    rabbitmq_port: int
+    rabbitmq_username: str
+    rabbitmq_password: str = field(repr=False)
+    rabbitmq_vhost: str
+    rabbitmq_queue_name: str
+    rabbitmq_tls: bool
+    rabbitmq_max_age: str
+    rabbitmq_prefetch: int
+    rabbitmq_heartbeat_seconds: int
+    heartbeat_seconds: float
+    retry_milliseconds: int
+    max_message_bytes: int
+    cors_origins: tuple[str, ...]
+
+
+def load_config(environ: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> Config:
+    """Build the config: defaults, replaced by ``SSE_*`` variables, replaced by options.
+
+    ``overrides`` is keyed by option name (``port``, ``certs-dir``); ``None`` values are
+    ignored.  Raises L{ConfigError} naming the first setting whose value is unusable.
+    """
+    overrides = overrides or {}
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = overrides.get(setting.option)
+        source = f"--{setting.option}"
+        if raw is None:
+            raw = environ.get(setting.env)
+            source = setting.env
+        if raw is None:
+            raw = setting.default
+            source = f"{setting.env} (default)"
+        if setting.field == "rabbitmq_port" and raw == "":
+            values[setting.field] = None
+            continue
+        try:
+            values[setting.field] = setting.parse(raw)
+        except ValueError as error:
+            raise ConfigError(f"{source}: {error}") from None
+    if values["rabbitmq_port"] is None:
+        values["rabbitmq_port"] = 5671 if values["rabbitmq_tls"] else 5672
+    return Config(**values)

@@ -1,0 +1,255 @@
+"""The HTTP front: ``GET /subscribe/{topic}/{userid}/{nonce}`` held open as an event stream."""
+
+from __future__ import annotations
+
+import re
+from uuid import uuid4
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from ._framing import comment_frame, retry_frame
+from ._logging import mask_subscribe_path
+from ._streams import EventStream, StreamRegistry
+from .interfaces import BackendUnavailable, IAuthenticator
+
+__all__ = ["EventStreamSite", "SubscribeResource", "TrackedRequest", "root_resource"]
+
+_V4_UUID = re.compile(rb"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._-]{1,64}$")
+_PATH_PARTS = ("topic", "userid", "nonce")
+_access = Logger(namespace="sse_twisted.access")
+
+
+class TrackedRequest(Request):
+    """A request with the correlation id and start time its log lines carry."""
+
+    correlation_id: str = ""
+    started_at: float = 0.0
+
+
+class EventStreamSite(Site):
+    """A L{Site} that stamps each request and writes a JSON access log line for it.
+
+    Never wrap it in gzip encoding: Twisted's encoder buffers, and events would stall.
+    """
+
+    requestFactory = TrackedRequest
+
+    def __init__(self, resource: Resource, reactor: IReactorTime) -> None:
+        super().__init__(resource, requestFactory=TrackedRequest)
+        self._clock = reactor
+
+    def getResourceFor(self, request: Request) -> Resource:
+        """Stamp ``request`` with a correlation id and its start time, then route it."""
+        assert isinstance(request, TrackedRequest)
+        given = request.getHeader(b"x-request-id")
+        if given is not None and _REQUEST_ID.match(given):
+            request.correlation_id = given.decode("ascii")
+        else:
+            request.correlation_id = uuid4().hex
+        request.started_at = self._clock.seconds()
+        request.setHeader(b"x-request-id", request.correlation_id.encode("ascii"))
+        return super().getResourceFor(request)
+
+    def log(self, request: Request) -> None:  # type: ignore[override]
+        """One access-log line per finished request; the token in the path is masked."""
+        access_log(self._clock, request, "request finished")
+
+
+def access_log(clock: IReactorTime, request: Request, outcome: str) -> None:
+    """Log ``request`` as one access line: status, duration, bytes, protocol, masked path."""
+    correlation_id = getattr(request, "correlation_id", None)
+    started_at = getattr(request, "started_at", clock.seconds())
+    _access.info(
+        "{method} {path} {status} ({outcome})",
+        method=request.method.decode("latin-1"),
+        path=mask_subscribe_path(request.path.decode("latin-1")),
+        status=request.code,
+        outcome=outcome,
+        duration_ms=round((clock.seconds() - started_at) * 1000, 1),
+        bytes=request.sentLength,
+        protocol=request.clientproto.decode("latin-1"),
+        client=getattr(request.getClientAddress(), "host", None),
+        correlation_id=correlation_id,
+    )
+
+
+def _plain(request: Request, status: int, reason: str) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    return reason.encode("utf-8") + b"\n"
+
+
+class _NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return _plain(request, 404, "not found")
+
+
+class _Root(Resource):
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return _NotFound()
+
+
+def path_problem(parts: list[bytes]) -> str | None:
+    """Why ``parts`` (the segments after /subscribe/) are not three v4 UUIDs, or None."""
+    for name, part in zip(_PATH_PARTS, parts, strict=False):
+        if not _V4_UUID.match(part):
+            return f"{name} is not a lowercase v4 UUID"
+    if len(parts) < len(_PATH_PARTS):
+        return f"missing {_PATH_PARTS[len(parts)]}: expected /subscribe/<topic>/<userid>/<nonce>"
+    if len(parts) > len(_PATH_PARTS):
+        return "unexpected path after nonce: expected /subscribe/<topic>/<userid>/<nonce>"
+    return None
+
+
+class SubscribeResource(Resource):
+    """Authenticates a subscriber, then holds its request open as an event stream."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(
+        self,
+        registry: StreamRegistry,
+        authenticator: IAuthenticator,
+        reactor: IReactorTime,
+        cors_origins: tuple[str, ...],
+        retry_milliseconds: int,
+    ) -> None:
+        super().__init__()
+        self._registry = registry
+        self._authenticator = authenticator
+        self._clock = reactor
+        self._cors_origins = cors_origins
+        self._retry_milliseconds = retry_milliseconds
+
+    def render(self, request: Request) -> bytes | int:
+        """Dispatch by method; anything but GET and OPTIONS is 405."""
+        if not self._apply_cors(request):
+            return _plain(request, 403, "origin not allowed")
+        if request.method == b"GET":
+            return self._subscribe(request)
+        if request.method == b"OPTIONS":
+            request.setResponseCode(204)
+            request.setHeader(b"access-control-allow-methods", b"GET, OPTIONS")
+            request.setHeader(b"access-control-allow-headers", b"Last-Event-ID, X-Request-ID")
+            request.setHeader(b"access-control-max-age", b"86400")
+            return b""
+        request.setHeader(b"allow", b"GET, OPTIONS")
+        return _plain(request, 405, "method not allowed: use GET")
+
+    def _apply_cors(self, request: Request) -> bool:
+        """Set the CORS headers; False when the request's origin is not allowed."""
+        if "*" in self._cors_origins:
+            request.setHeader(b"access-control-allow-origin", b"*")
+            return True
+        request.setHeader(b"vary", b"Origin")
+        origin = request.getHeader(b"origin")
+        if origin is None:
+            return True
+        if origin.decode("latin-1") not in self._cors_origins:
+            return False
+        request.setHeader(b"access-control-allow-origin", origin)
+        return True
+
+    def _subscribe(self, request: Request) -> bytes | int:
+        parts = request.postpath or []
+        problem = path_problem(parts)
+        if problem is not None:
+            return _plain(request, 400, problem)
+        topic, userid, nonce = (part.decode("ascii") for part in parts)
+        checking = self._authenticator.is_subscriber(userid, nonce)
+        finished = request.notifyFinish()
+        finished.addErrback(self._client_left, checking)
+        checking.addCallbacks(
+            self._checked,
+            self._unavailable,
+            callbackArgs=(request, topic, userid, finished),
+            errbackArgs=(request,),
+        )
+        checking.addErrback(self._unexpected, request)
+        return NOT_DONE_YET
+
+    def _client_left(self, reason: Failure, checking: Deferred[bool]) -> Failure | None:
+        if checking.called:
+            # The stream is open: let _closed see the disconnect.
+            return reason
+        checking.cancel()
+        return None
+
+    def _checked(
+        self, allowed: bool, request: Request, topic: str, userid: str, finished: Deferred[None]
+    ) -> None:
+        if not allowed:
+            request.write(_plain(request, 403, "unknown subscriber"))
+            request.finish()
+            return
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-accel-buffering", b"no")
+        stream = EventStream(
+            userid=userid,
+            topic=topic,
+            request=request,
+            correlation_id=getattr(request, "correlation_id", ""),
+        )
+        self._registry.add(stream)
+        finished.addBoth(self._closed, stream)
+        # Sent at once, so that proxies and the browser see the stream open.
+        request.write(comment_frame("connected") + retry_frame(self._retry_milliseconds))
+        self.log.info(
+            "stream opened for {userid} on {topic}",
+            userid=userid,
+            topic=topic,
+            open_streams=len(self._registry),
+            correlation_id=stream.correlation_id,
+        )
+
+    def _closed(self, result: None | Failure, stream: EventStream) -> None:
+        self._registry.remove(stream)
+        if isinstance(result, Failure):
+            # The client went away: Site.log only sees requests the server finished.
+            access_log(self._clock, stream.request, "client disconnected")
+
+    def _unavailable(self, reason: Failure, request: Request) -> None:
+        reason.trap(BackendUnavailable)
+        self.log.warn(
+            "subscriber check unavailable, client asked to retry: {reason}",
+            reason=reason.getErrorMessage(),
+            correlation_id=getattr(request, "correlation_id", None),
+        )
+        # EventSource never retries a non-200 answer; a 200 stream that ends at once
+        # makes it come back after the retry delay.
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.write(
+            retry_frame(self._retry_milliseconds) + comment_frame("backend unavailable, retry")
+        )
+        request.finish()
+
+    def _unexpected(self, reason: Failure, request: Request) -> None:
+        if reason.check(CancelledError):
+            return
+        self.log.failure(
+            "subscribe failed", reason, correlation_id=getattr(request, "correlation_id", None)
+        )
+        if not request.finished:
+            request.write(_plain(request, 500, "internal error"))
+            request.finish()
+
+
+def root_resource(subscribe: SubscribeResource) -> Resource:
+    """The URL tree: ``/subscribe/...``; every other path is a plain 404."""
+    root = _Root()
+    root.putChild(b"subscribe", subscribe)
+    return root

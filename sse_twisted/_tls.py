@@ -1,0 +1,118 @@
+"""TLS material: the browser-facing server context and the RabbitMQ client identity.
+
+Keys and certificates are handed to pyOpenSSL as ``cryptography`` objects: pyOpenSSL 26
+deprecates its own ``X509``/``PKey`` types there, and with warnings as errors that breaks TLS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    TLSVersion,
+    optionsForClientTLS,
+    trustRootFromCertificates,
+)
+
+from ._config import ConfigError
+
+__all__ = [
+    "SERVER_CA_FILE",
+    "SERVER_CERT_FILE",
+    "SERVER_KEY_FILE",
+    "POSTGRES_CA_FILE",
+    "RABBITMQ_CA_FILE",
+    "RABBITMQ_CLIENT_CERT_FILE",
+    "RABBITMQ_CLIENT_KEY_FILE",
+    "rabbitmq_client_tls",
+    "server_tls",
+]
+
+SERVER_CERT_FILE = "cert.pem"
+SERVER_KEY_FILE = "key.pem"
+SERVER_CA_FILE = "ca.pem"
+RABBITMQ_CLIENT_CERT_FILE = "server_certificate.pem"
+RABBITMQ_CLIENT_KEY_FILE = "server_key.pem"
+RABBITMQ_CA_FILE = "ca_certificate.pem"
+POSTGRES_CA_FILE = "postgres_ca.crt"
+
+
+def _read(certs_dir: Path, name: str) -> bytes:
+    try:
+        return (certs_dir / name).read_bytes()
+    except OSError as error:
+        raise ConfigError(f"SSE_CERTS_DIR: cannot read {name}: {error.strerror}") from None
+
+
+def _certificates(certs_dir: Path, name: str) -> list[x509.Certificate]:
+    try:
+        certificates = x509.load_pem_x509_certificates(_read(certs_dir, name))
+    except ValueError:
+        raise ConfigError(f"SSE_CERTS_DIR: {name} holds no PEM certificate") from None
+    return certificates
+
+
+def _private_key(certs_dir: Path, name: str) -> PrivateKeyTypes:
+    try:
+        return serialization.load_pem_private_key(_read(certs_dir, name), password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"SSE_CERTS_DIR: {name} is not an unencrypted PEM private key"
+        ) from None
+
+
+def _identity(
+    certs_dir: Path, cert_name: str, key_name: str
+) -> tuple[x509.Certificate, PrivateKeyTypes, list[x509.Certificate]]:
+    leaf, *chain = _certificates(certs_dir, cert_name)
+    key = _private_key(certs_dir, key_name)
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    encoding = serialization.Encoding.DER
+    if key.public_key().public_bytes(encoding, public) != leaf.public_key().public_bytes(
+        encoding, public
+    ):
+        raise ConfigError(f"SSE_CERTS_DIR: {key_name} does not match {cert_name}")
+    return leaf, key, chain
+
+
+def server_tls(certs_dir: Path) -> CertificateOptions:
+    """Context for the browser-facing port: TLS 1.2+, full chain, ALPN h2 then http/1.1.
+
+    ``ca.pem`` is optional and, when present, sent as the intermediate chain after
+    whatever chain ``cert.pem`` already carries.
+    """
+    leaf, key, chain = _identity(certs_dir, SERVER_CERT_FILE, SERVER_KEY_FILE)
+    if (certs_dir / SERVER_CA_FILE).exists():
+        chain += _certificates(certs_dir, SERVER_CA_FILE)
+    return CertificateOptions(
+        privateKey=key,  # type: ignore[arg-type]
+        certificate=leaf,  # type: ignore[arg-type]
+        extraCertChain=chain,  # type: ignore[arg-type]
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+        acceptableProtocols=[b"h2", b"http/1.1"],
+    )
+
+
+def rabbitmq_client_tls(certs_dir: Path, hostname: str) -> IOpenSSLClientConnectionCreator:
+    """Client TLS toward RabbitMQ: our client certificate, its CA, its hostname verified."""
+    leaf, key, chain = _identity(certs_dir, RABBITMQ_CLIENT_CERT_FILE, RABBITMQ_CLIENT_KEY_FILE)
+    authorities = [
+        Certificate.loadPEM(certificate.public_bytes(serialization.Encoding.PEM))
+        for certificate in _certificates(certs_dir, RABBITMQ_CA_FILE)
+    ]
+    return optionsForClientTLS(
+        hostname,
+        trustRoot=trustRootFromCertificates(authorities),
+        extraCertificateOptions={
+            "privateKey": key,
+            "certificate": leaf,
+            "extraCertChain": chain,
+            "raiseMinimumTo": TLSVersion.TLSv1_2,
+        },
+    )

@@ -1,0 +1,164 @@
+"""``twistd sse-server``: the command-line options and the service tree."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.logger import ILogObserver, Logger
+from twisted.python import usage
+from twisted.python.components import Componentized
+
+from ._auth import PostgresAuthenticator
+from ._config import SETTINGS, Config, ConfigError, load_config
+from ._consumer import StreamConsumerService
+from ._framing import comment_frame
+from ._listener import ListenerService
+from ._logging import JSONLogObserver
+from ._resource import EventStreamSite, SubscribeResource, root_resource
+from ._router import MessageRouter
+from ._streams import StreamRegistry
+from ._tls import server_tls
+
+__all__ = ["Options", "SSEService", "build_service", "makeService"]
+
+_HEARTBEAT = comment_frame("keep-alive")
+
+
+class Options(usage.Options):
+    """Every setting as an option; each defaults to its ``SSE_*`` variable, then to the default.
+
+    A value the server cannot run with ends the command with one line naming the setting.
+    """
+
+    optParameters = [  # noqa: RUF012 - usage.Options reads this class attribute
+        [setting.option, None, None, f"{setting.help} [{setting.env}, default {setting.default!r}]"]
+        for setting in SETTINGS
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self._environ = os.environ if environ is None else environ
+
+    def postOptions(self) -> None:
+        """Build the immutable L{Config}; exit with one line when a value is unusable."""
+        overrides = {setting.option: self[setting.option] for setting in SETTINGS}
+        try:
+            self["config"] = load_config(self._environ, overrides)
+        except ConfigError as error:
+            # twistd prints the whole usage text for a UsageError; one line is clearer.
+            raise SystemExit(f"sse-server: {error}") from None
+
+
+class SSEService(MultiService):
+    """The whole server: listener, stream registry, authenticator, consumer and heartbeats."""
+
+    def __init__(
+        self,
+        registry: StreamRegistry,
+        listener: ListenerService,
+        authenticator: PostgresAuthenticator,
+        consumer: StreamConsumerService,
+        log_observer: JSONLogObserver,
+    ) -> None:
+        super().__init__()
+        self.registry = registry
+        self.listener = listener
+        self.authenticator = authenticator
+        self.consumer = consumer
+        self.log_observer = log_observer
+        for child in (authenticator, consumer, listener):
+            child.setServiceParent(self)
+
+    def stopService(self) -> Deferred[object]:
+        """Close every open stream (browsers come back to another instance), then stop."""
+        for stream in self.registry:
+            stream.close()
+        return super().stopService()  # type: ignore[no-any-return]
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Also hand twistd our JSON observer: it looks for one on the application."""
+        if isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
+
+def _write_heartbeats(registry: StreamRegistry) -> None:
+    for stream in registry:
+        stream.write(_HEARTBEAT)
+
+
+def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None]) -> SSEService:
+    """Assemble the service tree for ``config``; ``on_fatal`` ends the process with a reason.
+
+    Raises L{ConfigError} when the certificates cannot be loaded.
+    """
+    log = Logger(namespace="sse_twisted.startup")
+    observer = JSONLogObserver(
+        env=config.app_env,
+        index=config.log_index,
+        logs_dir=config.logs_dir,
+        secrets=(config.postgres_password, config.rabbitmq_password),
+    )
+    if not config.rabbitmq_tls:
+        log.warn("RabbitMQ link is plaintext (SSE_RABBITMQ_TLS=false): for development only")
+    if config.postgres_sslmode != "verify-full":
+        log.warn(
+            "PostgreSQL link is not verify-full (SSE_POSTGRES_SSLMODE={mode}): "
+            "for development only",
+            mode=config.postgres_sslmode,
+        )
+    registry = StreamRegistry()
+    authenticator = PostgresAuthenticator(config, reactor)
+    consumer = StreamConsumerService(
+        config,
+        reactor,
+        on_message=MessageRouter(registry, config.max_message_bytes),
+        on_fatal=on_fatal,
+    )
+    subscribe = SubscribeResource(
+        registry,
+        authenticator,
+        reactor,
+        cors_origins=config.cors_origins,
+        retry_milliseconds=config.retry_milliseconds,
+    )
+    site = EventStreamSite(root_resource(subscribe), reactor)
+    endpoint = SSL4ServerEndpoint(
+        reactor, config.port, server_tls(config.certs_dir), interface=config.listen_address
+    )
+    listener = ListenerService(endpoint, site)
+    listener.listening.addErrback(lambda reason: on_fatal(f"cannot listen: {reason.value}"))
+    service = SSEService(registry, listener, authenticator, consumer, observer)
+    heartbeats = TimerService(config.heartbeat_seconds, _write_heartbeats, registry)
+    heartbeats.clock = reactor
+    heartbeats.setServiceParent(service)
+    return service
+
+
+def _exit_with_error(reactor: Any) -> Callable[[str], None]:
+    log = Logger(namespace="sse_twisted.startup")
+
+    def fatal(reason: str) -> None:
+        log.critical("{reason}", reason=reason)
+        # twistd has no way to set a non-zero exit status after the reactor runs:
+        # leave once the shutdown (and its log lines) is complete.
+        reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        reactor.callWhenRunning(reactor.stop)
+
+    return fatal
+
+
+def makeService(options: Options) -> IService:
+    """twistd entry point: the service tree for the parsed options."""
+    from twisted.internet import reactor
+
+    try:
+        return build_service(options["config"], reactor, _exit_with_error(reactor))
+    except ConfigError as error:
+        raise SystemExit(f"sse-server: {error}") from None

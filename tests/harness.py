@@ -1,0 +1,195 @@
+"""An sse-twisted server on the test reactor, a browser-like SSE client and a publisher."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pika
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import Certificate
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, Response
+from twisted.web.http_headers import Headers
+
+from sse_twisted._config import Config, load_config
+from sse_twisted.tap import SSEService, build_service
+from tests.sse_parser import EventParser
+
+TIMEOUT = 20
+
+
+def new_uuid() -> str:
+    """A fresh lowercase v4 UUID."""
+    return str(uuid.uuid4())
+
+
+def bounded(waiting: Deferred[Any], seconds: float = TIMEOUT) -> Deferred[Any]:
+    """``waiting``, failed with TimeoutError if it has not fired in ``seconds``."""
+    return waiting.addTimeout(seconds, reactor)
+
+
+@dataclass
+class RunningServer:
+    """An in-process server: its config, service tree, URL base and fatal errors."""
+
+    config: Config
+    service: SSEService
+    base_url: str
+    fatal: list[str] = field(default_factory=list)
+
+    def subscribe_url(self, topic: str, userid: str, nonce: str) -> str:
+        """The URL a browser's EventSource would open."""
+        return f"{self.base_url}/subscribe/{topic}/{userid}/{nonce}"
+
+    async def stop(self) -> None:
+        """Stop every service; open streams are closed."""
+        await self.service.stopService()
+
+
+async def start_server(environ: Mapping[str, str]) -> RunningServer:
+    """Start a server on a free port with ``environ`` as its SSE_* settings; wait until it
+    listens and consumes."""
+    config = load_config({"SSE_PORT": "0", "SSE_LISTEN_ADDRESS": "127.0.0.1", **environ})
+    fatal: list[str] = []
+    service = build_service(config, reactor, on_fatal=fatal.append)
+    service.startService()
+    port = await bounded(service.listener.listening)
+    running = RunningServer(config, service, f"https://localhost:{port.getHost().port}", fatal)
+    await wait_for(lambda: service.consumer.consuming, "consumer never started")
+    return running
+
+
+async def wait_for(condition: Any, what: str, seconds: float = TIMEOUT) -> None:
+    """Poll ``condition`` each reactor tick (where no event signals it) until true."""
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + seconds
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise TimeoutError(what)
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+class EventCollector(Protocol):
+    """Reads an event-stream body as a browser would, queueing each dispatched event."""
+
+    def __init__(self) -> None:
+        self.parser = EventParser()
+        self.events: DeferredQueue[dict[str, str]] = DeferredQueue()
+        self.received: list[dict[str, str]] = []
+        self.raw = b""
+        self.closed: Deferred[Failure] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.raw += data
+        for event in self.parser.feed(data):
+            self.received.append(event)
+            self.events.put(event)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closed.callback(reason)
+
+    async def next_event(self, seconds: float = TIMEOUT) -> dict[str, str]:
+        """The next event, failing after ``seconds``."""
+        return await bounded(self.events.get(), seconds)
+
+    def close(self) -> None:
+        """Drop the connection, as a closed browser tab does."""
+        if not self.closed.called and self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
+@dataclass
+class Browser:
+    """An HTTPS client trusting the test CA, one TLS connection per stream."""
+
+    ca_certificate: Path
+    streams: list[EventCollector] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        trust = Certificate.loadPEM(self.ca_certificate.read_bytes())
+        self._agent = Agent(
+            reactor,
+            BrowserLikePolicyForHTTPS(trustRoot=trust),
+            pool=HTTPConnectionPool(reactor, persistent=False),
+        )
+
+    async def get(self, url: str, headers: dict[bytes, list[bytes]] | None = None) -> Response:
+        """The response to ``GET url`` (its body not read)."""
+        return await bounded(
+            self._agent.request(b"GET", url.encode("ascii"), Headers(headers or {}))
+        )
+
+    async def open(self, url: str) -> tuple[Response, EventCollector]:
+        """Open an event stream; the collector receives its events."""
+        response = await self.get(url, {b"accept": [b"text/event-stream"]})
+        collector = EventCollector()
+        response.deliverBody(collector)
+        self.streams.append(collector)
+        return response, collector
+
+    async def read_body(self, response: Response) -> bytes:
+        """The whole body of a response that ends."""
+        collector = EventCollector()
+        response.deliverBody(collector)
+        await bounded(collector.closed)
+        return collector.raw
+
+    async def close_all(self) -> None:
+        """Close every stream this browser opened and wait for the connections to end."""
+        for stream in self.streams:
+            stream.close()
+        for stream in self.streams:
+            await bounded(stream.closed)
+
+
+def found_contract(userid: str, **extra: Any) -> dict[str, Any]:
+    """The example message of the issue, for ``userid``."""
+    return {
+        "userid": userid,
+        "filename": "report.pdf",
+        "filepath": "/x/report.pdf",
+        "finished": False,
+        "type": "foundcontract",
+        **extra,
+    }
+
+
+def _publish_blocking(parameters: pika.ConnectionParameters, queue: str, bodies: list[bytes]) -> None:
+    connection = pika.BlockingConnection(parameters)
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for body in bodies:
+            channel.basic_publish("", queue, body, mandatory=True)
+    finally:
+        connection.close()
+
+
+def publish(
+    port: int,
+    queue: str,
+    *messages: Mapping[str, Any] | bytes,
+    tls: ssl.SSLContext | None = None,
+) -> Deferred[None]:
+    """Publish to ``queue`` through the default exchange, pretty-printed like the issue's
+    example, with publisher confirms; runs the blocking client in a thread."""
+    bodies = [
+        message if isinstance(message, bytes) else json.dumps(message, indent=2).encode()
+        for message in messages
+    ]
+    parameters = pika.ConnectionParameters(
+        host="localhost" if tls else "127.0.0.1",
+        port=port,
+        ssl_options=pika.SSLOptions(tls, "localhost") if tls else None,
+    )
+    return bounded(deferToThread(_publish_blocking, parameters, queue, bodies))

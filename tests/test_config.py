@@ -1,0 +1,115 @@
+"""Configuration: defaults < SSE_* environment < twistd options, and one-line errors."""
+
+from pathlib import Path
+
+import pytest
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+
+from sse_twisted._config import SETTINGS, ConfigError, load_config
+from sse_twisted.tap import Options
+
+
+@pytest.fixture
+def certs_dir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def test_defaults_match_the_go_service(certs_dir: Path) -> None:
+    config = load_config({"SSE_CERTS_DIR": str(certs_dir)})
+    assert config.port == 8001
+    assert config.log_index == "sse"
+    assert config.rabbitmq_queue_name == "messages"
+    assert config.rabbitmq_vhost == "/"
+    assert config.rabbitmq_tls is True
+    assert config.rabbitmq_port == 5671
+    assert config.postgres_sslmode == "verify-full"
+    assert config.heartbeat_seconds == 15
+    assert config.cors_origins == ("*",)
+
+
+def test_environment_overrides_defaults_and_options_override_environment(
+    certs_dir: Path,
+) -> None:
+    environ = {"SSE_CERTS_DIR": str(certs_dir), "SSE_PORT": "9000", "SSE_APP_ENV": "dev"}
+    assert load_config(environ).port == 9000
+    config = load_config(environ, {"port": "9100"})
+    assert config.port == 9100
+    assert config.app_env == "dev"
+
+
+def test_plain_amqp_defaults_to_port_5672(certs_dir: Path) -> None:
+    config = load_config({"SSE_CERTS_DIR": str(certs_dir), "SSE_RABBITMQ_TLS": "false"})
+    assert config.rabbitmq_tls is False
+    assert config.rabbitmq_port == 5672
+
+
+def test_cors_origins_are_a_comma_separated_list(certs_dir: Path) -> None:
+    environ = {"SSE_CERTS_DIR": str(certs_dir), "SSE_CORS_ORIGINS": "https://a.example, https://b"}
+    assert load_config(environ).cors_origins == ("https://a.example", "https://b")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("SSE_PORT", "eighty", "SSE_PORT: 'eighty' is not a port number"),
+        ("SSE_PORT", "70000", "SSE_PORT: 70000 is out of range 0-65535"),
+        ("SSE_APP_ENV", "staging", "SSE_APP_ENV: 'staging' is not one of dev, prod"),
+        ("SSE_RABBITMQ_TLS", "maybe", "SSE_RABBITMQ_TLS: 'maybe' is not a boolean"),
+        ("SSE_POSTGRES_SSLMODE", "strict", "SSE_POSTGRES_SSLMODE: 'strict' is not one of"),
+        ("SSE_HEARTBEAT_SECONDS", "0", "SSE_HEARTBEAT_SECONDS: '0' must be greater than 0"),
+        ("SSE_RABBITMQ_MAX_AGE", "7 days", "SSE_RABBITMQ_MAX_AGE: '7 days' is not a RabbitMQ"),
+        ("SSE_CERTS_DIR", "/nonexistent/certs", "SSE_CERTS_DIR: '/nonexistent/certs' is not a"),
+    ],
+)
+def test_a_wrong_value_names_the_setting_and_the_problem(
+    certs_dir: Path, variable: str, value: str, expected: str
+) -> None:
+    environ = {"SSE_CERTS_DIR": str(certs_dir), variable: value}
+    with pytest.raises(ConfigError) as raised:
+        load_config(environ)
+    assert str(raised.value).startswith(expected)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_wrong_option_is_named_as_the_option(certs_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^--port: 'x' is not a port number$"):
+        load_config({"SSE_CERTS_DIR": str(certs_dir)}, {"port": "x"})
+
+
+def test_passwords_stay_out_of_the_config_repr(certs_dir: Path) -> None:
+    environ = {
+        "SSE_CERTS_DIR": str(certs_dir),
+        "SSE_POSTGRES_PASSWORD": "pg-secret-1",
+        "SSE_RABBITMQ_PASSWORD": "mq-secret-2",
+    }
+    config = load_config(environ)
+    assert config.postgres_password == "pg-secret-1"
+    assert "pg-secret-1" not in repr(config)
+    assert "mq-secret-2" not in repr(config)
+
+
+def test_every_setting_has_an_sse_environment_name_and_an_option() -> None:
+    assert all(setting.env.startswith("SSE_") for setting in SETTINGS)
+    assert len({setting.option for setting in SETTINGS}) == len(SETTINGS)
+    assert len({setting.env for setting in SETTINGS}) == len(SETTINGS)
+
+
+def test_the_plugin_is_discoverable_and_parses_options(certs_dir: Path) -> None:
+    makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
+    assert "sse-server" in makers
+    options = makers["sse-server"].options()
+    assert isinstance(options, Options)
+    options = Options(environ={"SSE_PORT": "9001"})
+    options.parseOptions(["--certs-dir", str(certs_dir), "--rabbitmq-tls", "false"])
+    config = options["config"]
+    assert config.port == 9001
+    assert config.certs_dir == certs_dir
+    assert config.rabbitmq_tls is False
+
+
+def test_a_bad_option_exits_with_one_line(certs_dir: Path) -> None:
+    options = Options(environ={})
+    with pytest.raises(SystemExit) as raised:
+        options.parseOptions(["--certs-dir", str(certs_dir), "--port", "http"])
+    assert str(raised.value.code) == "sse-server: --port: 'http' is not a port number"

@@ -1,0 +1,77 @@
+"""JSON log lines: the fields Logstash reads, secrets masked, a daily file beside stdout."""
+
+import io
+import json
+from pathlib import Path
+
+from twisted.logger import Logger, LogLevel, LogPublisher
+
+from sse_twisted._logging import JSONLogObserver, mask_subscribe_path
+
+NONCE = "3c9d2f7e-1b4a-4e8d-a6c5-7f0e2b9d4c31"
+
+
+def emit(observer: JSONLogObserver) -> Logger:
+    publisher = LogPublisher(observer)
+    return Logger(namespace="sse_twisted.test", observer=publisher)
+
+
+def test_each_event_is_one_json_line_with_the_logstash_fields(tmp_path: Path) -> None:
+    stdout = io.StringIO()
+    observer = JSONLogObserver("prod", "sse", tmp_path / "logs", stream=stdout)
+    emit(observer).warn(
+        "skipped message at offset {offset}", offset=12, correlation_id="abc", reason="bad"
+    )
+    observer.close()
+    [line] = stdout.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["message"] == "skipped message at offset 12"
+    assert record["@level"] == "warn"
+    assert record["env"] == "prod"
+    assert record["index"] == "sse"
+    assert record["correlation_id"] == "abc"
+    assert record["offset"] == 12
+    assert record["reason"] == "bad"
+    assert record["@timestamp"].endswith("+00:00")
+    assert (tmp_path / "logs" / "sse.log").read_text().splitlines() == [line]
+
+
+def test_failures_carry_the_error_and_traceback() -> None:
+    stdout = io.StringIO()
+    observer = JSONLogObserver("dev", "sse", None, stream=stdout)
+    try:
+        raise ValueError("broken")
+    except ValueError:
+        emit(observer).failure("it failed")
+    record = json.loads(stdout.getvalue())
+    assert record["@level"] == "critical"
+    assert record["error"] == "broken"
+    assert "ValueError" in record["traceback"]
+
+
+def test_configured_secrets_and_subscribe_tokens_never_reach_a_line() -> None:
+    stdout = io.StringIO()
+    observer = JSONLogObserver("dev", "sse", None, secrets=["hunter2", ""], stream=stdout)
+    log = emit(observer)
+    log.info("connecting with {password}", password="hunter2")
+    log.info("GET {path}", path=f"/subscribe/a/b/{NONCE}?x=1")
+    output = stdout.getvalue()
+    assert "hunter2" not in output
+    assert NONCE not in output
+    assert "/subscribe/a/b/****?x=1" in output
+
+
+def test_mask_subscribe_path_keeps_topic_and_userid() -> None:
+    assert mask_subscribe_path(f"GET /subscribe/t/u/{NONCE} 200") == "GET /subscribe/t/u/**** 200"
+
+
+def test_levels_are_named_as_logstash_expects() -> None:
+    stdout = io.StringIO()
+    log = emit(JSONLogObserver("dev", "sse", None, stream=stdout))
+    for level in (LogLevel.debug, LogLevel.info, LogLevel.error):
+        log.emit(level, "x")
+    assert [json.loads(line)["@level"] for line in stdout.getvalue().splitlines()] == [
+        "debug",
+        "info",
+        "error",
+    ]

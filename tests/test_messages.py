@@ -1,0 +1,108 @@
+"""Message validation: what is delivered, what is skipped and why."""
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sse_twisted._framing import event_frame
+from sse_twisted._messages import InvalidMessage, MessageSchema, message_type, parse_message
+from tests.sse_parser import EventParser
+
+USERID = "0b8e3a52-6a3e-4c1e-9f4a-2d7b1c9e5a10"
+TOPIC = "7a1f4c2e-9d3b-4f6a-8e2c-5b0d1a7c3e94"
+
+
+def found_contract(**fields: object) -> dict[str, object]:
+    message: dict[str, object] = {
+        "userid": USERID,
+        "filename": "report.pdf",
+        "filepath": "/x/report.pdf",
+        "finished": False,
+        "type": "foundcontract",
+    }
+    message.update(fields)
+    return message
+
+
+def test_a_pretty_printed_message_becomes_one_line_of_the_same_json() -> None:
+    body = json.dumps(found_contract(), indent=2).encode()
+    message = parse_message(body)
+    assert b"\n" not in message.data
+    assert json.loads(message.data) == found_contract()
+    assert message.userid == USERID
+    assert message.topic is None
+
+
+def test_unknown_fields_are_passed_through() -> None:
+    message = parse_message(json.dumps(found_contract(pages=12, extra={"a": [1]})).encode())
+    assert json.loads(message.data)["extra"] == {"a": [1]}
+
+
+def test_topic_and_userid_are_routed_in_lowercase() -> None:
+    message = parse_message(
+        json.dumps(found_contract(userid=USERID.upper(), topic=TOPIC.upper())).encode()
+    )
+    assert (message.userid, message.topic) == (USERID, TOPIC)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{not json", "invalid JSON"),
+        (b"\xff\xfe{}", "body is not UTF-8"),
+        (b"[1, 2]", "JSON is a array, not an object"),
+        (b'"text"', "JSON is a string, not an object"),
+        (json.dumps({"userid": USERID}).encode(), "missing field 'type'"),
+        (json.dumps(found_contract(type="nosuchtype")).encode(), "unknown type 'nosuchtype'"),
+        (json.dumps(found_contract(type=5)).encode(), "unknown type '5'"),
+        (json.dumps(found_contract(userid="bob")).encode(), "field 'userid' is not a UUID"),
+        (json.dumps(found_contract(userid=None)).encode(), "field 'userid' is not a UUID"),
+        (json.dumps(found_contract(topic="news")).encode(), "field 'topic' is not a UUID"),
+        (json.dumps(found_contract(finished="no")).encode(), "field 'finished' is a string"),
+        (json.dumps(found_contract(filename=1)).encode(), "field 'filename' is a number"),
+        (b"[" * 100000 + b"]" * 100000, "JSON nested too deeply"),
+    ],
+)
+def test_an_invalid_message_is_refused_with_its_reason(body: bytes, reason: str) -> None:
+    with pytest.raises(InvalidMessage) as raised:
+        parse_message(body)
+    assert str(raised.value).startswith(reason)
+
+
+def test_a_missing_required_field_is_named() -> None:
+    message = found_contract()
+    del message["filepath"]
+    with pytest.raises(InvalidMessage, match="missing field 'filepath'"):
+        parse_message(json.dumps(message).encode())
+
+
+def test_a_new_type_is_one_small_class() -> None:
+    @message_type("invoicepaid")
+    class InvoicePaid(MessageSchema):
+        invoice: str
+        amount: int
+
+    invoice = {"type": "invoicepaid", "userid": USERID, "invoice": "A-1", "amount": 3}
+    assert parse_message(json.dumps(invoice).encode()).type == "invoicepaid"
+    with pytest.raises(InvalidMessage, match="field 'amount' is a boolean"):
+        parse_message(json.dumps(invoice | {"amount": True}).encode())
+
+
+hostile_text = st.lists(
+    st.sampled_from(["\r", "\n", "\r\n\r\n", "data: ", "id: 9", "event: x", ":", "a", "é"]),
+    max_size=12,
+).map("".join)
+
+
+@given(filename=hostile_text, extra=hostile_text)
+def test_no_message_content_can_inject_an_event_or_a_field(filename: str, extra: str) -> None:
+    document = found_contract(filename=filename, note=extra)
+    message = parse_message(json.dumps(document, indent=1).encode())
+    parser = EventParser()
+    events = parser.feed(event_frame(message.data, 17))
+    assert len(events) == 1
+    assert events[0]["id"] == "17"
+    assert events[0]["event"] == "message"
+    assert json.loads(events[0]["data"]) == document

@@ -1,0 +1,87 @@
+"""Routing: every stream of the user, only the topic when given, never another user."""
+
+import json
+
+from twisted.logger import LogEvent, globalLogPublisher
+from twisted.web.test.requesthelper import DummyRequest
+
+from sse_twisted._router import MessageRouter
+from sse_twisted._streams import EventStream, StreamRegistry
+from tests.sse_parser import EventParser
+
+ALICE = "0b8e3a52-6a3e-4c1e-9f4a-2d7b1c9e5a10"
+BOB = "5d2c7b1a-3e4f-4a6b-8c9d-0e1f2a3b4c5d"
+NEWS = "7a1f4c2e-9d3b-4f6a-8e2c-5b0d1a7c3e94"
+ALERTS = "1c2d3e4f-5a6b-4c7d-9e8f-0a1b2c3d4e5f"
+
+
+def open_stream(registry: StreamRegistry, userid: str, topic: str) -> EventStream:
+    stream = EventStream(userid, topic, DummyRequest([b""]), correlation_id="test")
+    registry.add(stream)
+    return stream
+
+
+def received(stream: EventStream) -> list[dict[str, str]]:
+    return EventParser().feed(b"".join(stream.request.written))  # type: ignore[attr-defined]
+
+
+def body(userid: str, **extra: object) -> bytes:
+    message = {"type": "foundcontract", "userid": userid, "filename": "f", "filepath": "/f"}
+    message.update(finished=True, **extra)
+    return json.dumps(message, indent=2).encode()
+
+
+def test_every_tab_of_the_user_receives_and_other_users_do_not() -> None:
+    registry = StreamRegistry()
+    tabs = [open_stream(registry, ALICE, NEWS), open_stream(registry, ALICE, ALERTS)]
+    bobs = open_stream(registry, BOB, NEWS)
+    MessageRouter(registry, max_message_bytes=10_000)(body(ALICE), 5)
+    for tab in tabs:
+        [event] = received(tab)
+        assert event["id"] == "5"
+        assert json.loads(event["data"])["userid"] == ALICE
+    assert received(bobs) == []
+
+
+def test_a_message_with_a_topic_reaches_only_that_topic() -> None:
+    registry = StreamRegistry()
+    news, alerts = open_stream(registry, ALICE, NEWS), open_stream(registry, ALICE, ALERTS)
+    MessageRouter(registry, max_message_bytes=10_000)(body(ALICE, topic=NEWS), 6)
+    assert [event["id"] for event in received(news)] == ["6"]
+    assert received(alerts) == []
+
+
+def test_removed_streams_receive_nothing_and_leave_no_entry() -> None:
+    registry = StreamRegistry()
+    stream = open_stream(registry, ALICE, NEWS)
+    registry.remove(stream)
+    registry.remove(stream)
+    MessageRouter(registry, max_message_bytes=10_000)(body(ALICE), 1)
+    assert received(stream) == []
+    assert len(registry) == 0
+    assert registry._by_user == {}
+
+
+def test_an_invalid_message_is_logged_with_offset_and_reason_and_skipped() -> None:
+    registry = StreamRegistry()
+    stream = open_stream(registry, ALICE, NEWS)
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        router = MessageRouter(registry, max_message_bytes=10_000)
+        router(b'{"type": "foundcontract", "userid": "nobody"}', 41)
+        router(b"x" * 20_000, 42)
+        router(body(ALICE), 43)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    skipped = [
+        event
+        for event in events
+        if event.get("log_namespace") == "sse_twisted._router.MessageRouter"
+    ]
+    assert [(event["offset"], event["reason"]) for event in skipped] == [
+        (41, "field 'userid' is not a UUID"),
+        (42, "20000 bytes is over the limit of 10000"),
+    ]
+    assert len(skipped[1]["preview"]) == 200
+    assert [event["id"] for event in received(stream)] == ["43"]
