@@ -33,7 +33,9 @@ class ListenerService(Service):
         self._port = port
         address = port.getHost()
         self.log.info(
-            "listening on {host}:{port}", host=address.host, port=address.port  # type: ignore[attr-defined]
+            "listening on {host}:{port}",
+            host=address.host,
+            port=address.port,  # type: ignore[attr-defined]
         )
         self.listening.callback(port)
 

@@ -214,7 +214,7 @@ class SubscribeResource(Resource):
             correlation_id=stream.correlation_id,
         )
 
-    def _closed(self, result: None | Failure, stream: EventStream) -> None:
+    def _closed(self, result: Failure | None, stream: EventStream) -> None:
         self._registry.remove(stream)
         if isinstance(result, Failure):
             # The client went away: Site.log only sees requests the server finished.

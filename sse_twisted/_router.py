@@ -24,8 +24,9 @@ class MessageRouter:
     def __call__(self, body: bytes, offset: int) -> None:
         """Route the message at stream ``offset``; log and skip it when it is invalid."""
         if len(body) > self._max_message_bytes:
-            self._skip(body, offset, f"{len(body)} bytes is over the limit of "
-                       f"{self._max_message_bytes}")
+            self._skip(
+                body, offset, f"{len(body)} bytes is over the limit of {self._max_message_bytes}"
+            )
             return
         try:
             message = parse_message(body)

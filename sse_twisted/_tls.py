@@ -23,13 +23,13 @@ from twisted.internet.ssl import (
 from ._config import ConfigError
 
 __all__ = [
-    "SERVER_CA_FILE",
-    "SERVER_CERT_FILE",
-    "SERVER_KEY_FILE",
     "POSTGRES_CA_FILE",
     "RABBITMQ_CA_FILE",
     "RABBITMQ_CLIENT_CERT_FILE",
     "RABBITMQ_CLIENT_KEY_FILE",
+    "SERVER_CA_FILE",
+    "SERVER_CERT_FILE",
+    "SERVER_KEY_FILE",
     "rabbitmq_client_tls",
     "server_tls",
 ]
@@ -62,9 +62,7 @@ def _private_key(certs_dir: Path, name: str) -> PrivateKeyTypes:
     try:
         return serialization.load_pem_private_key(_read(certs_dir, name), password=None)
     except (ValueError, TypeError):
-        raise ConfigError(
-            f"SSE_CERTS_DIR: {name} is not an unencrypted PEM private key"
-        ) from None
+        raise ConfigError(f"SSE_CERTS_DIR: {name} is not an unencrypted PEM private key") from None
 
 
 def _identity(

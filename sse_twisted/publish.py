@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         channel.confirm_delivery()
         channel.basic_publish("", options.queue, body, mandatory=True)
     except pika.exceptions.UnroutableError:
-        print(f"queue {options.queue!r} does not exist yet: start the server first", file=sys.stderr)
+        print(
+            f"queue {options.queue!r} does not exist yet: start the server first", file=sys.stderr
+        )
         return 1
     finally:
         connection.close()

@@ -164,7 +164,9 @@ def found_contract(userid: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _publish_blocking(parameters: pika.ConnectionParameters, queue: str, bodies: list[bytes]) -> None:
+def _publish_blocking(
+    parameters: pika.ConnectionParameters, queue: str, bodies: list[bytes]
+) -> None:
     connection = pika.BlockingConnection(parameters)
     try:
         channel = connection.channel()

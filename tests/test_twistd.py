@@ -1,0 +1,238 @@
+"""``twistd -n sse-server`` as operators run it: installed, started, stopped, refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pika
+import psycopg2
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+from sse_twisted.devcerts import create_certificate_authority, issue_certificate, write_private_key
+from tests.backends import Pki
+from tests.harness import Browser, bounded, found_contract, new_uuid, publish
+
+REPOSITORY = Path(__file__).parent.parent
+TWISTD = Path(sys.executable).parent / "twistd"
+
+
+def run_twistd(
+    arguments: list[str], environ: Mapping[str, str], cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(TWISTD), "-n", "--pidfile=", "sse-server", *arguments],
+        env={"PATH": os.environ["PATH"], **environ},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "install",
+    [["."], ["-e", ".", "--config-settings", "editable_mode=compat"]],
+    ids=["pip-install", "pip-install-editable-compat"],
+)
+def test_twistd_lists_the_plugin_after_installing_the_distribution(
+    tmp_path: Path, install: list[str]
+) -> None:
+    environment = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(environment)], check=True)
+    # The dependencies come from the test venv as a plain path entry: its .pth files (and so
+    # its own editable install of this project) are not processed, so only the new install
+    # can make the plugin visible.
+    site_packages = Path(
+        sysconfig.get_paths(vars={"base": str(environment), "platbase": str(environment)})[
+            "purelib"
+        ]
+    )
+    (site_packages / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    python = environment / "bin" / "python"
+    listing = [str(python), "-c", "from twisted.scripts.twistd import run; run()", "--help"]
+    before = subprocess.run(listing, cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert "sse-server" not in before.stdout
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", *install],
+        cwd=REPOSITORY,
+        check=True,
+        capture_output=True,
+    )
+    after = subprocess.run(listing, cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert "sse-server" in after.stdout
+
+
+def test_a_wrong_setting_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    result = run_twistd(["--certs-dir", str(tmp_path), "--port", "abc"], {}, tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip() == "sse-server: --port: 'abc' is not a port number"
+
+
+def test_an_unknown_environment_value_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    result = run_twistd([], {"SSE_APP_ENV": "staging", "SSE_CERTS_DIR": str(tmp_path)}, tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip() == "sse-server: SSE_APP_ENV: 'staging' is not one of dev, prod"
+
+
+def test_a_missing_certs_dir_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    result = run_twistd(["--certs-dir", str(tmp_path / "nowhere")], {}, tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().startswith("sse-server: --certs-dir: ")
+    assert "is not a directory" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_key_that_does_not_match_its_certificate_stops_start_up(tmp_path: Path, pki: Pki) -> None:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for source in pki.directory.iterdir():
+        (certs / source.name).write_bytes(source.read_bytes())
+    (certs / "key.pem").unlink()
+    _, other_key = issue_certificate(create_certificate_authority("Other"), ["localhost"])
+    write_private_key(certs / "key.pem", other_key)
+    result = run_twistd(["--certs-dir", str(certs)], {}, tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip() == "sse-server: SSE_CERTS_DIR: key.pem does not match cert.pem"
+
+
+class TwistdProcess(ProcessProtocol):
+    """A running twistd whose stdout is read as JSON lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+        self.raw = b""
+        self.stderr = b""
+        self.port: Deferred[int] = Deferred()
+        self.ended: Deferred[int] = Deferred()
+        self._partial = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self.raw += data
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        for line in complete:
+            record = json.loads(line)
+            self.lines.append(record)
+            if record["message"].startswith("listening on") and not self.port.called:
+                self.port.callback(record["port"])
+
+    def errReceived(self, data: bytes) -> None:
+        self.stderr += data
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(reason.value.exitCode)  # type: ignore[attr-defined]
+
+
+def spawn_twistd(environ: Mapping[str, str], cwd: Path) -> tuple[TwistdProcess, Any]:
+    process = TwistdProcess()
+    transport = reactor.spawnProcess(  # type: ignore[attr-defined]
+        process,
+        str(TWISTD),
+        [str(TWISTD), "-n", "--pidfile=", "sse-server"],
+        env={"PATH": os.environ["PATH"], **environ},
+        path=str(cwd),
+    )
+    return process, transport
+
+
+@pytest.fixture
+def plaintext_environ(tmp_path: Path, pki: Pki, local_database: dict[str, str]) -> dict[str, str]:
+    """The settings `make run` uses: plaintext to the machine's PostgreSQL and RabbitMQ."""
+    return {
+        **local_database,
+        "SSE_APP_ENV": "dev",
+        "SSE_PORT": "0",
+        "SSE_LISTEN_ADDRESS": "127.0.0.1",
+        "SSE_CERTS_DIR": str(pki.directory),
+        "SSE_LOGS_DIR": str(tmp_path / "logs"),
+        "SSE_RABBITMQ_TLS": "false",
+        "SSE_RABBITMQ_HOST": "127.0.0.1",
+        "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
+    }
+
+
+@pytest_twisted.async_yield_fixture
+async def browser(pki: Pki) -> AsyncIterator[Browser]:
+    client = Browser(pki.ca_certificate)
+    yield client
+    await client.close_all()
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_serves_a_stream_with_the_local_plaintext_backends_and_stops_on_sigterm(
+    tmp_path: Path,
+    plaintext_environ: dict[str, str],
+    local_database: dict[str, str],
+    browser: Browser,
+) -> None:
+    userid, token = new_uuid(), new_uuid()
+    with (
+        psycopg2.connect(
+            host="127.0.0.1", user="postgres", dbname=local_database["SSE_POSTGRES_DB_NAME"]
+        ) as connection,
+        connection.cursor() as cursor,
+    ):
+        cursor.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
+    process, transport = spawn_twistd(plaintext_environ, tmp_path)
+    try:
+        port = await bounded(process.port, 30)
+        url = f"https://localhost:{port}/subscribe/{new_uuid()}/{userid}/{token}"
+        response, tab = await browser.open(url)
+        assert response.code == 200
+        queue = plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"]
+        await publish(5672, queue, found_contract(userid))
+        event = await tab.next_event()
+        assert json.loads(event["data"]) == found_contract(userid)
+    finally:
+        transport.signalProcess("TERM")
+        exit_code = await bounded(process.ended, 30)
+    assert exit_code == 0
+    assert await bounded(tab.closed), "the server closed the stream when it stopped"
+    messages = [line["message"] for line in process.lines]
+    assert any("RabbitMQ link is plaintext" in message for message in messages)
+    assert any("PostgreSQL link is not verify-full" in message for message in messages)
+    assert all(line["env"] == "dev" and line["index"] == "sse" for line in process.lines)
+    assert token.encode() not in process.raw
+    log_file = (tmp_path / "logs" / "sse.log").read_bytes()
+    assert log_file.count(b"\n") == len(process.lines)
+    assert token.encode() not in log_file
+    _delete_queue(queue)
+
+
+def _delete_queue(queue: str) -> None:
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
+    try:
+        connection.channel().queue_delete(queue)
+    finally:
+        connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_queue_that_exists_as_a_classic_queue_stops_start_up(
+    tmp_path: Path, plaintext_environ: dict[str, str]
+) -> None:
+    queue = plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"]
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
+    connection.channel().queue_declare(queue, durable=True)
+    connection.close()
+    try:
+        process, _transport = spawn_twistd(plaintext_environ, tmp_path)
+        exit_code = await bounded(process.ended, 60)
+    finally:
+        _delete_queue(queue)
+    assert exit_code == 1
+    critical = [line for line in process.lines if line["@level"] == "critical"]
+    assert len(critical) == 1
+    assert queue in critical[0]["message"]
+    assert "stream" in critical[0]["message"]
