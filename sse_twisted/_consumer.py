@@ -1,0 +1,373 @@
+"""The RabbitMQ stream consumer: one AMQP connection, kept up, feeding each message onwards."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pika
+from pika.adapters.twisted_connection import (
+    ClosableDeferredQueue,
+    ReceivedMessage,
+    TwistedChannel,
+    TwistedProtocolConnection,
+)
+from pika.exceptions import AMQPError, ChannelClosedByBroker
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet.base import DelayedCall
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+    ITransport,
+)
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ._config import Config
+from ._tls import rabbitmq_client_tls
+
+__all__ = ["StreamConsumerService"]
+
+_PRECONDITION_FAILED = 406
+_HANDSHAKE_TIMEOUT_SECONDS = 30.0
+_CLOSE_TIMEOUT_SECONDS = 5.0
+
+
+def _describe(failure: Failure) -> str:
+    # pika's exceptions show their reply code and text in repr(); str() of some is empty.
+    if isinstance(failure.value, AMQPError):
+        return repr(failure.value)
+    return failure.getErrorMessage()
+
+
+class _StreamConnection(TwistedProtocolConnection):
+    """pika's Twisted protocol, reporting to its consumer why each connection really ended.
+
+    pika turns every failure before ``ready`` into ``AMQPConnectionError(1)`` and, once the
+    socket closes, replaces its record of why it closed (the broker's ``Connection.Close``
+    reply code and text, a missed heartbeat) with ``ConnectionDone``: that record is read
+    just before, in L{connectionLost}.
+    """
+
+    def __init__(
+        self, consumer: StreamConsumerService, parameters: pika.ConnectionParameters, reactor: Any
+    ) -> None:
+        super().__init__(parameters, custom_reactor=reactor)
+        self._consumer = consumer
+        self._reactor = reactor
+        self._end_reason: str | None = None
+        self._deadline: DelayedCall | None = None
+        self.lost: Deferred[None] = Deferred()
+        if self.ready is not None:
+            # connectionLost reports the reason; AMQPConnectionError(1) would add nothing.
+            self.ready.addErrback(lambda _: None)
+
+    def makeConnection(self, transport: ITransport) -> None:
+        super().makeConnection(transport)
+        # Heartbeats only start after the handshake: a peer that accepts TCP and then says
+        # nothing would otherwise hold this connection, and stop retries, forever.
+        self._abort_after(_HANDSHAKE_TIMEOUT_SECONDS, "no AMQP handshake")
+
+    def connectionReady(self) -> _StreamConnection:
+        self._cancel_deadline()
+        self._consumer._connection_ready(self)
+        return self
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_deadline()
+        pending = self._impl._error  # see the class docstring
+        if self._end_reason is None and pending is not None:
+            self._end_reason = repr(pending)
+        super().connectionLost(reason)
+        self._consumer._connection_lost(self._end_reason or reason.getErrorMessage())
+        self.lost.callback(None)
+
+    def abandon(self, reason: str) -> None:
+        """Close the connection cleanly, reporting ``reason`` as the cause once it is closed."""
+        if not self.is_open:
+            return
+        self._end_reason = self._end_reason or reason
+        self.close()
+        self._abort_after(_CLOSE_TIMEOUT_SECONDS, "no reply to Connection.Close")
+
+    def _abort_after(self, seconds: float, reason: str) -> None:
+        def abort() -> None:
+            self._deadline = None
+            self._end_reason = self._end_reason or f"{reason} within {seconds} seconds"
+            self.transport.abortConnection()
+
+        self._cancel_deadline()
+        self._deadline = self._reactor.callLater(seconds, abort)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+
+@implementer(IStreamClientEndpoint)
+class _ReportingEndpoint:
+    """An endpoint that hands each failed connection attempt to a callable.
+
+    ClientService only logs that it will retry, never why the attempt failed.
+    """
+
+    def __init__(
+        self, endpoint: IStreamClientEndpoint, address: str, on_failure: Callable[[Failure], None]
+    ) -> None:
+        self._endpoint = endpoint
+        self._address = address
+        self._on_failure = on_failure
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        attempt = self._endpoint.connect(factory)
+        attempt.addErrback(self._failed)
+        return attempt
+
+    def _failed(self, reason: Failure) -> Failure:
+        self._on_failure(reason)
+        return reason
+
+    def __repr__(self) -> str:
+        return f"<RabbitMQ {self._address}>"
+
+
+class StreamConsumerService(Service):
+    """Consume the stream queue ``config.rabbitmq_queue_name``, reconnecting with backoff.
+
+    Each message goes to ``on_message(body, offset)``, synchronously and in stream order.
+    The first attachment starts at the next message published; after a reconnection,
+    consumption resumes right after the last offset handled, so nothing the stream retained
+    during an outage is missed or repeated. ``on_fatal`` gets one line when retrying cannot
+    help (the queue exists and is not a stream), once it has stopped reconnecting.
+
+    @ivar consuming: True only while the broker has our consumer registered (readiness).
+    @ivar last_offset: stream offset of the last message handed to ``on_message``.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        on_message: Callable[[bytes, int], None],
+        on_fatal: Callable[[str], None],
+    ) -> None:
+        self.consuming = False
+        self.last_offset: int | None = None
+        self._reactor = reactor
+        # pika's Twisted adapter ignores host, port and TLS here: the endpoint provides those.
+        parameters = pika.ConnectionParameters(
+            virtual_host=config.rabbitmq_vhost,
+            credentials=pika.PlainCredentials(config.rabbitmq_username, config.rabbitmq_password),
+            heartbeat=config.rabbitmq_heartbeat_seconds,
+        )
+        self._queue = config.rabbitmq_queue_name
+        self._queue_arguments = {"x-queue-type": "stream", "x-max-age": config.rabbitmq_max_age}
+        self._prefetch = config.rabbitmq_prefetch
+        self._ack_batch = max(1, config.rabbitmq_prefetch // 2)
+        self._on_message = on_message
+        self._on_fatal = on_fatal
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            reactor, config.rabbitmq_host, config.rabbitmq_port
+        )
+        scheme = "amqp"
+        if config.rabbitmq_tls:
+            scheme = "amqps"
+            tls = rabbitmq_client_tls(config.certs_dir, config.rabbitmq_host)
+            endpoint = wrapClientTLS(tls, endpoint)
+        self._address = f"{scheme}://{config.rabbitmq_host}:{config.rabbitmq_port}"
+        self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=10.0)
+        self._failed_attempts = 0
+        self._client = ClientService(
+            _ReportingEndpoint(endpoint, self._address, self._connect_failed),
+            Factory.forProtocol(lambda: _StreamConnection(self, parameters, reactor)),
+            retryPolicy=self._retry_delay,
+            clock=reactor,
+        )
+        self._stopping = False
+        self._connection: _StreamConnection | None = None
+        self._channel: TwistedChannel | None = None
+        self._first_attached_at: datetime | None = None
+        self._unacked = 0
+        self._last_delivery_tag = 0
+        self._ack_call: DelayedCall | None = None
+
+    def startService(self) -> None:
+        """Connect, and keep reconnecting until stopped."""
+        super().startService()
+        self._stopping = False
+        self._client.startService()
+
+    def stopService(self) -> Deferred[None]:
+        """Close the AMQP connection cleanly and stop reconnecting; fire once it is closed."""
+        super().stopService()
+        return Deferred.fromCoroutine(self._shut_down())
+
+    async def _shut_down(self) -> None:
+        self._stopping = True
+        connection = self._connection
+        if connection is not None:
+            connection.abandon("shutting down")
+            await connection.lost
+        # Also cancels a pending retry or drops a connection still in its handshake.
+        await self._client.stopService()
+
+    def _retry_delay(self, attempt: int) -> float:
+        # ClientService counts failed TCP connects only, and a refused login follows a
+        # successful one: count every attempt that did not end up consuming instead.
+        return self._backoff(self._failed_attempts)
+
+    def _connect_failed(self, reason: Failure) -> None:
+        if reason.check(CancelledError):
+            return  # stopService cancelled the attempt
+        self._failed_attempts += 1
+        self.log.warn(
+            "cannot connect to RabbitMQ at {address}: {reason}; retrying",
+            address=self._address,
+            reason=reason.getErrorMessage(),
+        )
+
+    def _connection_ready(self, connection: _StreamConnection) -> None:
+        self._connection = connection
+        consuming = Deferred.fromCoroutine(self._consume(connection))
+        consuming.addErrback(
+            lambda reason: connection.abandon(f"cannot consume {self._queue}: {_describe(reason)}")
+        )
+
+    async def _consume(self, connection: _StreamConnection) -> None:
+        channel: TwistedChannel = await connection.channel()
+        try:
+            await channel.queue_declare(
+                queue=self._queue, durable=True, arguments=self._queue_arguments
+            )
+        except ChannelClosedByBroker as error:
+            if error.reply_code != _PRECONDITION_FAILED:
+                raise
+            if "x-queue-type" in error.reply_text:
+                self._give_up(
+                    f"RabbitMQ queue {self._queue!r} exists as a non-stream queue "
+                    f"({error.reply_text}): delete it or set SSE_RABBITMQ_QUEUE_NAME to "
+                    f"another name"
+                )
+                return
+            # Only a stream can hold the other stream arguments (x-max-age), so this is a
+            # stream that someone declared with other retention: the setting only applies
+            # to a stream we create.
+            self.log.warn(
+                "queue {queue} exists with other arguments ({reason}); consuming it as it is",
+                queue=self._queue,
+                reason=error.reply_text,
+            )
+            channel = await connection.channel()
+        # Streams refuse consumers without a prefetch limit.
+        await channel.basic_qos(prefetch_count=self._prefetch)
+        offset = self._resume_point()
+        # Streams refuse automatic acks with 540 NOT_IMPLEMENTED, closing the connection.
+        messages, _ = await channel.basic_consume(
+            queue=self._queue, auto_ack=False, arguments={"x-stream-offset": offset}
+        )
+        self._channel = channel
+        self.consuming = True
+        self._failed_attempts = 0
+        self.log.info(
+            "consuming {queue} at {address} from offset {offset}",
+            queue=self._queue,
+            address=self._address,
+            offset=str(offset),  # may be a datetime, which JSON log lines cannot hold
+        )
+        self._read(messages)
+
+    def _resume_point(self) -> int | str | datetime:
+        if self.last_offset is not None:
+            return self.last_offset + 1
+        if self._first_attached_at is None:
+            self._first_attached_at = datetime.fromtimestamp(int(self._reactor.seconds()), UTC)
+            return "next"
+        # Nothing handled yet, but messages may have arrived while we were away: attach at
+        # the time of the first attachment. Being chunk-grained, this may also bring a few
+        # messages from just before it.
+        return self._first_attached_at
+
+    def _give_up(self, reason: str) -> None:
+        stopped = Deferred.fromCoroutine(self._shut_down())
+        # From a fresh stack: this fires inside ClientService's stopping, which may not be
+        # re-entered, and the callee may well stop this service.
+        stopped.addCallback(lambda _: self._reactor.callLater(0, self._on_fatal, reason))
+
+    def _read(self, messages: ClosableDeferredQueue) -> None:
+        # A reader is always waiting, so pika's put() hands each delivery straight through:
+        # nothing piles up in the queue and this does not recurse.
+        messages.get().addCallbacks(self._deliver, self._consumer_ended, callbackArgs=(messages,))
+
+    def _deliver(self, message: ReceivedMessage, messages: ClosableDeferredQueue) -> None:
+        offset: int = message.properties.headers["x-stream-offset"]
+        # A resumed consumer may be sent the chunk holding its start offset from the top.
+        if self.last_offset is None or offset > self.last_offset:
+            try:
+                self._on_message(message.body, offset)
+            except Exception:
+                self.log.failure("on_message failed at offset {offset}", offset=offset)
+            self.last_offset = offset
+        self._acknowledge(message.method.delivery_tag)
+        self._read(messages)
+
+    def _consumer_ended(self, reason: Failure) -> None:
+        self.consuming = False
+        if self._connection is not None:
+            # A fresh connection redeclares the queue and attaches a new consumer.
+            self._connection.abandon(f"consumer of {self._queue} ended: {_describe(reason)}")
+
+    def _acknowledge(self, delivery_tag: int) -> None:
+        # Acks on a stream free no message, only prefetch credit. One multiple=True ack per
+        # half window, or per reactor turn when fewer arrive, keeps the broker sending
+        # without costing a frame and a write for every message on the hot path.
+        self._last_delivery_tag = delivery_tag
+        self._unacked += 1
+        if self._unacked >= self._ack_batch:
+            self._flush_acks()
+        elif self._ack_call is None:
+            self._ack_call = self._reactor.callLater(0, self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        if self._ack_call is not None:
+            if self._ack_call.active():
+                self._ack_call.cancel()
+            self._ack_call = None
+        if self._unacked and self._channel is not None and self._channel.is_open:
+            self._channel.basic_ack(self._last_delivery_tag, multiple=True)
+        self._unacked = 0
+
+    def _connection_lost(self, reason: str) -> None:
+        # Not self.consuming: pika ends the consumer just before it reports the connection lost.
+        was_consuming = self._channel is not None
+        self.consuming = False
+        self._connection = None
+        self._channel = None
+        self._flush_acks()  # the channel is gone: this only forgets what was pending
+        if self._stopping:
+            return
+        if was_consuming:
+            self.log.warn(
+                "lost RabbitMQ connection {address} while consuming {queue}: {reason}; "
+                "reconnecting",
+                address=self._address,
+                queue=self._queue,
+                reason=reason,
+            )
+            return
+        self._failed_attempts += 1
+        self.log.warn(
+            "RabbitMQ connection {address} ended before consuming {queue}: {reason}; retrying",
+            address=self._address,
+            queue=self._queue,
+            reason=reason,
+        )
