@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 __all__ = ["ListenerService"]
 
@@ -16,7 +17,7 @@ class ListenerService(Service):
 
     log = Logger()
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
         self._endpoint = endpoint
         self._factory = factory
         self._port: IListeningPort | None = None
@@ -32,15 +33,12 @@ class ListenerService(Service):
     def _bound(self, port: IListeningPort) -> None:
         self._port = port
         address = port.getHost()
-        self.log.info(
-            "listening on {host}:{port}",
-            host=address.host,
-            port=address.port,  # type: ignore[attr-defined]
-        )
+        assert isinstance(address, IPv4Address | IPv6Address)
+        self.log.info("listening on {host}:{port}", host=address.host, port=address.port)
         self.listening.callback(port)
 
-    def _failed(self, reason: object) -> None:
-        self.log.failure("cannot listen", reason)  # type: ignore[arg-type]
+    def _failed(self, reason: Failure) -> None:
+        self.log.failure("cannot listen", reason)
         self.listening.errback(reason)
 
     def stopService(self) -> Deferred[None]:

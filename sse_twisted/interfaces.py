@@ -17,6 +17,6 @@ class IAuthenticator(Interface):
 
     connected = Attribute("True while the backend can answer queries.")
 
-    def is_subscriber(self: str, nonce: str) -> Deferred[bool]:
+    def is_subscriber(userid: str, nonce: str) -> Deferred[bool]:
         """Fire with whether the pair is known; fail with L{BackendUnavailable} when the
         backend cannot answer (down, reconnecting, timed out)."""

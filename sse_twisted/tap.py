@@ -79,7 +79,7 @@ class SSEService(MultiService):
         """Close every open stream (browsers come back to another instance), then stop."""
         for stream in self.registry:
             stream.close()
-        return super().stopService()  # type: ignore[no-any-return]
+        return super().stopService()
 
     def setServiceParent(self, parent: Any) -> None:
         """Also hand twistd our JSON observer: it looks for one on the application."""

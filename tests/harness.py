@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pika
+import pika.exceptions
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.protocol import Protocol
@@ -87,7 +89,8 @@ class EventCollector(Protocol):
         self.events: DeferredQueue[dict[str, str]] = DeferredQueue()
         self.received: list[dict[str, str]] = []
         self.raw = b""
-        self.closed: Deferred[Failure] = Deferred()
+        self.closed: Deferred[None] = Deferred()
+        self.close_reason: Failure | None = None
 
     def dataReceived(self, data: bytes) -> None:
         self.raw += data
@@ -96,7 +99,8 @@ class EventCollector(Protocol):
             self.events.put(event)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.closed.callback(reason)
+        self.close_reason = reason
+        self.closed.callback(None)
 
     async def next_event(self, seconds: float = TIMEOUT) -> dict[str, str]:
         """The next event, failing after ``seconds``."""
@@ -172,9 +176,23 @@ def _publish_blocking(
         channel = connection.channel()
         channel.confirm_delivery()
         for body in bodies:
-            channel.basic_publish("", queue, body, mandatory=True)
+            _publish_until_routed(channel, queue, body)
     finally:
         connection.close()
+
+
+def _publish_until_routed(channel: Any, queue: str, body: bytes) -> None:
+    # Right after a broker restart a stream queue exists but is not routable for a moment,
+    # and RabbitMQ gives no signal for when it is: the returned message is the only sign.
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            channel.basic_publish("", queue, body, mandatory=True)
+            return
+        except pika.exceptions.UnroutableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def publish(

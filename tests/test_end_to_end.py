@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -260,11 +261,16 @@ async def test_tls_offers_http2_by_alpn_and_refuses_tls_1_1(
     http11 = ssl.create_default_context(cafile=str(pki.ca_certificate))
     http11.set_alpn_protocols(["http/1.1"])
     assert (await reactor_thread(_negotiate, http11, port))[1] == "http/1.1"
-    old = ssl.create_default_context(cafile=str(pki.ca_certificate))
-    old.minimum_version = ssl.TLSVersion.TLSv1
-    old.maximum_version = ssl.TLSVersion.TLSv1_1
-    with pytest.raises(ssl.SSLError):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old = ssl.create_default_context(cafile=str(pki.ca_certificate))
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+    # Let this client really offer TLS 1.0/1.1, so that the refusal is the server's.
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with pytest.raises(ssl.SSLError) as refused:
         await reactor_thread(_negotiate, old, port)
+    assert refused.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION"
 
 
 class CurlStream(ProcessProtocol):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -115,7 +116,7 @@ class TwistdProcess(ProcessProtocol):
         self.raw = b""
         self.stderr = b""
         self.port: Deferred[int] = Deferred()
-        self.ended: Deferred[int] = Deferred()
+        self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
         self._partial = b""
 
     def outReceived(self, data: bytes) -> None:
@@ -131,7 +132,7 @@ class TwistdProcess(ProcessProtocol):
         self.stderr += data
 
     def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(reason.value.exitCode)  # type: ignore[attr-defined]
+        self.ended.callback((reason.value.exitCode, reason.value.signal))  # type: ignore[attr-defined]
 
 
 def spawn_twistd(environ: Mapping[str, str], cwd: Path) -> tuple[TwistdProcess, Any]:
@@ -196,9 +197,12 @@ async def test_twistd_serves_a_stream_with_the_local_plaintext_backends_and_stop
         assert json.loads(event["data"]) == found_contract(userid)
     finally:
         transport.signalProcess("TERM")
-        exit_code = await bounded(process.ended, 30)
-    assert exit_code == 0
-    assert await bounded(tab.closed), "the server closed the stream when it stopped"
+        exit_code, exit_signal = await bounded(process.ended, 30)
+    # twistd stops the reactor cleanly, then re-raises SIGTERM so its parent sees it.
+    assert (exit_code, exit_signal) == (None, signal.SIGTERM)
+    assert "Main loop terminated." in [line["message"] for line in process.lines]
+    await bounded(tab.closed)
+    assert "connected" in tab.parser.comments
     messages = [line["message"] for line in process.lines]
     assert any("RabbitMQ link is plaintext" in message for message in messages)
     assert any("PostgreSQL link is not verify-full" in message for message in messages)
@@ -228,7 +232,7 @@ async def test_a_queue_that_exists_as_a_classic_queue_stops_start_up(
     connection.close()
     try:
         process, _transport = spawn_twistd(plaintext_environ, tmp_path)
-        exit_code = await bounded(process.ended, 60)
+        exit_code, _ = await bounded(process.ended, 60)
     finally:
         _delete_queue(queue)
     assert exit_code == 1
