@@ -187,9 +187,11 @@ class StreamConsumerService(Service):
         self._address = f"{scheme}://{config.rabbitmq_host}:{config.rabbitmq_port}"
         self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=10.0)
         self._failed_attempts = 0
+        factory = Factory.forProtocol(lambda: _StreamConnection(self, parameters, reactor))
+        factory.noisy = False
         self._client = ClientService(
             _ReportingEndpoint(endpoint, self._address, self._connect_failed),
-            Factory.forProtocol(lambda: _StreamConnection(self, parameters, reactor)),
+            factory,
             retryPolicy=self._retry_delay,
             clock=reactor,
         )

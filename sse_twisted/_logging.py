@@ -9,6 +9,7 @@ masks configured secret values and the token segment of subscribe paths in every
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from collections.abc import Iterable
@@ -16,15 +17,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from twisted.logger import ILogObserver, LogEvent, formatEvent
+from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent
 from twisted.python.logfile import DailyLogFile
 from zope.interface import implementer
 
-__all__ = ["JSONLogObserver"]
+__all__ = ["JSONLogObserver", "bridge_standard_logging", "mask_subscribe_path"]
 
 # The nonce is the last segment of /subscribe/<topic>/<userid>/<nonce>.
 _SUBSCRIBE_TOKEN = re.compile(r"(/subscribe/[^/\s\"?]*/[^/\s\"?]*/)[^\s\"?&]+")
 _MASK = "****"
+# Keys of twisted.python.log events that the fields above already carry.
+_LEGACY_KEYS = frozenset({"format", "message", "time", "isError", "failure", "why", "system"})
 
 
 def mask_subscribe_path(text: str) -> str:
@@ -40,6 +43,30 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(key): _jsonable(item) for key, item in value.items()}
     return str(value)
+
+
+class StandardLoggingBridge(logging.Handler):
+    """Send records of the standard ``logging`` module (pika's) to the Twisted log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Re-emit ``record`` on a Twisted logger named after its stdlib logger."""
+        level = _STANDARD_LEVELS.get(record.levelno, LogLevel.critical)
+        Logger(namespace=record.name).emit(level, "{text}", text=record.getMessage())
+
+
+_STANDARD_LEVELS = {
+    logging.DEBUG: LogLevel.debug,
+    logging.INFO: LogLevel.info,
+    logging.WARNING: LogLevel.warn,
+    logging.ERROR: LogLevel.error,
+}
+
+
+def bridge_standard_logging() -> None:
+    """Route warnings and errors of stdlib loggers into the JSON log (once per process)."""
+    root = logging.getLogger()
+    if not any(isinstance(handler, StandardLoggingBridge) for handler in root.handlers):
+        root.addHandler(StandardLoggingBridge(logging.WARNING))
 
 
 @implementer(ILogObserver)
@@ -91,7 +118,7 @@ class JSONLogObserver:
             record["error"] = failure.getErrorMessage()
             record["traceback"] = failure.getTraceback()
         for key, value in event.items():
-            if not key.startswith("log_") and key not in record and key != "format":
+            if not key.startswith("log_") and key not in record and key not in _LEGACY_KEYS:
                 record[key] = _jsonable(value)
         line = mask_subscribe_path(json.dumps(record, ensure_ascii=False, default=str))
         for secret in self._secrets:

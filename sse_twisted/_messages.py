@@ -40,7 +40,6 @@ class MessageSchema:
     for all of them. Fields a class does not declare are kept and passed through.
     """
 
-    type_name: ClassVar[str]
     required_fields: ClassVar[dict[str, type]]
 
 
@@ -51,11 +50,10 @@ def message_type(name: str) -> Callable[[type[MessageSchema]], type[MessageSchem
     """Register a schema class for messages whose ``type`` is ``name``."""
 
     def register(schema: type[MessageSchema]) -> type[MessageSchema]:
-        schema.type_name = name
         schema.required_fields = {
             field: hint
             for field, hint in typing.get_type_hints(schema).items()
-            if field not in ("type_name", "required_fields")
+            if field != "required_fields"
         }
         _REGISTRY[name] = schema
         return schema

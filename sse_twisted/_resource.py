@@ -39,6 +39,7 @@ class EventStreamSite(Site):
     """
 
     requestFactory = TrackedRequest
+    noisy = False
 
     def __init__(self, resource: Resource, reactor: IReactorTime) -> None:
         super().__init__(resource, requestFactory=TrackedRequest)

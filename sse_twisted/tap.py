@@ -19,7 +19,7 @@ from ._config import SETTINGS, Config, ConfigError, load_config
 from ._consumer import StreamConsumerService
 from ._framing import comment_frame
 from ._listener import ListenerService
-from ._logging import JSONLogObserver
+from ._logging import JSONLogObserver, bridge_standard_logging
 from ._resource import EventStreamSite, SubscribeResource, root_resource
 from ._router import MessageRouter
 from ._streams import StreamRegistry
@@ -129,6 +129,9 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
         retry_milliseconds=config.retry_milliseconds,
     )
     site = EventStreamSite(root_resource(subscribe), reactor)
+    # HTTP/2 drops every stream of a connection idle for Site.timeOut: heartbeats must
+    # come well within it.
+    site.timeOut = max(60, 3 * config.heartbeat_seconds)
     endpoint = SSL4ServerEndpoint(
         reactor, config.port, server_tls(config.certs_dir), interface=config.listen_address
     )
@@ -158,6 +161,7 @@ def makeService(options: Options) -> IService:
     """twistd entry point: the service tree for the parsed options."""
     from twisted.internet import reactor
 
+    bridge_standard_logging()
     try:
         return build_service(options["config"], reactor, _exit_with_error(reactor))
     except ConfigError as error:

@@ -2,11 +2,12 @@
 
 import io
 import json
+import logging
 from pathlib import Path
 
-from twisted.logger import Logger, LogLevel, LogPublisher
+from twisted.logger import Logger, LogLevel, LogPublisher, globalLogPublisher
 
-from sse_twisted._logging import JSONLogObserver, mask_subscribe_path
+from sse_twisted._logging import JSONLogObserver, bridge_standard_logging, mask_subscribe_path
 
 NONCE = "3c9d2f7e-1b4a-4e8d-a6c5-7f0e2b9d4c31"
 
@@ -75,3 +76,20 @@ def test_levels_are_named_as_logstash_expects() -> None:
         "info",
         "error",
     ]
+
+
+def test_standard_logging_records_reach_the_json_log() -> None:
+    stdout = io.StringIO()
+    observer = JSONLogObserver("dev", "sse", None, stream=stdout)
+    globalLogPublisher.addObserver(observer)
+    bridge_standard_logging()
+    bridge_standard_logging()
+    try:
+        logging.getLogger("pika.adapters.test").error("connection_lost: %s", "refused")
+        logging.getLogger("pika.adapters.test").info("not forwarded")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    [record] = [json.loads(line) for line in stdout.getvalue().splitlines()]
+    assert record["message"] == "connection_lost: refused"
+    assert record["@level"] == "error"
+    assert record["logger"] == "pika.adapters.test"
