@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -71,6 +72,13 @@ def _text(text: str) -> str:
     return text
 
 
+def _ip_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
 def _existing_directory(text: str) -> Path:
     path = Path(text)
     if not path.is_dir():
@@ -126,6 +134,22 @@ SETTINGS: tuple[Setting, ...] = (
         "0.0.0.0",
         _non_empty,
         "address the TLS port binds to",
+    ),
+    Setting(
+        "metrics_port",
+        "SSE_METRICS_PORT",
+        "metrics-port",
+        "9464",
+        _port,
+        "plain-HTTP port serving Prometheus `/metrics` (0 = off)",
+    ),
+    Setting(
+        "metrics_address",
+        "SSE_METRICS_ADDRESS",
+        "metrics-address",
+        "127.0.0.1",
+        _ip_address,
+        "address the metrics port binds to; keep it private",
     ),
     Setting("log_index", "SSE_LOG_INDEX", "log-index", "sse", _non_empty, "`index` log field"),
     Setting(
@@ -320,6 +344,8 @@ class Config:
     app_env: str
     port: int
     listen_address: str
+    metrics_port: int
+    metrics_address: str
     log_index: str
     logs_dir: Path | None
     certs_dir: Path

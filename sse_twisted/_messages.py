@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 __all__ = [
+    "INVALID_REASONS",
     "FoundContract",
     "InvalidMessage",
     "Message",
@@ -29,8 +30,19 @@ __all__ = [
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
+INVALID_REASONS = ("not_json", "unknown_type", "bad_recipient", "bad_field")
+"""The kinds of invalid message, as one word each (a metrics label; the text has detail)."""
+
+
 class InvalidMessage(ValueError):
-    """The message cannot be delivered; the text says why in a few words."""
+    """The message cannot be delivered; the text says why in a few words.
+
+    @ivar reason: one of L{INVALID_REASONS}.
+    """
+
+    def __init__(self, text: str, reason: str) -> None:
+        super().__init__(text)
+        self.reason = reason
 
 
 class MessageSchema:
@@ -99,32 +111,33 @@ def parse_message(body: bytes) -> Message:
     try:
         document = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
-        raise InvalidMessage("body is not UTF-8") from None
+        raise InvalidMessage("body is not UTF-8", "not_json") from None
     except RecursionError:
-        raise InvalidMessage("JSON nested too deeply") from None
+        raise InvalidMessage("JSON nested too deeply", "not_json") from None
     except ValueError as error:
-        raise InvalidMessage(f"invalid JSON: {error}") from None
+        raise InvalidMessage(f"invalid JSON: {error}", "not_json") from None
     if not isinstance(document, dict):
-        raise InvalidMessage(f"JSON is a {_json_type_name(document)}, not an object")
+        raise InvalidMessage(f"JSON is a {_json_type_name(document)}, not an object", "not_json")
     kind = document.get("type")
     if kind is None:
-        raise InvalidMessage("missing field 'type'")
+        raise InvalidMessage("missing field 'type'", "unknown_type")
     schema = _REGISTRY.get(kind) if isinstance(kind, str) else None
     if schema is None:
-        raise InvalidMessage(f"unknown type {str(kind)[:64]!r}")
+        raise InvalidMessage(f"unknown type {str(kind)[:64]!r}", "unknown_type")
     userid = document.get("userid")
     if not isinstance(userid, str) or not _UUID.match(userid):
-        raise InvalidMessage("field 'userid' is not a UUID")
+        raise InvalidMessage("field 'userid' is not a UUID", "bad_recipient")
     topic = document.get("topic")
     if topic is not None and (not isinstance(topic, str) or not _UUID.match(topic)):
-        raise InvalidMessage("field 'topic' is not a UUID")
+        raise InvalidMessage("field 'topic' is not a UUID", "bad_recipient")
     for field, expected in schema.required_fields.items():
         if field not in document:
-            raise InvalidMessage(f"missing field {field!r}")
+            raise InvalidMessage(f"missing field {field!r}", "bad_field")
         if not _matches(document[field], expected):
             raise InvalidMessage(
                 f"field {field!r} is a {_json_type_name(document[field])}, "
-                f"expected {expected.__name__}"
+                f"expected {expected.__name__}",
+                "bad_field",
             )
     # Compact, ASCII-only JSON has no line breaks at all, so the data of one
     # message is always exactly one ``data:`` line, whatever its strings hold.

@@ -7,7 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sse_twisted._framing import event_frame
-from sse_twisted._messages import InvalidMessage, MessageSchema, message_type, parse_message
+from sse_twisted._messages import (
+    INVALID_REASONS,
+    InvalidMessage,
+    MessageSchema,
+    message_type,
+    parse_message,
+)
 from tests.sse_parser import EventParser
 
 USERID = "0b8e3a52-6a3e-4c1e-9f4a-2d7b1c9e5a10"
@@ -48,27 +54,55 @@ def test_topic_and_userid_are_routed_in_lowercase() -> None:
 
 
 @pytest.mark.parametrize(
-    ("body", "reason"),
+    ("body", "reason", "kind"),
     [
-        (b"{not json", "invalid JSON"),
-        (b"\xff\xfe{}", "body is not UTF-8"),
-        (b"[1, 2]", "JSON is a array, not an object"),
-        (b'"text"', "JSON is a string, not an object"),
-        (json.dumps({"userid": USERID}).encode(), "missing field 'type'"),
-        (json.dumps(found_contract(type="nosuchtype")).encode(), "unknown type 'nosuchtype'"),
-        (json.dumps(found_contract(type=5)).encode(), "unknown type '5'"),
-        (json.dumps(found_contract(userid="bob")).encode(), "field 'userid' is not a UUID"),
-        (json.dumps(found_contract(userid=None)).encode(), "field 'userid' is not a UUID"),
-        (json.dumps(found_contract(topic="news")).encode(), "field 'topic' is not a UUID"),
-        (json.dumps(found_contract(finished="no")).encode(), "field 'finished' is a string"),
-        (json.dumps(found_contract(filename=1)).encode(), "field 'filename' is a number"),
-        (b"[" * 100000 + b"]" * 100000, "JSON nested too deeply"),
+        (b"{not json", "invalid JSON", "not_json"),
+        (b"\xff\xfe{}", "body is not UTF-8", "not_json"),
+        (b"[1, 2]", "JSON is a array, not an object", "not_json"),
+        (b'"text"', "JSON is a string, not an object", "not_json"),
+        (json.dumps({"userid": USERID}).encode(), "missing field 'type'", "unknown_type"),
+        (
+            json.dumps(found_contract(type="nosuchtype")).encode(),
+            "unknown type 'nosuchtype'",
+            "unknown_type",
+        ),
+        (json.dumps(found_contract(type=5)).encode(), "unknown type '5'", "unknown_type"),
+        (
+            json.dumps(found_contract(userid="bob")).encode(),
+            "field 'userid' is not a UUID",
+            "bad_recipient",
+        ),
+        (
+            json.dumps(found_contract(userid=None)).encode(),
+            "field 'userid' is not a UUID",
+            "bad_recipient",
+        ),
+        (
+            json.dumps(found_contract(topic="news")).encode(),
+            "field 'topic' is not a UUID",
+            "bad_recipient",
+        ),
+        (
+            json.dumps(found_contract(finished="no")).encode(),
+            "field 'finished' is a string",
+            "bad_field",
+        ),
+        (
+            json.dumps(found_contract(filename=1)).encode(),
+            "field 'filename' is a number",
+            "bad_field",
+        ),
+        (b"[" * 100000 + b"]" * 100000, "JSON nested too deeply", "not_json"),
     ],
 )
-def test_an_invalid_message_is_refused_with_its_reason(body: bytes, reason: str) -> None:
+def test_an_invalid_message_is_refused_with_its_reason_and_kind(
+    body: bytes, reason: str, kind: str
+) -> None:
     with pytest.raises(InvalidMessage) as raised:
         parse_message(body)
     assert str(raised.value).startswith(reason)
+    assert raised.value.reason == kind
+    assert kind in INVALID_REASONS
 
 
 def test_a_missing_required_field_is_named() -> None:

@@ -1,0 +1,298 @@
+"""Prometheus metrics: counters the components bump, and gauges read from live objects.
+
+The counters cost one lock-protected addition per message or request, never one per
+stream: a message written to a thousand streams adds a thousand to ``events delivered``
+in one call. Everything that describes a current state (open streams, backend links) is
+read from the live objects when Prometheus scrapes, so it costs nothing in between.
+
+The metrics are served by a plain-HTTP listener of their own, meant for a private address
+(``SSE_METRICS_ADDRESS``, 127.0.0.1 by default), never on the public TLS port.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from ._messages import INVALID_REASONS
+
+__all__ = [
+    "SKIP_REASONS",
+    "SUBSCRIBE_OUTCOMES",
+    "Metrics",
+    "MetricsListenerService",
+    "metrics_endpoint",
+    "metrics_site",
+]
+
+SUBSCRIBE_OUTCOMES = (
+    "ok",
+    "bad_request",
+    "forbidden",
+    "origin_refused",
+    "backend_unavailable",
+    "abandoned",
+    "error",
+)
+"""How a subscribe request ended: the values of the ``outcome`` label.
+
+``abandoned``: the client left before its check was answered; ``origin_refused``: CORS.
+"""
+
+SKIP_REASONS = ("too_large", *INVALID_REASONS)
+"""Why a message was skipped: the values of the ``reason`` label (the log line has detail)."""
+
+# Seconds from publish to write. The AMQP timestamp has whole seconds only, so a latency
+# reads as up to one second more than it was: below 1 s the buckets say little.
+_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class Metrics:
+    """Every counter and histogram of one server, in a registry of its own.
+
+    Components get this object explicitly; a server built in a test has its own, so that
+    tests can build many servers. Label values are bound once here, which keeps each
+    update a dictionary lookup and an addition.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        subscribes = Counter(
+            "sse_subscribes", "Subscribe requests, by outcome.", ["outcome"], registry=registry
+        )
+        self.subscribes = {outcome: subscribes.labels(outcome) for outcome in SUBSCRIBE_OUTCOMES}
+        self.messages_consumed = Counter(
+            "sse_messages_consumed", "Messages read from the stream queue.", registry=registry
+        )
+        self.events_delivered = Counter(
+            "sse_events_delivered",
+            "Live events written to streams; one message to three streams counts three.",
+            registry=registry,
+        )
+        skipped = Counter(
+            "sse_messages_skipped",
+            "Messages not delivered because they are invalid, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.messages_skipped = {reason: skipped.labels(reason) for reason in SKIP_REASONS}
+        self.replay_events_sent = Counter(
+            "sse_replay_events_sent",
+            "Events replayed to reconnecting browsers (Last-Event-ID).",
+            registry=registry,
+        )
+        self.slow_client_disconnects = Counter(
+            "sse_slow_client_disconnects",
+            "Streams dropped because their client stopped reading.",
+            registry=registry,
+        )
+        self.publish_to_write_seconds = Histogram(
+            "sse_publish_to_write_seconds",
+            "From the AMQP timestamp of a message (whole seconds) to its write to the streams.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        ProcessCollector(registry=registry)
+
+    def subscribed(self, outcome: str) -> None:
+        """Count one subscribe request that ended with ``outcome``."""
+        self.subscribes[outcome].inc()
+
+    def skipped(self, reason: str) -> None:
+        """Count one message skipped for ``reason`` (one of L{SKIP_REASONS})."""
+        self.messages_skipped[reason].inc()
+
+    def delivered(self, streams: int, published_at: float | None, now: float) -> None:
+        """Count one message written to ``streams`` streams at ``now``.
+
+        ``published_at`` is its AMQP timestamp, if it has one; the latency is only
+        observed for a message that reached at least one stream.
+        """
+        if streams:
+            self.events_delivered.inc(streams)
+            if published_at is not None:
+                self.publish_to_write_seconds.observe(max(0.0, now - published_at))
+
+    def watch(
+        self,
+        streams: _Streams,
+        consumer: _Consumer,
+        authenticator: _Authenticator,
+        auth_cache: _AuthCache | None = None,
+    ) -> None:
+        """Report the state of these live objects on each scrape."""
+        self.registry.register(_LiveState(streams, consumer, authenticator, auth_cache))
+
+
+class _Stream(Protocol):
+    request: Any
+
+
+class _Streams(Protocol):
+    def __iter__(self) -> Iterator[_Stream]: ...
+
+
+class _Consumer(Protocol):
+    consuming: bool
+    last_offset: int | None
+
+
+class _Authenticator(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+
+class _AuthCache(Protocol):
+    hits: int
+
+
+class _LiveState(Collector):
+    """Gauges (and the auth cache's own hit count) computed when Prometheus scrapes."""
+
+    def __init__(
+        self,
+        streams: _Streams,
+        consumer: _Consumer,
+        authenticator: _Authenticator,
+        auth_cache: _AuthCache | None,
+    ) -> None:
+        self._streams = streams
+        self._consumer = consumer
+        self._authenticator = authenticator
+        self._auth_cache = auth_cache
+
+    def collect(self) -> Iterable[Metric]:
+        """One pass over the open streams, and a look at each backend link."""
+        by_protocol = {"h1": 0, "h2": 0}
+        for stream in self._streams:
+            by_protocol["h2" if stream.request.clientproto == b"HTTP/2" else "h1"] += 1
+        open_streams = GaugeMetricFamily(
+            "sse_open_streams", "Event streams open now, by HTTP version.", labels=["protocol"]
+        )
+        for protocol, count in by_protocol.items():
+            open_streams.add_metric([protocol], count)
+        yield open_streams
+        backend_up = GaugeMetricFamily(
+            "sse_backend_up",
+            "1 while the backend link works: RabbitMQ consuming, PostgreSQL connected.",
+            labels=["backend"],
+        )
+        backend_up.add_metric(["rabbitmq"], float(self._consumer.consuming))
+        backend_up.add_metric(["postgres"], float(self._authenticator.connected))
+        yield backend_up
+        if self._consumer.last_offset is not None:
+            yield GaugeMetricFamily(
+                "sse_stream_offset",
+                "Stream queue offset of the last message handled.",
+                value=self._consumer.last_offset,
+            )
+        if self._auth_cache is not None:
+            yield CounterMetricFamily(
+                "sse_auth_cache_hits",
+                "Subscriber checks answered from the cache, without PostgreSQL.",
+                value=self._auth_cache.hits,
+            )
+
+
+class _MetricsPage(Resource):
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        encode, content_type = choose_encoder(accept)
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return encode(self._registry)
+
+
+class _NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"not found: metrics are at /metrics\n"
+
+
+class _MetricsRoot(Resource):
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return _NotFound()
+
+
+class _QuietSite(Site):
+    noisy = False
+
+    def log(self, request: Request) -> None:  # type: ignore[override]
+        """Nothing: a line per scrape would only bury the access log of streams."""
+
+
+def metrics_site(metrics: Metrics) -> Site:
+    """The plain-HTTP site serving ``GET /metrics`` (text format, or OpenMetrics on request)."""
+    root = _MetricsRoot()
+    root.putChild(b"metrics", _MetricsPage(metrics.registry))
+    return _QuietSite(root)
+
+
+def metrics_endpoint(reactor: Any, address: str, port: int) -> IStreamServerEndpoint:
+    """A TCP endpoint on ``address`` (IPv4 or IPv6 literal) and ``port``."""
+    if ipaddress.ip_address(address).version == 6:
+        return TCP6ServerEndpoint(reactor, port, interface=address)
+    return TCP4ServerEndpoint(reactor, port, interface=address)
+
+
+class MetricsListenerService(Service):
+    """Serve ``site`` on ``endpoint`` while running; ``listening`` fires with the port."""
+
+    log = Logger()
+
+    def __init__(self, endpoint: IStreamServerEndpoint, site: Site) -> None:
+        self._endpoint = endpoint
+        self._site = site
+        self._port: IListeningPort | None = None
+        self.listening: Deferred[IListeningPort] = Deferred()
+
+    def startService(self) -> None:
+        """Start listening; a failure fires ``listening`` with it."""
+        super().startService()
+        self._endpoint.listen(self._site).addCallbacks(self._bound, self._failed)
+
+    def _bound(self, port: IListeningPort) -> None:
+        self._port = port
+        address = port.getHost()
+        assert isinstance(address, IPv4Address | IPv6Address)
+        # Not "listening on ...": that line announces the public port.
+        self.log.info(
+            "serving metrics on http://{host}:{port}/metrics", host=address.host, port=address.port
+        )
+        self.listening.callback(port)
+
+    def _failed(self, reason: Failure) -> None:
+        self.listening.errback(reason)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop listening."""
+        super().stopService()
+        if self._port is None:
+            return succeed(None)
+        port, self._port = self._port, None
+        return port.stopListening()  # type: ignore[return-value]
