@@ -17,9 +17,12 @@ from twisted.python.components import Componentized
 from ._auth import PostgresAuthenticator
 from ._config import SETTINGS, Config, ConfigError, load_config
 from ._consumer import StreamConsumerService
+from ._demo import DemoPage
 from ._framing import comment_frame
+from ._health import ConsumerCheck, LivenessResource, PostgresCheck, ReadinessResource
 from ._listener import ListenerService
 from ._logging import JSONLogObserver, bridge_standard_logging
+from ._metrics import Metrics, MetricsListenerService, metrics_endpoint, metrics_site
 from ._resource import EventStreamSite, SubscribeResource, root_resource
 from ._router import MessageRouter
 from ._streams import StreamRegistry
@@ -128,7 +131,15 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
         cors_origins=config.cors_origins,
         retry_milliseconds=config.retry_milliseconds,
     )
-    site = EventStreamSite(root_resource(subscribe), reactor)
+    root = root_resource(subscribe)
+    root.putChild(b"healthz", LivenessResource())
+    readiness = ReadinessResource(
+        [ConsumerCheck(consumer, config.rabbitmq_queue_name), PostgresCheck(authenticator, reactor)]
+    )
+    root.putChild(b"readyz", readiness)
+    if config.app_env == "dev":
+        root.putChild(b"demo", DemoPage())
+    site = EventStreamSite(root, reactor)
     # HTTP/2 drops every stream of a connection idle for Site.timeOut: heartbeats must
     # come well within it.
     site.timeOut = max(60, 3 * config.heartbeat_seconds)
@@ -141,6 +152,18 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     heartbeats = TimerService(config.heartbeat_seconds, _write_heartbeats, registry)
     heartbeats.clock = reactor
     heartbeats.setServiceParent(service)
+    metrics = Metrics()
+    metrics.watch(registry, consumer, authenticator)
+    if config.metrics_port:
+        metrics_listener = MetricsListenerService(
+            metrics_endpoint(reactor, config.metrics_address, config.metrics_port),
+            metrics_site(metrics),
+        )
+        metrics_listener.setName("metrics")
+        metrics_listener.listening.addErrback(
+            lambda reason: on_fatal(f"cannot serve metrics: {reason.value}")
+        )
+        metrics_listener.setServiceParent(service)
     return service
 
 

@@ -60,7 +60,9 @@ class RunningServer:
 async def start_server(environ: Mapping[str, str]) -> RunningServer:
     """Start a server on a free port with ``environ`` as its SSE_* settings; wait until it
     listens and consumes."""
-    config = load_config({"SSE_PORT": "0", "SSE_LISTEN_ADDRESS": "127.0.0.1", **environ})
+    config = load_config(
+        {"SSE_PORT": "0", "SSE_LISTEN_ADDRESS": "127.0.0.1", "SSE_METRICS_PORT": "0", **environ}
+    )
     fatal: list[str] = []
     service = build_service(config, reactor, on_fatal=fatal.append)
     service.startService()

@@ -155,6 +155,7 @@ def plaintext_environ(tmp_path: Path, pki: Pki, local_database: dict[str, str]) 
         "SSE_APP_ENV": "dev",
         "SSE_PORT": "0",
         "SSE_LISTEN_ADDRESS": "127.0.0.1",
+        "SSE_METRICS_PORT": "0",
         "SSE_CERTS_DIR": str(pki.directory),
         "SSE_LOGS_DIR": str(tmp_path / "logs"),
         "SSE_RABBITMQ_TLS": "false",

@@ -1,0 +1,125 @@
+"""``GET /demo``: served with ``SSE_APP_ENV=dev`` only; its script opens the subscribe URL."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import pytest_twisted
+
+from sse_twisted._demo import _PAGE, _SCRIPT
+from tests.backends import Pki, PostgresServer, RabbitMQServer
+from tests.harness import Browser, new_uuid, start_server
+
+
+@pytest.fixture
+def environ(pki: Pki, postgres_tls: PostgresServer, rabbitmq_tls: RabbitMQServer) -> dict[str, str]:
+    return {
+        "SSE_CERTS_DIR": str(pki.directory),
+        "SSE_POSTGRES_HOST": postgres_tls.host,
+        "SSE_POSTGRES_PORT": str(postgres_tls.port),
+        "SSE_POSTGRES_USERNAME": postgres_tls.user,
+        "SSE_POSTGRES_DB_NAME": postgres_tls.database,
+        "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
+        "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),
+        "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
+    }
+
+
+@pytest.mark.parametrize(("app_env", "status"), [("dev", 200), ("prod", 404)])
+@pytest_twisted.ensureDeferred
+async def test_the_demo_page_is_served_in_dev_only(
+    environ: dict[str, str], pki: Pki, app_env: str, status: int
+) -> None:
+    server = await start_server({**environ, "SSE_APP_ENV": app_env})
+    browser = Browser(pki.ca_certificate)
+    try:
+        response = await browser.get(server.base_url + "/demo")
+        body = await browser.read_body(response)
+    finally:
+        await server.stop()
+    assert response.code == status
+    if status == 200:
+        assert body == _PAGE
+        assert response.headers.getRawHeaders(b"content-type") == [b"text/html; charset=utf-8"]
+        [policy] = response.headers.getRawHeaders(b"content-security-policy")
+        assert b"default-src 'none'" in policy
+        assert b"connect-src 'self'" in policy
+
+
+def test_the_page_is_self_contained() -> None:
+    page = _PAGE.decode()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "loads something"
+    for name in ("topic", "userid", "token"):
+        assert re.search(rf'<input name="{name}"[^>]*>', page)
+        assert f'name="{name}" value=' not in page, "fields start empty"
+    assert "Connect</button>" in page
+
+
+def test_the_script_opens_the_subscribe_url_of_the_three_fields() -> None:
+    assert (
+        '"/subscribe/" + encodeURIComponent(topic) + "/" + encodeURIComponent(userid) +\n'
+        '    "/" + encodeURIComponent(token)'
+    ) in _SCRIPT
+    assert 'new EventSource(subscribeUrl(value("topic"), value("userid"), value("token")))' in (
+        _SCRIPT
+    )
+
+
+# A DOM and EventSource just large enough for the page's script, to run it under Node.
+_NODE_HARNESS = """
+const vm = require("vm");
+const script = require("fs").readFileSync(0, "utf8");
+function element(id) {
+  const e = { id, textContent: "", className: "", disabled: true, listeners: {},
+    children: [], elements: {},
+    addEventListener(type, f) { this.listeners[type] = f; },
+    prepend(child) { this.children.unshift(child); },
+    append(...parts) { this.children.push(...parts); } };
+  return e;
+}
+const nodes = { subscribe: element("subscribe"), state: element("state"),
+  events: element("events"), disconnect: element("disconnect") };
+nodes.subscribe.elements = { topic: { value: " T " }, userid: { value: "U" },
+  token: { value: "K/1" } };
+const opened = [];
+class EventSource {
+  constructor(url) { this.url = url; this.readyState = 0; this.listeners = {};
+    opened.push(this); }
+  addEventListener(type, f) { this.listeners[type] = f; }
+  close() { this.readyState = 2; }
+}
+EventSource.CONNECTING = 0; EventSource.OPEN = 1; EventSource.CLOSED = 2;
+const document = { getElementById: (id) => nodes[id],
+  createElement: () => element("li") };
+vm.runInNewContext(script, { document, EventSource });
+const seen = [];
+nodes.subscribe.listeners.submit({ preventDefault() {} });
+const source = opened[0];
+seen.push(nodes.state.textContent);
+source.readyState = 1; source.onopen(); seen.push(nodes.state.textContent);
+source.onmessage({ lastEventId: "42", data: "{}" });
+source.readyState = 0; source.onerror(); seen.push(nodes.state.textContent);
+source.readyState = 2; source.onerror(); seen.push(nodes.state.textContent);
+console.log(JSON.stringify({ url: source.url, states: seen,
+  first: nodes.events.children[0].children[0].textContent }));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+def test_under_node_the_script_connects_and_shows_each_connection_state() -> None:
+    result = subprocess.run(
+        ["node", "-e", _NODE_HARNESS],
+        input=_SCRIPT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    outcome = json.loads(result.stdout)
+    assert outcome["url"] == "/subscribe/t/u/k%2F1"
+    assert outcome["states"] == ["connecting", "open", "reconnecting", "closed"]
+    assert outcome["first"] == "message #42"
