@@ -1,12 +1,17 @@
 """JSON log lines: the fields Logstash reads, secrets masked, a daily file beside stdout."""
 
+import calendar
 import io
 import json
 import logging
+import time
 from pathlib import Path
 
+import pytest
 from twisted.logger import Logger, LogLevel, LogPublisher, globalLogPublisher
+from twisted.python.logfile import DailyLogFile
 
+import sse_twisted._logging
 from sse_twisted._logging import JSONLogObserver, bridge_standard_logging, mask_subscribe_path
 
 NONCE = "3c9d2f7e-1b4a-4e8d-a6c5-7f0e2b9d4c31"
@@ -93,3 +98,40 @@ def test_standard_logging_records_reach_the_json_log() -> None:
     assert record["message"] == "connection_lost: refused"
     assert record["@level"] == "error"
     assert record["logger"] == "pika.adapters.test"
+
+
+class _RiggedDailyLogFile(DailyLogFile):
+    """A DailyLogFile whose day follows ``clock`` (UTC), as Twisted's own tests rig it."""
+
+    clock = 0.0
+
+    def _openFile(self) -> None:
+        super()._openFile()
+        self.lastDate = self.toDate()
+
+    def toDate(self, *args: float) -> tuple[int, int, int]:
+        return time.gmtime(*(args or (self.clock,)))[:3]  # type: ignore[return-value]
+
+
+def test_rotation_at_midnight_loses_no_line_and_splits_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sse_twisted._logging, "DailyLogFile", _RiggedDailyLogFile)
+    before_midnight = calendar.timegm((2031, 3, 9, 23, 59, 58))
+    _RiggedDailyLogFile.clock = before_midnight
+    observer = JSONLogObserver("prod", "sse", tmp_path, stream=io.StringIO())
+    log = emit(observer)
+    for number in range(3):
+        log.info("line {number}", number=number, padding="x" * 5000)
+    _RiggedDailyLogFile.clock = before_midnight + 3  # 00:00:01 the next day
+    for number in range(3, 6):
+        log.info("line {number}", number=number, padding="x" * 5000)
+    observer.close()
+
+    rotated = tmp_path / "sse.log.2031_3_9"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["sse.log", rotated.name]
+    old_day = [json.loads(line)["number"] for line in rotated.read_text().splitlines()]
+    new_day = [
+        json.loads(line)["number"] for line in (tmp_path / "sse.log").read_text().splitlines()
+    ]
+    assert (old_day, new_day) == ([0, 1, 2], [3, 4, 5])
