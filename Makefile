@@ -57,6 +57,33 @@ run: certs db ## Run the server on https://localhost:8001 against the local Post
 publish: venv ## Publish a foundcontract message for the demo user (USERID=... to change)
 	$(BIN)/python -m sse_twisted.publish --userid $(or $(USERID),$(DEMO_USERID))
 
+.PHONY: adduser
+adduser: ## Add a random user to the local PostgreSQL (STACK=1: the stack's) and print its URL
+	@set -- $$($(PYTHON) -c 'import uuid; print(*(uuid.uuid4() for _ in range(3)))'); \
+	$(if $(STACK),$(STACK_PSQL),$(PSQL)) \
+		-c "INSERT INTO users (uuid, sse_token) VALUES ('$$2', '$$3')" && \
+	echo "https://localhost:8001/subscribe/$$1/$$2/$$3"
+
+# The compose stack (docker-compose.yml): TLS on every link, certificates from ./certs.
+COMPOSE ?= docker compose
+STACK_PSQL := $(COMPOSE) exec -T postgres psql -X -q -v ON_ERROR_STOP=1 -U postgres -d sse
+
+.PHONY: up
+up: certs ## Build and start the TLS stack (sse, RabbitMQ, PostgreSQL) with docker compose
+	$(COMPOSE) up --detach --build
+	@echo "health:      $(COMPOSE) ps (starting takes about a minute)"
+	@echo "demo page:   https://localhost:8001/demo (trust $(CERTS_DIR)/ca.pem first)"
+	@echo "demo stream: curl -N --cacert $(CERTS_DIR)/ca.pem https://localhost:8001/subscribe/$(DEMO_TOPIC)/$(DEMO_USERID)/$(DEMO_TOKEN)"
+	@echo "RabbitMQ UI: http://localhost:15672 (user sse); metrics: http://localhost:9464/metrics"
+
+.PHONY: down
+down: ## Stop the stack (data volumes stay; docker compose down -v deletes them)
+	$(COMPOSE) down
+
+.PHONY: logs
+logs: ## Follow the stack's logs
+	$(COMPOSE) logs --follow --tail=100
+
 .PHONY: test
 test: venv ## Run the test suite (needs the local PostgreSQL and RabbitMQ)
 	$(BIN)/pytest
