@@ -275,6 +275,10 @@ def ensure_dev_certificates(
             missing_leaves.append((certificate_path, key_path, client))
 
     created: list[Path] = []
+    missing_copies = [name for name in files.ca_copies() if not (directory / name).exists()]
+    if not missing_leaves and not missing_copies:
+        # Complete, whoever made it: real certificates need no development CA.
+        return created
     if not any((directory / name).exists() for name in files.all_names()):
         new_authority = create_certificate_authority("sse-twisted development CA")
         write_certificate(ca_certificate_path, new_authority.certificate)
@@ -301,11 +305,10 @@ def ensure_dev_certificates(
             created += [certificate_path, key_path]
 
     ca_certificate = x509.load_pem_x509_certificate(ca_certificate_path.read_bytes())
-    for name in files.ca_copies():
+    for name in missing_copies:
         path = directory / name
-        if not path.exists():
-            write_certificate(path, ca_certificate)
-            created.append(path)
+        write_certificate(path, ca_certificate)
+        created.append(path)
     return created
 
 

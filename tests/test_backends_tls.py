@@ -119,6 +119,17 @@ class TestDevCertificates:
             ensure_dev_certificates(tmp_path)
         assert not (tmp_path / FILES.browser_certificate).exists()
 
+    def test_a_complete_set_of_real_certificates_needs_no_development_ca(
+        self, tmp_path: Path
+    ) -> None:
+        ensure_dev_certificates(tmp_path)
+        (tmp_path / FILES.ca_certificate).unlink()
+        (tmp_path / FILES.ca_key).unlink()
+        before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+        assert ensure_dev_certificates(tmp_path) == []
+        assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
     def test_the_command_line_lists_created_files_then_reports_nothing_missing(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
