@@ -88,6 +88,17 @@ logs: ## Follow the stack's logs
 test: venv ## Run the test suite (needs the local PostgreSQL and RabbitMQ)
 	$(BIN)/pytest
 
+# Benchmarks of issue 5 (bench/RESULTS.md), not part of `make test`. One pass by default (about
+# 4-6 minutes here); BENCH_RUNS=3 gives the medians RESULTS.md quotes (about 10-15 minutes).
+# BENCH_ARGS takes more options (python -m bench --help), e.g. --commit HEAD.
+BENCH_RUNS ?= 1
+BENCH_ARGS ?=
+
+.PHONY: bench
+bench: venv ## Run the benchmark suite (one pass; BENCH_RUNS=3 for medians)
+	$(BIN)/pip install --quiet -r bench/requirements.txt
+	$(BIN)/python -m bench --runs $(BENCH_RUNS) $(BENCH_ARGS)
+
 .PHONY: lint
 lint: venv ## ruff (lint and format check) and mypy
 	$(BIN)/ruff check .

@@ -1,0 +1,247 @@
+"""``python -m bench``: run the scenarios, print one JSON object per scenario and a table.
+
+Each scenario runs ``--runs`` times (a fresh server each time); the JSON object holds the
+median of every figure over the runs, and ``runs`` the individual values of the headline
+ones. ``--profile`` then runs S2 and S4 once more under py-spy and adds their top costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from .environment import REPOSITORY, BenchEnvironment, environment, raise_file_limit
+from .report import headline_values, table
+from .scenarios import SCENARIOS, Settings, connect_storm, run_scenario, throughput
+
+ALL = tuple(SCENARIOS)
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--runs", type=int, default=1, help="runs of each scenario (median)")
+    parser.add_argument(
+        "--scenarios", default=",".join(ALL), help=f"comma-separated, of {', '.join(ALL)}"
+    )
+    parser.add_argument("--levels", default="1000,5000,10000", help="S1/S5 stream counts")
+    parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument("--messages", type=int, default=20000, help="S2/S5 messages")
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--storm", type=int, default=2000, help="S4 connections")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--source",
+        type=Path,
+        help="run the server from this copy of the tree (sse_twisted/, twisted/plugins/)",
+    )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an extra setting for the server (repeatable), e.g. SSE_RABBITMQ_PREFETCH=2000",
+    )
+    parser.add_argument(
+        "--commit",
+        help="run the server from this commit's tree (git archive), not the working tree",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=REPOSITORY / "build" / "bench" / "results.json",
+        help="where to write every result as JSON",
+    )
+    return parser.parse_args()
+
+
+def _git(*arguments: str) -> str:
+    result = subprocess.run(
+        ["git", *arguments], cwd=REPOSITORY, capture_output=True, text=True, check=False
+    )
+    return result.stdout.strip()
+
+
+def _export(commit: str, directory: Path) -> Path:
+    """The server's tree at ``commit``, unpacked into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "archive", commit, "sse_twisted", "twisted"],
+        cwd=REPOSITORY,
+        capture_output=True,
+        check=True,
+    )
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive.stdout, check=True)
+    return directory
+
+
+def machine(options: argparse.Namespace) -> dict[str, Any]:
+    """What the figures were measured on."""
+    import OpenSSL
+
+    import twisted
+
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
+    if options.commit:
+        measured = f"{_git('rev-parse', '--short', options.commit)} (git archive)"
+    elif options.source:
+        measured = f"copy in {options.source} (HEAD is {_git('rev-parse', '--short', 'HEAD')})"
+    else:
+        dirty = _git("status", "--porcelain", "--", "sse_twisted", "twisted")
+        measured = _git("rev-parse", "--short", "HEAD") + (
+            " + uncommitted changes" if dirty else ""
+        )
+    return {
+        "nproc": len(__import__("os").sched_getaffinity(0)),
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "pyopenssl": OpenSSL.__version__,
+        "openssl": OpenSSL.SSL.SSLeay_version(OpenSSL.SSL.SSLEAY_VERSION).decode(),
+        "server_code": measured,
+        "load_average_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "file_limit": raise_file_limit(),
+    }
+
+
+def _median(values: list[Any]) -> Any:
+    """The median of like values, recursively through dicts and lists."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {
+            key: _median([value[key] for value in values if key in value])
+            for key in first
+            if key not in ("profile", "failure_reasons")
+        } | ({"failure_reasons": first["failure_reasons"]} if "failure_reasons" in first else {})
+    if isinstance(first, list):
+        if all(isinstance(value, list) and len(value) == len(first) for value in values):
+            return [_median([value[index] for value in values]) for index in range(len(first))]
+        return first
+    if isinstance(first, bool) or not isinstance(first, int | float):
+        return first
+    numbers = [value for value in values if isinstance(value, int | float)]
+    middle = statistics.median(numbers)
+    return round(middle, 3) if isinstance(middle, float) else middle
+
+
+async def _bench(options: argparse.Namespace) -> dict[str, Any]:
+    names = [name.strip() for name in options.scenarios.split(",") if name.strip()]
+    unknown = set(names) - set(ALL)
+    if unknown:
+        raise SystemExit(f"bench: unknown scenarios {sorted(unknown)}; known: {', '.join(ALL)}")
+    levels = tuple(int(level) for level in options.levels.split(","))
+    report: dict[str, Any] = {"machine": machine(options)}
+    report["settings"] = {key: str(value) for key, value in vars(options).items()}
+    fd_limit = report["machine"]["file_limit"]
+    if max(levels) + 200 > fd_limit:
+        print(
+            f"bench: {max(levels)} streams need more than the {fd_limit} file descriptors "
+            "RLIMIT_NOFILE allows (hard limit)",
+            file=sys.stderr,
+        )
+    exported = Path(tempfile.mkdtemp(prefix="sse-bench-tree-")) if options.commit else None
+    try:
+        source = _export(options.commit, exported) if exported else options.source
+        settings = Settings(
+            levels=levels,
+            idle_seconds=options.idle_seconds,
+            throughput_messages=options.messages,
+            latency_seconds=options.latency_seconds,
+            storm_connections=options.storm,
+            source=source,
+            server_environ=tuple(
+                (name, value)
+                for name, _, value in (setting.partition("=") for setting in options.server_env)
+            ),
+        )
+        started = time.monotonic()
+        with environment(settings.users) as bench:
+            report["scenarios"] = await _scenarios(names, bench, settings, options.runs)
+            report["profiles"] = (
+                await _profiles(bench, settings, options.output.parent / "profiles")
+                if options.profile
+                else {}
+            )
+        report["wall_seconds"] = round(time.monotonic() - started, 1)
+        report["machine"]["load_average_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    finally:
+        if exported is not None:
+            shutil.rmtree(exported, ignore_errors=True)
+    return report
+
+
+async def _scenarios(
+    names: list[str], bench: BenchEnvironment, settings: Settings, runs: int
+) -> dict[str, Any]:
+    """Every scenario ``runs`` times, then one JSON line each with the medians."""
+    per_run: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for run in range(runs):
+        for name in names:
+            print(f"bench: run {run + 1}/{runs} {name} ...", file=sys.stderr)
+            began = time.monotonic()
+            result = await run_scenario(name, bench, settings)
+            result["wall_seconds"] = round(time.monotonic() - began, 1)
+            per_run[name].append(result)
+            print(f"bench:   {json.dumps(headline_values(result))}", file=sys.stderr)
+    scenarios = {}
+    for name in names:
+        median = _median(per_run[name])
+        median["runs"] = len(per_run[name])
+        median["per_run"] = [headline_values(result) for result in per_run[name]]
+        scenarios[name] = median
+        print(json.dumps(median), flush=True)
+    return scenarios
+
+
+async def _profiles(bench: BenchEnvironment, settings: Settings, directory: Path) -> dict[str, Any]:
+    """S2 and S4 once more, under py-spy; one JSON line each with the top costs."""
+    print("bench: profiling S2 and S4 with py-spy ...", file=sys.stderr)
+    profiles: dict[str, Any] = {}
+    profiled = await throughput(bench, settings, profile=directory / "s2.txt")
+    profiles["s2"] = profiled["profile"] | {"figures": headline_values(profiled)}
+    profiled = await connect_storm(bench, settings, profile=directory / "s4.txt")
+    profiles["s4"] = profiled["profile"] | {"figures": headline_values(profiled)}
+    for name, profile in profiles.items():
+        print(json.dumps({"profile": name, **profile}), flush=True)
+    return profiles
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """Run the bench; print the JSON lines and the table; save everything to ``--output``."""
+    options = _arguments()
+    raise_file_limit()
+    # A terminated bench still stops its server and drops its database and queues.
+    signal.signal(signal.SIGTERM, _interrupt)
+    report = uvloop.run(_bench(options))
+    print()
+    print(table(report))
+    options.output.parent.mkdir(parents=True, exist_ok=True)
+    options.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nall results: {options.output} ({report['wall_seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

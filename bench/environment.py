@@ -1,0 +1,310 @@
+"""What the bench runs against: certificates, a database of users, queues, the server process.
+
+Everything is made for one bench run and removed after it: a database ``sse_bench_<hex>`` on
+the local PostgreSQL, stream queues ``sse-bench-<hex>-<n>`` on the local RabbitMQ, and a
+temporary directory with the certificates and the server's log files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import io
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pika
+import psycopg2
+
+from sse_twisted.devcerts import ensure_dev_certificates
+
+__all__ = [
+    "BenchEnvironment",
+    "ProcessSample",
+    "ServerProcess",
+    "raise_file_limit",
+    "sample",
+]
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+SCHEMA = REPOSITORY / "schema" / "users.sql"
+TWISTD = Path(sys.executable).parent / "twistd"
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_POOL_SIZE = 4
+_PR_SET_PDEATHSIG = 1
+
+
+def raise_file_limit() -> int:
+    """Raise this process's RLIMIT_NOFILE soft limit to the hard limit; return it."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def _server_process_setup() -> None:
+    """In the forked server: the file limit raised, and SIGTERM when the bench dies."""
+    raise_file_limit()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSample:
+    """CPU seconds (user + system) and resident memory of a process at one instant."""
+
+    at: float
+    cpu_seconds: float
+    rss_kib: int
+
+
+def sample(pid: int) -> ProcessSample:
+    """Read ``/proc/<pid>/stat`` (utime + stime) and ``/proc/<pid>/status`` (VmRSS)."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        fields = stat.read().rsplit(b")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    rss = 0
+    with open(f"/proc/{pid}/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"VmRSS:"):
+                rss = int(line.split()[1])
+                break
+    return ProcessSample(time.monotonic(), cpu, rss)
+
+
+def broker_pid() -> int | None:
+    """The RabbitMQ Erlang VM's pid, to report the broker's CPU beside the server's."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "beam.smp":
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
+@dataclass
+class BenchEnvironment:
+    """The database, users, certificates and queue names of one bench run."""
+
+    users: int
+    directory: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sse-bench-")))
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+    database: str = ""
+    userids: list[str] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    queues: list[str] = field(default_factory=list)
+
+    @property
+    def certs(self) -> Path:
+        return self.directory / "certs"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.certs / "dev_ca.pem"
+
+    def set_up(self) -> None:
+        """Certificates (ECDSA P-256), then the database with ``users`` rows bulk-loaded."""
+        ensure_dev_certificates(self.certs)
+        self.database = f"sse_bench_{self.run_id}"
+        self.userids = [str(uuid.uuid4()) for _ in range(self.users)]
+        self.tokens = [str(uuid.uuid4()) for _ in range(self.users)]
+        admin = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
+        admin.autocommit = True
+        with admin.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{self.database}"')
+        admin.close()
+        rows = io.StringIO(
+            "".join(f"{u}\t{t}\n" for u, t in zip(self.userids, self.tokens, strict=True))
+        )
+        with (
+            psycopg2.connect(host="127.0.0.1", user="postgres", dbname=self.database) as db,
+            db.cursor() as cursor,
+        ):
+            cursor.execute(SCHEMA.read_text())
+            cursor.copy_from(rows, "users", columns=("uuid", "sse_token"))
+            cursor.execute("ANALYZE users")
+
+    def tear_down(self) -> None:
+        """Drop the database and the queues, remove the directory; never raises."""
+        if self.database:
+            try:
+                admin = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
+                admin.autocommit = True
+                with admin.cursor() as cursor:
+                    cursor.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+                admin.close()
+            except psycopg2.Error as error:
+                print(f"bench: cannot drop {self.database}: {error}", file=sys.stderr)
+        if self.queues:
+            try:
+                connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
+                channel = connection.channel()
+                for queue in self.queues:
+                    channel.queue_delete(queue)
+                connection.close()
+            except pika.exceptions.AMQPError as error:
+                print(f"bench: cannot delete queues {self.queues}: {error!r}", file=sys.stderr)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def new_queue(self) -> str:
+        """A queue name of this run, deleted by L{tear_down}."""
+        name = f"sse-bench-{self.run_id}-{len(self.queues)}"
+        self.queues.append(name)
+        return name
+
+    def users_file(self, count: int, start: int = 0) -> Path:
+        """A file of ``count`` userids from ``start``, one a line, for the publisher."""
+        path = self.directory / f"users-{start}-{count}.txt"
+        path.write_text("\n".join(self.userids[start : start + count]) + "\n")
+        return path
+
+    def subscribe_path(self, user: int) -> bytes:
+        """The path a browser of user number ``user`` opens (a fresh topic each time)."""
+        return f"/subscribe/{uuid.uuid4()}/{self.userids[user]}/{self.tokens[user]}".encode("ascii")
+
+
+@dataclass
+class ServerProcess:
+    """``twistd -n --pidfile= sse-server`` against the bench's database and a fresh queue."""
+
+    environment: BenchEnvironment
+    name: str
+    source: Path | None = None
+    extra_environ: dict[str, str] = field(default_factory=dict)
+    process: asyncio.subprocess.Process | None = None
+    port: int = 0
+    queue: str = ""
+    log_lines: list[dict[str, Any]] = field(default_factory=list)
+    ready_at_line: int = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.environment.directory / f"server-{self.name}.log"
+
+    def environ(self) -> dict[str, str]:
+        environ = {
+            "PATH": os.environ["PATH"],
+            "SSE_APP_ENV": "dev",
+            "SSE_PORT": "0",
+            "SSE_LISTEN_ADDRESS": "127.0.0.1",
+            "SSE_CERTS_DIR": str(self.environment.certs),
+            "SSE_POSTGRES_HOST": "127.0.0.1",
+            "SSE_POSTGRES_PORT": "5432",
+            "SSE_POSTGRES_USERNAME": "postgres",
+            "SSE_POSTGRES_DB_NAME": self.environment.database,
+            "SSE_POSTGRES_SSLMODE": "disable",
+            "SSE_POSTGRES_POOL_SIZE": str(_POOL_SIZE),
+            "SSE_RABBITMQ_TLS": "false",
+            "SSE_RABBITMQ_HOST": "127.0.0.1",
+            "SSE_RABBITMQ_QUEUE_NAME": self.queue,
+            "SSE_HEARTBEAT_SECONDS": "15",
+            **self.extra_environ,
+        }
+        if self.source is not None:
+            # A copy of the tree (sse_twisted/ and twisted/plugins/) shadows the installed one.
+            environ["PYTHONPATH"] = str(self.source)
+        return environ
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Spawn the server; return once it listens, consumes and has its database pool."""
+        self.queue = self.environment.new_queue()
+        with open(self.log_path, "wb") as log, open(self.log_path.with_suffix(".err"), "wb") as err:
+            self.process = await asyncio.create_subprocess_exec(
+                str(TWISTD),
+                "-n",
+                "--pidfile=",
+                "sse-server",
+                env=self.environ(),
+                cwd=self.environment.directory,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=err,
+                preexec_fn=_server_process_setup,
+            )
+        deadline = time.monotonic() + timeout
+        consuming = False
+        databases = 0
+        while not (self.port and consuming and databases >= _POOL_SIZE):
+            if self.process.returncode is not None or time.monotonic() > deadline:
+                await self.stop()
+                raise RuntimeError(f"server did not become ready:\n{self.tail()}")
+            await asyncio.sleep(0.05)
+            for record in self.read_log():
+                message = record.get("message", "")
+                if message.startswith("listening on"):
+                    self.port = record["port"]
+                elif message.startswith("consuming "):
+                    consuming = True
+                elif message.startswith("connected to PostgreSQL"):
+                    databases += 1
+        self.ready_at_line = len(self.log_lines)
+
+    def read_log(self) -> list[dict[str, Any]]:
+        """Parse the log lines written since the last call."""
+        already = len(self.log_lines)
+        lines = self.log_path.read_bytes().splitlines()
+        for line in lines[already:]:
+            try:
+                self.log_lines.append(json.loads(line))
+            except ValueError:
+                self.log_lines.append({"message": line.decode("utf-8", "replace")})
+        return self.log_lines[already:]
+
+    def problems(self) -> list[str]:
+        """Warnings and errors logged since the server became ready (start-up's are expected:
+        plaintext links to the backends)."""
+        self.read_log()
+        return [
+            str(line.get("message", ""))[:200]
+            for line in self.log_lines[self.ready_at_line :]
+            if line.get("@level") in ("warn", "error", "critical")
+        ]
+
+    def tail(self) -> str:
+        text = self.log_path.read_text(errors="replace")[-3000:]
+        errors = self.log_path.with_suffix(".err").read_text(errors="replace")[-3000:]
+        return text + errors
+
+    def sample(self) -> ProcessSample:
+        return sample(self.pid)
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 30 seconds."""
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.process.wait(), 30)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+
+@contextmanager
+def environment(users: int) -> Iterator[BenchEnvironment]:
+    """A set-up L{BenchEnvironment}, torn down at the end."""
+    bench = BenchEnvironment(users)
+    try:
+        bench.set_up()
+        yield bench
+    finally:
+        bench.tear_down()
