@@ -112,12 +112,19 @@ class _ReconnectingConnection(Connection):
             defaultDeathChecker(failure) or failure.check(ConnectionClosed)
         )
 
-    def open(self, **parameters: Any) -> None:
-        """Connect now and keep retrying in the background until it works."""
+    def open(self, **parameters: Any) -> Deferred[None]:
+        """Connect now and keep retrying in the background until it works.
+
+        The result fires once the first attempt is over, whatever its outcome: L{alive} then
+        tells whether it worked. A connection made by a later retry (after a failed first
+        attempt or a lost connection) is announced to the detector's recovery handlers; one
+        made by the first attempt is not.
+        """
         # The detector only reconnects what was connected once: hand it a failed first try.
         attempt = self.connect(**parameters)
         attempt.addErrback(self.detector.checkForDeadConnection)
         attempt.addErrback(lambda _: None)  # logged by _connect_finished
+        return attempt.addCallback(lambda _: None)
 
     def shut_down(self) -> None:
         """Close for good: no reconnection after this."""
@@ -184,6 +191,7 @@ class _LiveConnectionPool(ConnectionPool):
             _ReconnectingConnection, connect_timeout_seconds=connect_timeout_seconds
         )
         super().__init__(None, min=size)
+        self.queries_sent = 0
 
     def _runQuery(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
         # txpostgres takes any idle connection, but a dead one fails the query, and one still
@@ -192,6 +200,7 @@ class _LiveConnectionPool(ConnectionPool):
         if connection is None:
             return fail(ConnectionDead())
         self.connections.remove(connection)
+        self.queries_sent += 1
         query: Deferred[Any] = connection.runQuery(*args, **kwargs)
         return query.addBoth(self._putBackAndPassthrough, connection)
 
@@ -220,6 +229,11 @@ class PostgresAuthenticator(Service):
     def connected(self) -> bool:
         """True while at least one pool connection is alive."""
         return any(connection.alive for connection in self._connections)
+
+    @property
+    def queries(self) -> int:
+        """How many subscriber queries were sent to PostgreSQL since this was built."""
+        return self._pool.queries_sent
 
     def startService(self) -> None:
         """Open every connection, retrying in the background the ones that fail."""

@@ -34,6 +34,7 @@ from sse_twisted.devcerts import (
 )
 
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
+USERS_SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 STARTUP_TIMEOUT = 60
 
@@ -226,7 +227,8 @@ class PostgresServer:
             connection.autocommit = True  # CREATE DATABASE refuses to run in a transaction
             with connection.cursor() as cursor:
                 cursor.execute(f"CREATE DATABASE {self.database}")
-        self.execute("CREATE TABLE users (uuid varchar(36), sse_token varchar(36))")
+        # The project's own schema, revocation trigger included.
+        self.execute(USERS_SCHEMA.read_text())
 
     def start(self) -> None:
         """Start the server and return once it accepts connections (``pg_ctl -w``)."""

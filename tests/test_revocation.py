@@ -1,0 +1,439 @@
+"""Revocation over real PostgreSQL: the trigger of schema/users.sql, the RevocationListener
+(including its re-LISTEN after the server kills its connection), and a live stream closed
+end to end when its user's row goes."""
+
+from __future__ import annotations
+
+import secrets
+import select
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredQueue
+from twisted.internet.task import deferLater
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
+from sse_twisted._config import Config, load_config
+from sse_twisted._revocation import CHANNEL, RevocationListener
+from tests.backends import Pki, PostgresServer, RabbitMQServer
+from tests.harness import Browser, RunningServer, new_uuid, start_server
+
+SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
+WAIT_SECONDS = 10.0
+SENTINEL = "sentinel"
+
+
+def connect(database: str) -> Any:
+    connection = psycopg2.connect(host="127.0.0.1", user="postgres", dbname=database)
+    connection.autocommit = True
+    return connection
+
+
+def sql(database: str, statement: str, parameters: tuple[Any, ...] = ()) -> None:
+    with closing(connect(database)) as connection, connection.cursor() as cursor:
+        cursor.execute(statement, parameters)
+
+
+def new_user(database: str) -> tuple[str, str]:
+    pair = (str(uuid.uuid4()), str(uuid.uuid4()))
+    sql(database, "INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", pair)
+    return pair
+
+
+def wait_for_sentinel(listener: Any, seconds: float = WAIT_SECONDS) -> list[str]:
+    """The payloads on the channel before the sentinel, waiting on the socket, not sleeping."""
+    payloads: list[str] = []
+    deadline = time.monotonic() + seconds
+    while True:
+        listener.poll()
+        while listener.notifies:
+            notify = listener.notifies.pop(0)
+            assert notify.channel == CHANNEL
+            if notify.payload == SENTINEL:
+                return payloads
+            payloads.append(notify.payload)
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([listener], [], [], left)[0]:
+            raise AssertionError(f"no sentinel within {seconds} s; got {payloads}")
+
+
+def notifications_of(database: str, *statements: tuple[str, tuple[Any, ...]]) -> list[str]:
+    """What the trigger sends on the channel while ``statements`` run, each in its own
+    transaction, in order."""
+    with closing(connect(database)) as listener:
+        listener.cursor().execute(f"LISTEN {CHANNEL}")
+        with closing(connect(database)) as writer, writer.cursor() as cursor:
+            for statement, parameters in statements:
+                cursor.execute(statement, parameters)
+            # Notifications arrive in commit order: everything before it has arrived.
+            cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, SENTINEL))
+        return wait_for_sentinel(listener)
+
+
+@pytest.fixture
+def database(local_database: dict[str, str]) -> str:
+    return local_database["SSE_POSTGRES_DB_NAME"]
+
+
+# --- the trigger ---
+
+
+def test_deleting_a_row_notifies_its_uuid(database: str) -> None:
+    userid, _ = new_user(database)
+    assert notifications_of(database, ("DELETE FROM users WHERE uuid = %s", (userid,))) == [userid]
+
+
+def test_changing_the_token_notifies_the_uuid_but_never_the_token(database: str) -> None:
+    userid, token = new_user(database)
+    new_token = str(uuid.uuid4())
+    payloads = notifications_of(
+        database, ("UPDATE users SET sse_token = %s WHERE uuid = %s", (new_token, userid))
+    )
+    assert payloads == [userid]
+    assert token not in payloads and new_token not in payloads
+
+
+def test_changing_the_uuid_notifies_the_old_uuid(database: str) -> None:
+    userid, _ = new_user(database)
+    moved = str(uuid.uuid4())
+    statement = ("UPDATE users SET uuid = %s WHERE uuid = %s", (moved, userid))
+    assert notifications_of(database, statement) == [userid]
+
+
+def test_inserts_and_updates_that_change_nothing_notify_nothing(database: str) -> None:
+    userid, token = new_user(database)
+    payloads = notifications_of(
+        database,
+        ("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (str(uuid.uuid4()), "t")),
+        ("UPDATE users SET sse_token = %s WHERE uuid = %s", (token, userid)),
+        ("DELETE FROM users WHERE uuid = %s", (str(uuid.uuid4()),)),  # no such row
+    )
+    assert payloads == []
+
+
+def test_the_schema_file_can_be_applied_again(database: str) -> None:
+    sql(database, SCHEMA.read_text())
+    sql(database, SCHEMA.read_text())
+    with closing(connect(database)) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'users'::regclass AND NOT tgisinternal"
+        )
+        assert cursor.fetchone() == (1,)
+    userid, _ = new_user(database)
+    assert notifications_of(database, ("DELETE FROM users WHERE uuid = %s", (userid,))) == [userid]
+
+
+# --- the listener ---
+
+
+@pytest.fixture
+def log_events() -> Iterator[list[LogEvent]]:
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def tracebacks(events: list[LogEvent]) -> list[str]:
+    return [
+        formatEvent(event)
+        for event in events
+        if "log_failure" in event or "failure" in event or event.get("isError")
+    ]
+
+
+def warnings_logged(events: list[LogEvent]) -> list[str]:
+    return [formatEvent(event) for event in events if event["log_level"].name == "warn"]
+
+
+async def wait_for(condition: Callable[[], bool], what: str, seconds: float = WAIT_SECONDS) -> None:
+    """Poll ``condition`` (where no event signals it) until true."""
+    deadline = reactor.seconds() + seconds
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"still waiting for {what} after {seconds} s")
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+class Recorder:
+    """The listener's callbacks, as queues the test waits on."""
+
+    def __init__(self) -> None:
+        self.revoked: DeferredQueue[str] = DeferredQueue()
+        self.resynchronised = 0
+
+    def on_revoked(self, userid: str) -> None:
+        self.revoked.put(userid)
+
+    def on_resynchronised(self) -> None:
+        self.resynchronised += 1
+
+    async def next_revoked(self) -> str:
+        userid: str = await self.revoked.get().addTimeout(WAIT_SECONDS, reactor)
+        return userid
+
+    def nothing_pending(self) -> bool:
+        return not self.revoked.pending
+
+
+def config_for(database: str, tmp_path: Path) -> Config:
+    return load_config(
+        {},
+        {
+            "certs-dir": str(tmp_path),
+            "postgres-host": "127.0.0.1",
+            "postgres-port": "5432",
+            "postgres-username": "postgres",
+            "postgres-db-name": database,
+            "postgres-sslmode": "disable",
+            "postgres-timeout-seconds": "2",
+        },
+    )
+
+
+Starter = Callable[[Config], tuple[RevocationListener, Recorder]]
+
+
+@pytest_twisted.async_yield_fixture
+async def start() -> AsyncIterator[Starter]:
+    """Start listeners (without waiting for LISTEN); stopped after the test."""
+    started: list[RevocationListener] = []
+
+    def starter(config: Config) -> tuple[RevocationListener, Recorder]:
+        recorder = Recorder()
+        listener = RevocationListener(
+            config, reactor, recorder.on_revoked, on_resynchronised=recorder.on_resynchronised
+        )
+        listener.startService()
+        started.append(listener)
+        return listener, recorder
+
+    yield starter
+    for listener in started:
+        if listener.running:
+            await listener.stopService()
+
+
+async def listening(listener: RevocationListener) -> RevocationListener:
+    await wait_for(lambda: listener.listening, "LISTEN")
+    return listener
+
+
+def listener_backends(database: str) -> list[int]:
+    with closing(connect(database)) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND query = %s",
+            (database, f"LISTEN {CHANNEL}"),
+        )
+        return [pid for (pid,) in cursor.fetchall()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_listener_delivers_the_userid_of_a_deleted_row(
+    start: Starter, database: str, tmp_path: Path, log_events: list[LogEvent]
+) -> None:
+    listener, recorder = start(config_for(database, tmp_path))
+    await listening(listener)
+    assert recorder.resynchronised == 1  # once LISTENing: streams may predate it
+    userid, _ = new_user(database)
+    sql(database, "DELETE FROM users WHERE uuid = %s", (userid,))
+    assert await recorder.next_revoked() == userid
+    assert tracebacks(log_events) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_listener_delivers_a_token_change(
+    start: Starter, database: str, tmp_path: Path
+) -> None:
+    listener, recorder = start(config_for(database, tmp_path))
+    await listening(listener)
+    userid, _ = new_user(database)
+    sql(database, "UPDATE users SET sse_token = %s WHERE uuid = %s", (str(uuid.uuid4()), userid))
+    assert await recorder.next_revoked() == userid
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_payload_that_is_not_a_uuid_is_ignored_with_a_warning(
+    start: Starter, database: str, tmp_path: Path, log_events: list[LogEvent]
+) -> None:
+    listener, recorder = start(config_for(database, tmp_path))
+    await listening(listener)
+    userid = str(uuid.uuid4())
+    sql(database, "SELECT pg_notify(%s, %s)", (CHANNEL, "'; DROP TABLE users; --"))
+    sql(database, "SELECT pg_notify(%s, %s)", (CHANNEL, ""))
+    sql(database, "SELECT pg_notify(%s, %s)", (CHANNEL, userid.upper()))
+    # Delivered in order: the valid one comes after the two ignored.
+    assert await recorder.next_revoked() == userid
+    assert recorder.nothing_pending()
+    ignored = [line for line in warnings_logged(log_events) if "not a user id" in line]
+    assert ignored == [
+        'ignored a revocation whose payload is not a user id: "\'; DROP TABLE users; --"',
+        "ignored a revocation whose payload is not a user id: ''",
+    ]
+    assert tracebacks(log_events) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_connection_listens_again_and_still_delivers(
+    start: Starter, database: str, tmp_path: Path, log_events: list[LogEvent]
+) -> None:
+    listener, recorder = start(config_for(database, tmp_path))
+    await listening(listener)
+    [backend] = listener_backends(database)
+    sql(database, "SELECT pg_terminate_backend(%s)", (backend,))
+    # Revocations made while it was away may be lost: the caller is told to resynchronise
+    # once it LISTENs again (which can be too quick for a poll to see it not listening).
+    await wait_for(lambda: recorder.resynchronised == 2, "a second LISTEN")
+    assert listener.listening
+    assert listener_backends(database) not in ([], [backend])
+
+    userid, _ = new_user(database)
+    sql(database, "DELETE FROM users WHERE uuid = %s", (userid,))
+    assert await recorder.next_revoked() == userid
+    assert any("lost connection to PostgreSQL" in line for line in warnings_logged(log_events))
+    assert tracebacks(log_events) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_that_is_missing_at_start_is_listened_to_once_it_exists(
+    start: Starter, tmp_path: Path, log_events: list[LogEvent]
+) -> None:
+    name = f"sse_test_{secrets.token_hex(4)}"
+    listener, recorder = start(config_for(name, tmp_path))
+    await wait_for(
+        lambda: any("does not exist" in line for line in warnings_logged(log_events)),
+        "a failed first attempt",
+    )
+    assert not listener.listening
+    sql("postgres", f'CREATE DATABASE "{name}"')
+    try:
+        sql(name, SCHEMA.read_text())
+        await listening(listener)  # the retries back off: about 1, 2, 4 s
+        userid, _ = new_user(name)
+        sql(name, "DELETE FROM users WHERE uuid = %s", (userid,))
+        assert await recorder.next_revoked() == userid
+        await listener.stopService()
+    finally:
+        sql("postgres", f'DROP DATABASE "{name}" WITH (FORCE)')
+    assert tracebacks(log_events) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_closes_the_connection_for_good(
+    start: Starter, database: str, tmp_path: Path
+) -> None:
+    listener, _ = start(config_for(database, tmp_path))
+    await listening(listener)
+    await listener.stopService()
+    assert not listener.listening
+    await wait_for(lambda: listener_backends(database) == [], "the server to see it closed")
+
+
+# --- end to end: a live stream over TLS, closed by a revocation ---
+
+
+@pytest.fixture
+def tls_environ(
+    pki: Pki, postgres_tls: PostgresServer, rabbitmq_tls: RabbitMQServer
+) -> dict[str, str]:
+    return {
+        "SSE_CERTS_DIR": str(pki.directory),
+        "SSE_POSTGRES_HOST": postgres_tls.host,
+        "SSE_POSTGRES_PORT": str(postgres_tls.port),
+        "SSE_POSTGRES_USERNAME": postgres_tls.user,
+        "SSE_POSTGRES_DB_NAME": postgres_tls.database,
+        "SSE_POSTGRES_TIMEOUT_SECONDS": "2",
+        "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
+        "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),
+        "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
+        "SSE_RETRY_MILLISECONDS": "500",
+    }
+
+
+@pytest_twisted.async_yield_fixture
+async def server(tls_environ: dict[str, str]) -> AsyncIterator[RunningServer]:
+    running = await start_server(tls_environ)
+    revocations = running.service.revocations
+    assert revocations is not None
+    await wait_for(lambda: revocations.listening, "the server to LISTEN for revocations")
+    yield running
+    await running.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def browser(pki: Pki) -> AsyncIterator[Browser]:
+    client = Browser(pki.ca_certificate)
+    yield client
+    await client.close_all()
+
+
+def tls_subscriber(postgres: PostgresServer) -> tuple[str, str]:
+    userid, token = new_uuid(), new_uuid()
+    postgres.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
+    return userid, token
+
+
+REVOCATION_SECONDS = 5.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_deleting_a_user_closes_its_open_streams_and_it_is_refused_after(
+    server: RunningServer,
+    browser: Browser,
+    postgres_tls: PostgresServer,
+    log_events: list[LogEvent],
+) -> None:
+    alice, alice_token = tls_subscriber(postgres_tls)
+    bob, bob_token = tls_subscriber(postgres_tls)
+    url = server.subscribe_url(new_uuid(), alice, alice_token)
+    _, first_tab = await browser.open(url)
+    _, second_tab = await browser.open(server.subscribe_url(new_uuid(), alice, alice_token))
+    _, bobs_tab = await browser.open(server.subscribe_url(new_uuid(), bob, bob_token))
+    await wait_for(lambda: len(server.service.registry) == 3, "three streams registered")
+    cache = server.service.auth_cache
+    assert cache is not None and len(cache) == 2  # Alice's grant is cached...
+
+    postgres_tls.execute("DELETE FROM users WHERE uuid = %s", (alice,))
+
+    for tab in (first_tab, second_tab):
+        await tab.closed.addTimeout(REVOCATION_SECONDS, reactor)
+    assert list(server.service.registry.streams_of(alice)) == []
+    assert not bobs_tab.closed.called
+    # ...and forgotten: the browser coming back is refused, so EventSource stops.
+    response = await browser.get(url)
+    assert response.code == 403
+    assert (await browser.read_body(response)) == b"unknown subscriber\n"
+    revoked = [formatEvent(event) for event in log_events if "access revoked" in formatEvent(event)]
+    assert revoked == [f"access revoked for {alice}: 2 open streams closed"]
+    text = "\n".join(f"{formatEvent(event)} {event!r}" for event in log_events)
+    assert alice_token not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_token_closes_the_stream_and_only_the_new_token_gets_back_in(
+    server: RunningServer, browser: Browser, postgres_tls: PostgresServer
+) -> None:
+    userid, old_token = tls_subscriber(postgres_tls)
+    topic = new_uuid()
+    _, tab = await browser.open(server.subscribe_url(topic, userid, old_token))
+    await wait_for(lambda: len(server.service.registry) == 1, "stream registered")
+
+    new_token = new_uuid()
+    postgres_tls.execute("UPDATE users SET sse_token = %s WHERE uuid = %s", (new_token, userid))
+
+    await tab.closed.addTimeout(REVOCATION_SECONDS, reactor)
+    refused = await browser.get(server.subscribe_url(topic, userid, old_token))
+    assert refused.code == 403
+    await browser.read_body(refused)
+    response, resumed = await browser.open(server.subscribe_url(topic, userid, new_token))
+    assert response.code == 200
+    await wait_for(lambda: "connected" in resumed.parser.comments, "the new stream to open")
