@@ -34,6 +34,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"{text!r} is not a non-negative integer")
+    return int(text)
+
+
 def _positive_float(text: str) -> float:
     try:
         number = float(text)
@@ -41,6 +47,16 @@ def _positive_float(text: str) -> float:
         raise ValueError(f"{text!r} is not a number") from None
     if not number > 0:
         raise ValueError(f"{text!r} must be greater than 0")
+    return number
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not number >= 0 or number == float("inf"):
+        raise ValueError(f"{text!r} must be 0 or more")
     return number
 
 
@@ -229,6 +245,22 @@ SETTINGS: tuple[Setting, ...] = (
         "how long a subscribe waits for the auth query",
     ),
     Setting(
+        "auth_cache_seconds",
+        "SSE_AUTH_CACHE_SECONDS",
+        "auth-cache-seconds",
+        "10",
+        _non_negative_float,
+        "how long a granted (userid, token) pair is remembered (0 = not at all)",
+    ),
+    Setting(
+        "auth_cache_size",
+        "SSE_AUTH_CACHE_SIZE",
+        "auth-cache-size",
+        "10000",
+        _positive_int,
+        "most (userid, token) pairs remembered",
+    ),
+    Setting(
         "rabbitmq_host",
         "SSE_RABBITMQ_HOST",
         "rabbitmq-host",
@@ -319,6 +351,46 @@ SETTINGS: tuple[Setting, ...] = (
         "reconnect delay sent to browsers (retry: field)",
     ),
     Setting(
+        "replay_seconds",
+        "SSE_REPLAY_SECONDS",
+        "replay-seconds",
+        "300",
+        _non_negative_int,
+        "how far back reconnecting browsers are replayed (0 = no replay)",
+    ),
+    Setting(
+        "replay_max_events",
+        "SSE_REPLAY_MAX_EVENTS",
+        "replay-max-events",
+        "100000",
+        _positive_int,
+        "most events kept for replay",
+    ),
+    Setting(
+        "max_buffer_bytes",
+        "SSE_MAX_BUFFER_BYTES",
+        "max-buffer-bytes",
+        "262144",
+        _positive_int,
+        "a stream whose client stops reading is closed past this much unsent data",
+    ),
+    Setting(
+        "drain_seconds",
+        "SSE_DRAIN_SECONDS",
+        "drain-seconds",
+        "10",
+        _positive_float,
+        "on stop, longest wait for open streams to be told to reconnect",
+    ),
+    Setting(
+        "reconnect_jitter_milliseconds",
+        "SSE_RECONNECT_JITTER_MILLISECONDS",
+        "reconnect-jitter-milliseconds",
+        "5000",
+        _non_negative_int,
+        "on stop, each browser reconnects after the retry delay plus up to this much",
+    ),
+    Setting(
         "max_message_bytes",
         "SSE_MAX_MESSAGE_BYTES",
         "max-message-bytes",
@@ -357,6 +429,8 @@ class Config:
     postgres_sslmode: str
     postgres_pool_size: int
     postgres_timeout_seconds: float
+    auth_cache_seconds: float
+    auth_cache_size: int
     rabbitmq_host: str
     rabbitmq_port: int
     rabbitmq_username: str
@@ -369,6 +443,11 @@ class Config:
     rabbitmq_heartbeat_seconds: int
     heartbeat_seconds: float
     retry_milliseconds: int
+    replay_seconds: int
+    replay_max_events: int
+    max_buffer_bytes: int
+    drain_seconds: float
+    reconnect_jitter_milliseconds: int
     max_message_bytes: int
     cors_origins: tuple[str, ...]
 

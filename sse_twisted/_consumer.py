@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._config import Config
+from ._metrics import Metrics, amqp_timestamp_seconds
 from ._tls import rabbitmq_client_tls
 
 __all__ = ["StreamConsumerService"]
@@ -142,8 +143,10 @@ class _ReportingEndpoint:
 class StreamConsumerService(Service):
     """Consume the stream queue ``config.rabbitmq_queue_name``, reconnecting with backoff.
 
-    Each message goes to ``on_message(body, offset)``, synchronously and in stream order.
-    The first attachment starts at the next message published; after a reconnection,
+    Each message goes to ``on_message(body, offset)``, synchronously and in stream order;
+    when it returns the number of streams written, ``metrics`` counts them.
+    The first attachment starts ``config.replay_seconds`` back (or at the next message
+    published when that is 0), to fill the replay window; after a reconnection,
     consumption resumes right after the last offset handled, so nothing the stream retained
     during an outage is missed or repeated. ``on_fatal`` gets one line when retrying cannot
     help (the queue exists and is not a stream), once it has stopped reconnecting.
@@ -158,8 +161,9 @@ class StreamConsumerService(Service):
         self,
         config: Config,
         reactor: Any,
-        on_message: Callable[[bytes, int], None],
+        on_message: Callable[[bytes, int], object],
         on_fatal: Callable[[str], None],
+        metrics: Metrics | None = None,
     ) -> None:
         self.consuming = False
         self.last_offset: int | None = None
@@ -173,8 +177,10 @@ class StreamConsumerService(Service):
         self._queue = config.rabbitmq_queue_name
         self._queue_arguments = {"x-queue-type": "stream", "x-max-age": config.rabbitmq_max_age}
         self._prefetch = config.rabbitmq_prefetch
+        self._read_back_seconds = config.replay_seconds
         self._ack_batch = max(1, config.rabbitmq_prefetch // 2)
         self._on_message = on_message
+        self._metrics = metrics if metrics is not None else Metrics()
         self._on_fatal = on_fatal
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
             reactor, config.rabbitmq_host, config.rabbitmq_port
@@ -292,8 +298,10 @@ class StreamConsumerService(Service):
         if self.last_offset is not None:
             return self.last_offset + 1
         if self._first_attached_at is None:
-            self._first_attached_at = datetime.fromtimestamp(int(self._reactor.seconds()), UTC)
-            return "next"
+            # Read back the replay window, so that a fresh instance can replay it too.
+            start = int(self._reactor.seconds()) - self._read_back_seconds
+            self._first_attached_at = datetime.fromtimestamp(start, UTC)
+            return self._first_attached_at if self._read_back_seconds else "next"
         # Nothing handled yet, but messages may have arrived while we were away: attach at
         # the time of the first attachment. Being chunk-grained, this may also bring a few
         # messages from just before it.
@@ -314,11 +322,17 @@ class StreamConsumerService(Service):
         offset: int = message.properties.headers["x-stream-offset"]
         # A resumed consumer may be sent the chunk holding its start offset from the top.
         if self.last_offset is None or offset > self.last_offset:
+            written: object = 0
             try:
-                self._on_message(message.body, offset)
+                written = self._on_message(message.body, offset)
             except Exception:
                 self.log.failure("on_message failed at offset {offset}", offset=offset)
             self.last_offset = offset
+            # Once per message, however many streams it reached.
+            self._metrics.messages_consumed.inc()
+            if isinstance(written, int):
+                published_at = amqp_timestamp_seconds(message.properties.timestamp)
+                self._metrics.delivered(written, published_at, self._reactor.seconds())
         self._acknowledge(message.method.delivery_tag)
         self._read(messages)
 

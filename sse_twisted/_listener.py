@@ -1,15 +1,47 @@
-"""The public TLS listener, as a service that reports the address it bound."""
+"""The public TLS listener: reports the address it bound and closes its connections on stop."""
 
 from __future__ import annotations
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 
 __all__ = ["ListenerService"]
+
+
+class _ConnectionTracker(WrappingFactory):
+    """Keeps the open connections, and tells when the last one has closed."""
+
+    noisy = False
+
+    def __init__(self, factory: IProtocolFactory) -> None:
+        super().__init__(factory)
+        self._idle: list[Deferred[None]] = []
+
+    def unregisterProtocol(self, protocol: ProtocolWrapper) -> None:
+        super().unregisterProtocol(protocol)
+        if not self.protocols:
+            waiting, self._idle = self._idle, []
+            for idle in waiting:
+                idle.callback(None)
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires once no connection is open."""
+        if not self.protocols:
+            return succeed(None)
+        idle: Deferred[None] = Deferred()
+        self._idle.append(idle)
+        return idle
 
 
 class ListenerService(Service):
@@ -17,16 +49,19 @@ class ListenerService(Service):
 
     log = Logger()
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, clock: IReactorTime
+    ) -> None:
         self._endpoint = endpoint
-        self._factory = factory
+        self._connections = _ConnectionTracker(factory)
+        self._clock = clock
         self._port: IListeningPort | None = None
         self.listening: Deferred[IListeningPort] = Deferred()
 
     def startService(self) -> None:
         """Start listening; a bind failure is logged and stops nothing else."""
         super().startService()
-        binding = self._endpoint.listen(self._factory)
+        binding = self._endpoint.listen(self._connections)
         binding.addCallback(self._bound)
         binding.addErrback(self._failed)
 
@@ -48,3 +83,16 @@ class ListenerService(Service):
             return succeed(None)
         port, self._port = self._port, None
         return port.stopListening()  # type: ignore[return-value]
+
+    async def close_connections(self, seconds: float) -> None:
+        """Close every connection once its data is written; abort those still open after
+        ``seconds`` (clients that stopped reading)."""
+        for connection in list(self._connections.protocols):
+            connection.loseConnection()
+        try:
+            await self._connections.when_idle().addTimeout(seconds, self._clock)
+        except DeferredTimeoutError:
+            stuck = list(self._connections.protocols)
+            self.log.warn("aborting {count} connections still open", count=len(stuck))
+            for connection in stuck:
+                connection.transport.abortConnection()

@@ -36,6 +36,7 @@ __all__ = [
     "SUBSCRIBE_OUTCOMES",
     "Metrics",
     "MetricsListenerService",
+    "amqp_timestamp_seconds",
     "metrics_endpoint",
     "metrics_site",
 ]
@@ -60,6 +61,18 @@ SKIP_REASONS = ("too_large", *INVALID_REASONS)
 # Seconds from publish to write. The AMQP timestamp has whole seconds only, so a latency
 # reads as up to one second more than it was: below 1 s the buckets say little.
 _LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+def amqp_timestamp_seconds(timestamp: int | None) -> float | None:
+    """Seconds since the epoch of an AMQP ``timestamp`` property, if the message has one.
+
+    The property holds whole seconds; a value too large for that (after the year 5000) is
+    taken as milliseconds, which some publishers put there.
+    """
+    if timestamp is None:
+        return None
+    seconds = float(timestamp)
+    return seconds / 1000 if seconds > 1e11 else seconds
 
 
 class Metrics:

@@ -14,6 +14,8 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from ._framing import comment_frame, retry_frame
 from ._logging import mask_subscribe_path
+from ._metrics import Metrics
+from ._replay import ReplayWindow
 from ._streams import EventStream, StreamRegistry
 from .interfaces import BackendUnavailable, IAuthenticator
 
@@ -99,6 +101,18 @@ class _Root(Resource):
         return _NotFound()
 
 
+def _last_event_id(request: Request) -> str | None:
+    """The id the browser resumes after: the header EventSource sends on reconnection, or
+    a ``lastEventId`` query parameter for clients that cannot set headers."""
+    header = request.getHeader(b"last-event-id")
+    if header is None:
+        values = (request.args or {}).get(b"lastEventId")
+        header = values[0] if values else None
+    if not header:
+        return None
+    return header.decode("utf-8", "replace")[:64]
+
+
 def path_problem(parts: list[bytes]) -> str | None:
     """Why ``parts`` (the segments after /subscribe/) are not three v4 UUIDs, or None."""
     for name, part in zip(_PATH_PARTS, parts, strict=False):
@@ -122,19 +136,26 @@ class SubscribeResource(Resource):
         registry: StreamRegistry,
         authenticator: IAuthenticator,
         reactor: IReactorTime,
+        window: ReplayWindow,
         cors_origins: tuple[str, ...],
         retry_milliseconds: int,
+        max_buffer_bytes: int,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
+        self._metrics = metrics if metrics is not None else Metrics()
         self._registry = registry
         self._authenticator = authenticator
         self._clock = reactor
+        self._window = window
         self._cors_origins = cors_origins
         self._retry_milliseconds = retry_milliseconds
+        self._max_buffer_bytes = max_buffer_bytes
 
     def render(self, request: Request) -> bytes | int:
         """Dispatch by method; anything but GET and OPTIONS is 405."""
         if not self._apply_cors(request):
+            self._metrics.subscribed("origin_refused")
             return _plain(request, 403, "origin not allowed")
         if request.method == b"GET":
             return self._subscribe(request)
@@ -165,6 +186,7 @@ class SubscribeResource(Resource):
         parts = request.postpath or []
         problem = path_problem(parts)
         if problem is not None:
+            self._metrics.subscribed("bad_request")
             return _plain(request, 400, problem)
         topic, userid, nonce = (part.decode("ascii") for part in parts)
         checking = self._authenticator.is_subscriber(userid, nonce)
@@ -183,6 +205,7 @@ class SubscribeResource(Resource):
         if checking.called:
             # The stream is open: let _closed see the disconnect.
             return reason
+        self._metrics.subscribed("abandoned")
         checking.cancel()
         return None
 
@@ -190,6 +213,7 @@ class SubscribeResource(Resource):
         self, allowed: bool, request: Request, topic: str, userid: str, finished: Deferred[None]
     ) -> None:
         if not allowed:
+            self._metrics.subscribed("forbidden")
             request.write(_plain(request, 403, "unknown subscriber"))
             request.finish()
             return
@@ -202,15 +226,31 @@ class SubscribeResource(Resource):
             topic=topic,
             request=request,
             correlation_id=getattr(request, "correlation_id", ""),
+            max_unsent_bytes=self._max_buffer_bytes,
+            metrics=self._metrics,
         )
+        self._metrics.subscribed("ok")
+        # Sent at once, so that proxies and the browser see the stream open.
+        head = [comment_frame("connected"), retry_frame(self._retry_milliseconds)]
+        last_event_id = _last_event_id(request)
+        if last_event_id is not None:
+            # Replay and registration happen in one reactor turn: no live event can fall
+            # between the two, and none is sent twice.
+            replay = self._window.replay(userid, topic, last_event_id)
+            head += replay.frames
+            self._metrics.replay_events_sent.inc(len(replay.frames))
+            stream.resume_after = replay.resume_after
+            stream.coverage_unknown = replay.coverage_unknown
+        request.registerProducer(stream, True)
         self._registry.add(stream)
         finished.addBoth(self._closed, stream)
-        # Sent at once, so that proxies and the browser see the stream open.
-        request.write(comment_frame("connected") + retry_frame(self._retry_milliseconds))
+        request.write(b"".join(head))
         self.log.info(
             "stream opened for {userid} on {topic}",
             userid=userid,
             topic=topic,
+            last_event_id=last_event_id,
+            replayed=len(head) - 2,
             open_streams=len(self._registry),
             correlation_id=stream.correlation_id,
         )
@@ -223,6 +263,7 @@ class SubscribeResource(Resource):
 
     def _unavailable(self, reason: Failure, request: Request) -> None:
         reason.trap(BackendUnavailable)
+        self._metrics.subscribed("backend_unavailable")
         self.log.warn(
             "subscriber check unavailable, client asked to retry: {reason}",
             reason=reason.getErrorMessage(),
@@ -240,7 +281,8 @@ class SubscribeResource(Resource):
 
     def _unexpected(self, reason: Failure, request: Request) -> None:
         if reason.check(CancelledError):
-            return
+            return  # counted as abandoned
+        self._metrics.subscribed("error")
         self.log.failure(
             "subscribe failed", reason, correlation_id=getattr(request, "correlation_id", None)
         )

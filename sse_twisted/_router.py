@@ -1,10 +1,13 @@
-"""From a RabbitMQ delivery to the streams of its user."""
+"""From a RabbitMQ delivery to the streams of its user, through the replay window."""
 
 from __future__ import annotations
 
 from twisted.logger import Logger
 
+from ._framing import event_frame
 from ._messages import InvalidMessage, parse_message
+from ._metrics import Metrics
+from ._replay import ReplayWindow, reset_frame
 from ._streams import StreamRegistry
 
 __all__ = ["MessageRouter"]
@@ -13,29 +16,54 @@ _PREVIEW_CHARACTERS = 200
 
 
 class MessageRouter:
-    """Validate each message and write it to every open stream of its user (and topic)."""
+    """Validate each message, keep it for replay and write it to its user's open streams.
+
+    The event frame is encoded once per message and the same bytes go to every stream.
+    """
 
     log = Logger()
 
-    def __init__(self, registry: StreamRegistry, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        registry: StreamRegistry,
+        window: ReplayWindow,
+        max_message_bytes: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._metrics = metrics if metrics is not None else Metrics()
         self._registry = registry
+        self._window = window
         self._max_message_bytes = max_message_bytes
 
-    def __call__(self, body: bytes, offset: int) -> None:
-        """Route the message at stream ``offset``; log and skip it when it is invalid."""
+    def __call__(self, body: bytes, offset: int) -> int:
+        """Route the message at stream ``offset``; log and skip it when it is invalid.
+
+        Returns how many streams it was written to.
+        """
+        if self._window.covered_from is None:
+            self._window.consumed(offset)
+            self._settle_uncovered(offset)
         if len(body) > self._max_message_bytes:
             self._skip(
-                body, offset, f"{len(body)} bytes is over the limit of {self._max_message_bytes}"
+                body,
+                offset,
+                f"{len(body)} bytes is over the limit of {self._max_message_bytes}",
+                "too_large",
             )
-            return
-        try:
-            message = parse_message(body)
-        except InvalidMessage as error:
-            self._skip(body, offset, str(error))
-            return
-        self._registry.deliver(message, offset)
+        else:
+            try:
+                message = parse_message(body)
+            except InvalidMessage as error:
+                self._skip(body, offset, str(error), error.reason)
+            else:
+                frame = event_frame(message.data, offset)
+                self._window.record(message.userid, message.topic, offset, frame)
+                return self._registry.deliver(message.userid, message.topic, offset, frame)
+        return 0
 
-    def _skip(self, body: bytes, offset: int, reason: str) -> None:
+    def _skip(self, body: bytes, offset: int, reason: str, kind: str) -> None:
+        self._metrics.skipped(kind)
+        self._window.consumed(offset)
         self.log.warn(
             "skipped message at offset {offset}: {reason}",
             offset=offset,
@@ -43,3 +71,10 @@ class MessageRouter:
             size=len(body),
             preview=body[:_PREVIEW_CHARACTERS].decode("utf-8", "replace"),
         )
+
+    def _settle_uncovered(self, first_offset: int) -> None:
+        # Streams that resumed before anything was consumed: the first offset read tells
+        # whether events between theirs and it are lost to this process.
+        for stream in self._registry.take_uncovered():
+            if stream.resume_after + 1 < first_offset:
+                stream.write(reset_frame(str(stream.resume_after), first_offset))

@@ -3,33 +3,119 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
 from twisted.web.server import Request
+from zope.interface import implementer
 
-from ._framing import event_frame
-from ._messages import Message
+from ._metrics import Metrics
 
 __all__ = ["EventStream", "StreamRegistry"]
 
 
-@dataclass(eq=False, slots=True)
+@implementer(IPushProducer)
 class EventStream:
-    """One browser subscription: a held-open request for one user and topic."""
+    """One browser subscription: a held-open request for one user and topic.
 
-    userid: str
-    topic: str
-    request: Request = field(repr=False)
-    correlation_id: str
+    It is the request's producer: the transport pauses it when its buffer is full, and
+    a stream that still gets more than ``max_unsent_bytes`` while paused is dropped
+    rather than buffered without bound. The browser comes back with its Last-Event-ID.
+
+    @ivar resume_after: the offset the browser already has; older live events are
+        skipped (it may have got them from another instance that is ahead of this one).
+    @ivar coverage_unknown: the stream resumed before this process consumed anything,
+        so whether events were missed is decided when the first one arrives.
+    """
+
+    __slots__ = (
+        "correlation_id",
+        "coverage_unknown",
+        "max_unsent_bytes",
+        "metrics",
+        "paused",
+        "request",
+        "resume_after",
+        "topic",
+        "unsent_bytes",
+        "userid",
+    )
+    log = Logger()
+
+    def __init__(
+        self,
+        userid: str,
+        topic: str,
+        request: Request,
+        correlation_id: str,
+        max_unsent_bytes: int,
+        resume_after: int = -1,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.userid = userid
+        self.topic = topic
+        self.request = request
+        self.correlation_id = correlation_id
+        self.max_unsent_bytes = max_unsent_bytes
+        self.resume_after = resume_after
+        self.coverage_unknown = False
+        self.paused = False
+        self.unsent_bytes = 0
+
+    def __repr__(self) -> str:
+        return f"<EventStream {self.userid} {self.topic} {self.correlation_id}>"
+
+    @property
+    def protocol(self) -> str:
+        """``h2`` or ``h1``: how the browser reached us."""
+        return "h2" if self.request.clientproto == b"HTTP/2" else "h1"
 
     def write(self, frame: bytes) -> None:
-        """Queue bytes on the connection; the transport writes them without blocking."""
+        """Queue bytes on the connection; drop the connection of a client that stopped reading."""
+        if self.paused:
+            self.unsent_bytes += len(frame)
+            if self.unsent_bytes > self.max_unsent_bytes:
+                self._drop_slow_client()
+                return
         self.request.write(frame)
 
-    def close(self) -> None:
-        """End the response; the browser reconnects after its retry delay."""
-        if not self.request.finished:
+    def close(self, last_words: bytes = b"") -> None:
+        """Write ``last_words`` (e.g. a new retry delay), then end the response; the
+        browser reconnects after its retry delay."""
+        if not self.request.finished and not self.request._disconnected:
+            if last_words:
+                self.request.write(last_words)
+            self.request.unregisterProducer()
             self.request.finish()
+
+    def _drop_slow_client(self) -> None:
+        if self.metrics is not None:
+            self.metrics.slow_client_disconnects.inc()
+        self.log.warn(
+            "dropped a stream of {userid}: over {limit} bytes unsent to a client not reading",
+            userid=self.userid,
+            limit=self.max_unsent_bytes,
+            correlation_id=self.correlation_id,
+        )
+        channel = self.request.channel
+        # An HTTP/2 stream resets only itself; an HTTP/1.1 stream is its whole connection.
+        abort = getattr(channel, "abortConnection", None)
+        if abort is None:
+            abort = channel.transport.abortConnection  # type: ignore[union-attr]
+        abort()
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: count what is written from now on."""
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        """The transport drained its buffer."""
+        self.paused = False
+        self.unsent_bytes = 0
+
+    def stopProducing(self) -> None:
+        """The connection is gone; the registry forgets the stream on the request's finish."""
 
 
 class StreamRegistry:
@@ -37,6 +123,7 @@ class StreamRegistry:
 
     def __init__(self) -> None:
         self._by_user: dict[str, dict[str, set[EventStream]]] = {}
+        self._uncovered: set[EventStream] = set()
         self._count = 0
 
     def __len__(self) -> int:
@@ -47,6 +134,8 @@ class StreamRegistry:
         topics = self._by_user.setdefault(stream.userid, {})
         topics.setdefault(stream.topic, set()).add(stream)
         self._count += 1
+        if stream.coverage_unknown:
+            self._uncovered.add(stream)
 
     def remove(self, stream: EventStream) -> None:
         """Stop routing to ``stream``; removing an unknown stream does nothing."""
@@ -57,33 +146,49 @@ class StreamRegistry:
         if streams is None or stream not in streams:
             return
         streams.discard(stream)
+        self._uncovered.discard(stream)
         self._count -= 1
         if not streams:
             del topics[stream.topic]
             if not topics:
                 del self._by_user[stream.userid]
 
-    def streams_of(self, userid: str, topic: str | None = None) -> Iterator[EventStream]:
+    def streams_of(self, userid: str, topic: str | None = None) -> list[EventStream]:
         """The user's streams, only those on ``topic`` when it is given."""
         topics = self._by_user.get(userid)
         if topics is None:
-            return
+            return []
         if topic is not None:
-            yield from tuple(topics.get(topic, ()))
-            return
-        for streams in tuple(topics.values()):
-            yield from tuple(streams)
+            return list(topics.get(topic, ()))
+        return [stream for streams in topics.values() for stream in streams]
 
     def __iter__(self) -> Iterator[EventStream]:
-        for topics in tuple(self._by_user.values()):
-            for streams in tuple(topics.values()):
-                yield from tuple(streams)
+        return iter(
+            [stream for topics in self._by_user.values() for s in topics.values() for stream in s]
+        )
 
-    def deliver(self, message: Message, offset: int) -> int:
-        """Write ``message`` as event ``offset`` to each of its streams; return how many."""
-        frame = event_frame(message.data, offset)
+    def take_uncovered(self) -> list[EventStream]:
+        """The streams still waiting to learn whether they missed events, now settled."""
+        streams = list(self._uncovered)
+        self._uncovered.clear()
+        for stream in streams:
+            stream.coverage_unknown = False
+        return streams
+
+    def deliver(self, userid: str, topic: str | None, offset: int, frame: bytes) -> int:
+        """Write event ``frame`` (at ``offset``) to each stream of the user (and topic) that
+        does not have it yet; return how many were written."""
         delivered = 0
-        for stream in self.streams_of(message.userid, message.topic):
-            stream.write(frame)
-            delivered += 1
+        # A copy: a write can drop a slow client, which removes it from the registry.
+        for stream in self.streams_of(userid, topic):
+            if offset > stream.resume_after:
+                stream.write(frame)
+                delivered += 1
         return delivered
+
+    def close_user(self, userid: str) -> int:
+        """Close every stream of ``userid``; return how many."""
+        streams = self.streams_of(userid)
+        for stream in streams:
+            stream.close()
+        return len(streams)

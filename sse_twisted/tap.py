@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,15 +16,18 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 
 from ._auth import PostgresAuthenticator
+from ._auth_cache import CachingAuthenticator
 from ._config import SETTINGS, Config, ConfigError, load_config
 from ._consumer import StreamConsumerService
 from ._demo import DemoPage
-from ._framing import comment_frame
+from ._framing import comment_frame, retry_frame
 from ._health import ConsumerCheck, LivenessResource, PostgresCheck, ReadinessResource
 from ._listener import ListenerService
 from ._logging import JSONLogObserver, bridge_standard_logging
 from ._metrics import Metrics, MetricsListenerService, metrics_endpoint, metrics_site
+from ._replay import ReplayWindow
 from ._resource import EventStreamSite, SubscribeResource, root_resource
+from ._revocation import RevocationEnforcer, RevocationListener
 from ._router import MessageRouter
 from ._streams import StreamRegistry
 from ._tls import server_tls
@@ -61,6 +65,11 @@ class Options(usage.Options):
 class SSEService(MultiService):
     """The whole server: listener, stream registry, authenticator, consumer and heartbeats."""
 
+    log = Logger()
+    # Set by build_service: the subscriber-check cache (its counters) and the revocation feed.
+    auth_cache: CachingAuthenticator | None = None
+    revocations: RevocationListener | None = None
+
     def __init__(
         self,
         registry: StreamRegistry,
@@ -68,6 +77,7 @@ class SSEService(MultiService):
         authenticator: PostgresAuthenticator,
         consumer: StreamConsumerService,
         log_observer: JSONLogObserver,
+        config: Config,
     ) -> None:
         super().__init__()
         self.registry = registry
@@ -75,14 +85,28 @@ class SSEService(MultiService):
         self.authenticator = authenticator
         self.consumer = consumer
         self.log_observer = log_observer
+        self._drain_seconds = config.drain_seconds
+        self._retry_milliseconds = config.retry_milliseconds
+        self._jitter_milliseconds = config.reconnect_jitter_milliseconds
         for child in (authenticator, consumer, listener):
             child.setServiceParent(self)
 
-    def stopService(self) -> Deferred[object]:
-        """Close every open stream (browsers come back to another instance), then stop."""
-        for stream in self.registry:
-            stream.close()
-        return super().stopService()
+    def stopService(self) -> Deferred[None]:
+        """Drain: stop accepting, ask every browser to come back (they resume elsewhere with
+        their Last-Event-ID), close the connections, then stop consuming."""
+        return Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
+        await self.listener.stopService()
+        streams = list(self.registry)
+        self.log.info("draining {count} streams", count=len(streams))
+        for stream in streams:
+            # Spread the reconnections, so that thousands of browsers do not all come
+            # back in the same millisecond.
+            delay = self._retry_milliseconds + random.randint(0, self._jitter_milliseconds)
+            stream.close(retry_frame(delay))
+        await self.listener.close_connections(self._drain_seconds)
+        await super().stopService()
 
     def setServiceParent(self, parent: Any) -> None:
         """Also hand twistd our JSON observer: it looks for one on the application."""
@@ -116,20 +140,33 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
             "for development only",
             mode=config.postgres_sslmode,
         )
+    metrics = Metrics()
     registry = StreamRegistry()
+    window = ReplayWindow(reactor, config.replay_seconds, config.replay_max_events)
     authenticator = PostgresAuthenticator(config, reactor)
+    auth_cache = CachingAuthenticator(
+        authenticator, reactor, config.auth_cache_seconds, config.auth_cache_size
+    )
+    enforcer = RevocationEnforcer(auth_cache, registry)
+    revocations = RevocationListener(
+        config, reactor, enforcer.revoke, on_resynchronised=enforcer.resynchronise
+    )
     consumer = StreamConsumerService(
         config,
         reactor,
-        on_message=MessageRouter(registry, config.max_message_bytes),
+        on_message=MessageRouter(registry, window, config.max_message_bytes, metrics),
         on_fatal=on_fatal,
+        metrics=metrics,
     )
     subscribe = SubscribeResource(
         registry,
-        authenticator,
+        auth_cache,
         reactor,
+        window,
         cors_origins=config.cors_origins,
         retry_milliseconds=config.retry_milliseconds,
+        max_buffer_bytes=config.max_buffer_bytes,
+        metrics=metrics,
     )
     root = root_resource(subscribe)
     root.putChild(b"healthz", LivenessResource())
@@ -146,14 +183,16 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     endpoint = SSL4ServerEndpoint(
         reactor, config.port, server_tls(config.certs_dir), interface=config.listen_address
     )
-    listener = ListenerService(endpoint, site)
+    listener = ListenerService(endpoint, site, reactor)
     listener.listening.addErrback(lambda reason: on_fatal(f"cannot listen: {reason.value}"))
-    service = SSEService(registry, listener, authenticator, consumer, observer)
+    service = SSEService(registry, listener, authenticator, consumer, observer, config)
+    service.auth_cache = auth_cache
+    service.revocations = revocations
+    revocations.setServiceParent(service)
     heartbeats = TimerService(config.heartbeat_seconds, _write_heartbeats, registry)
     heartbeats.clock = reactor
     heartbeats.setServiceParent(service)
-    metrics = Metrics()
-    metrics.watch(registry, consumer, authenticator)
+    metrics.watch(registry, consumer, authenticator, auth_cache)
     if config.metrics_port:
         metrics_listener = MetricsListenerService(
             metrics_endpoint(reactor, config.metrics_address, config.metrics_port),

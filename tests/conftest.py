@@ -8,7 +8,9 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+from tests.backends import Pki
 from tests.conftest_backends import pki, postgres_tls, rabbitmq_tls
+from tests.harness import new_uuid
 
 SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
 
@@ -41,3 +43,20 @@ def local_database() -> Iterator[dict[str, str]]:
         with admin.cursor() as cursor:
             cursor.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture
+def plaintext_environ(tmp_path: Path, pki: Pki, local_database: dict[str, str]) -> dict[str, str]:
+    """The settings `make run` uses: plaintext to the machine's PostgreSQL and RabbitMQ."""
+    return {
+        **local_database,
+        "SSE_APP_ENV": "dev",
+        "SSE_PORT": "0",
+        "SSE_LISTEN_ADDRESS": "127.0.0.1",
+        "SSE_METRICS_PORT": "0",
+        "SSE_CERTS_DIR": str(pki.directory),
+        "SSE_LOGS_DIR": str(tmp_path / "logs"),
+        "SSE_RABBITMQ_TLS": "false",
+        "SSE_RABBITMQ_HOST": "127.0.0.1",
+        "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
+    }

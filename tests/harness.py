@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import ssl
+import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -15,7 +17,7 @@ import pika
 import pika.exceptions
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.ssl import Certificate
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
@@ -27,6 +29,7 @@ from sse_twisted.tap import SSEService, build_service
 from tests.sse_parser import EventParser
 
 TIMEOUT = 20
+TWISTD = Path(sys.executable).parent / "twistd"
 
 
 def new_uuid() -> str:
@@ -135,9 +138,15 @@ class Browser:
             self._agent.request(b"GET", url.encode("ascii"), Headers(headers or {}))
         )
 
-    async def open(self, url: str) -> tuple[Response, EventCollector]:
-        """Open an event stream; the collector receives its events."""
-        response = await self.get(url, {b"accept": [b"text/event-stream"]})
+    async def open(
+        self, url: str, last_event_id: str | None = None
+    ) -> tuple[Response, EventCollector]:
+        """Open an event stream, resuming after ``last_event_id`` as a reconnecting
+        EventSource does; the collector receives its events."""
+        headers = {b"accept": [b"text/event-stream"]}
+        if last_event_id is not None:
+            headers[b"last-event-id"] = [last_event_id.encode()]
+        response = await self.get(url, headers)
         collector = EventCollector()
         response.deliverBody(collector)
         self.streams.append(collector)
@@ -156,6 +165,49 @@ class Browser:
             stream.close()
         for stream in self.streams:
             await bounded(stream.closed)
+
+
+class TwistdProcess(ProcessProtocol):
+    """A running twistd whose stdout is read as JSON lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+        self.raw = b""
+        self.stderr = b""
+        self.port: Deferred[int] = Deferred()
+        self.consuming: Deferred[None] = Deferred()
+        self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
+        self._partial = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self.raw += data
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        for line in complete:
+            record = json.loads(line)
+            self.lines.append(record)
+            if record["message"].startswith("listening on") and not self.port.called:
+                self.port.callback(record["port"])
+            if record["message"].startswith("consuming ") and not self.consuming.called:
+                self.consuming.callback(None)
+
+    def errReceived(self, data: bytes) -> None:
+        self.stderr += data
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback((reason.value.exitCode, reason.value.signal))  # type: ignore[attr-defined]
+
+
+def spawn_twistd(environ: Mapping[str, str], cwd: Path) -> tuple[TwistdProcess, Any]:
+    """Start ``twistd -n sse-server`` with only ``environ`` (and PATH) as its environment."""
+    process = TwistdProcess()
+    transport = reactor.spawnProcess(  # type: ignore[attr-defined]
+        process,
+        str(TWISTD),
+        [str(TWISTD), "-n", "--pidfile=", "sse-server"],
+        env={"PATH": os.environ["PATH"], **environ},
+        path=str(cwd),
+    )
+    return process, transport
 
 
 def found_contract(userid: str, **extra: Any) -> dict[str, Any]:

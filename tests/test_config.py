@@ -113,3 +113,18 @@ def test_a_bad_option_exits_with_one_line(certs_dir: Path) -> None:
     with pytest.raises(SystemExit) as raised:
         options.parseOptions(["--certs-dir", str(certs_dir), "--port", "http"])
     assert str(raised.value.code) == "sse-server: --port: 'http' is not a port number"
+
+
+def test_the_auth_cache_is_on_by_default_and_zero_seconds_turns_it_off(certs_dir: Path) -> None:
+    config = load_config({"SSE_CERTS_DIR": str(certs_dir)})
+    assert (config.auth_cache_seconds, config.auth_cache_size) == (10, 10000)
+    off = load_config({"SSE_CERTS_DIR": str(certs_dir), "SSE_AUTH_CACHE_SECONDS": "0"})
+    assert off.auth_cache_seconds == 0
+    for name, value, problem in [
+        ("SSE_AUTH_CACHE_SECONDS", "-1", "must be 0 or more"),
+        ("SSE_AUTH_CACHE_SECONDS", "nan", "must be 0 or more"),
+        ("SSE_AUTH_CACHE_SIZE", "0", "is not a positive integer"),
+    ]:
+        with pytest.raises(ConfigError) as raised:
+            load_config({"SSE_CERTS_DIR": str(certs_dir), name: value})
+        assert str(raised.value) == f"{name}: {value!r} {problem}"

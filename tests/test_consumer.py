@@ -230,7 +230,7 @@ async def test_messages_after_start_arrive_in_order_with_increasing_offsets(
     await deferToThread(system_broker.publish, queue, [b"before start"])
     inbox = Inbox()
     # A small window: were acks lost, delivery would stall after 10 messages.
-    config = consumer_config(tmp_path, 5672, queue, rabbitmq_prefetch=10)
+    config = consumer_config(tmp_path, 5672, queue, rabbitmq_prefetch=10, replay_seconds=0)
     consumer = StreamConsumerService(config, reactor, inbox, unexpected_fatal)
     bodies = [f"message {number}".encode() for number in range(500)]
     async with running(consumer):
@@ -242,6 +242,25 @@ async def test_messages_after_start_arrive_in_order_with_increasing_offsets(
         assert inbox.offsets == sorted(set(inbox.offsets))
         assert consumer.last_offset == inbox.offsets[-1]
     assert not consumer.consuming
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fresh_consumer_reads_back_the_replay_window(
+    tmp_path: Path, system_broker: Broker, new_queue: Callable[[Broker], str], logs: LogWatcher
+) -> None:
+    queue = new_queue(system_broker)
+    stream = {"x-queue-type": "stream", "x-max-age": "1D"}
+    await deferToThread(system_broker.declare, queue, stream)
+    await deferToThread(system_broker.publish, queue, [b"published before start"])
+    inbox = Inbox()
+    consumer = StreamConsumerService(
+        consumer_config(tmp_path, 5672, queue, replay_seconds=300), reactor, inbox, unexpected_fatal
+    )
+    async with running(consumer):
+        await inbox.wait_for(1)
+        await deferToThread(system_broker.publish, queue, [b"published after start"])
+        await inbox.wait_for(2)
+    assert inbox.bodies == [b"published before start", b"published after start"]
 
 
 @pytest_twisted.ensureDeferred

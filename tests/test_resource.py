@@ -14,6 +14,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from sse_twisted._replay import ReplayWindow
 from sse_twisted._resource import SubscribeResource, path_problem, root_resource
 from sse_twisted._streams import StreamRegistry
 from sse_twisted.interfaces import BackendUnavailable, IAuthenticator
@@ -49,13 +50,31 @@ def make_resource(
 ) -> tuple[SubscribeResource, StreamRegistry]:
     registry = StreamRegistry()
     resource = SubscribeResource(
-        registry, authenticator, Clock(), cors_origins=origins, retry_milliseconds=2000
+        registry,
+        authenticator,
+        Clock(),
+        ReplayWindow(Clock(), 60, 100),
+        cors_origins=origins,
+        retry_milliseconds=2000,
+        max_buffer_bytes=1000,
     )
     return resource, registry
 
 
+class StreamingRequest(DummyRequest):
+    """DummyRequest drives any producer as a pull producer; streams are push producers."""
+
+    producer = None
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
 def request_for(path: str, method: bytes = b"GET") -> DummyRequest:
-    request = DummyRequest([part.encode() for part in path.lstrip("/").split("/")[1:]])
+    request = StreamingRequest([part.encode() for part in path.lstrip("/").split("/")[1:]])
     request.method = method
     return request
 

@@ -2,9 +2,11 @@
 
 import json
 
+from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.web.test.requesthelper import DummyRequest
 
+from sse_twisted._replay import ReplayWindow
 from sse_twisted._router import MessageRouter
 from sse_twisted._streams import EventStream, StreamRegistry
 from tests.sse_parser import EventParser
@@ -16,9 +18,15 @@ ALERTS = "1c2d3e4f-5a6b-4c7d-9e8f-0a1b2c3d4e5f"
 
 
 def open_stream(registry: StreamRegistry, userid: str, topic: str) -> EventStream:
-    stream = EventStream(userid, topic, DummyRequest([b""]), correlation_id="test")
+    stream = EventStream(
+        userid, topic, DummyRequest([b""]), correlation_id="test", max_unsent_bytes=1000
+    )
     registry.add(stream)
     return stream
+
+
+def router_for(registry: StreamRegistry) -> MessageRouter:
+    return MessageRouter(registry, ReplayWindow(Clock(), 60, 100), max_message_bytes=10_000)
 
 
 def received(stream: EventStream) -> list[dict[str, str]]:
@@ -35,7 +43,7 @@ def test_every_tab_of_the_user_receives_and_other_users_do_not() -> None:
     registry = StreamRegistry()
     tabs = [open_stream(registry, ALICE, NEWS), open_stream(registry, ALICE, ALERTS)]
     bobs = open_stream(registry, BOB, NEWS)
-    MessageRouter(registry, max_message_bytes=10_000)(body(ALICE), 5)
+    router_for(registry)(body(ALICE), 5)
     for tab in tabs:
         [event] = received(tab)
         assert event["id"] == "5"
@@ -46,7 +54,7 @@ def test_every_tab_of_the_user_receives_and_other_users_do_not() -> None:
 def test_a_message_with_a_topic_reaches_only_that_topic() -> None:
     registry = StreamRegistry()
     news, alerts = open_stream(registry, ALICE, NEWS), open_stream(registry, ALICE, ALERTS)
-    MessageRouter(registry, max_message_bytes=10_000)(body(ALICE, topic=NEWS), 6)
+    router_for(registry)(body(ALICE, topic=NEWS), 6)
     assert [event["id"] for event in received(news)] == ["6"]
     assert received(alerts) == []
 
@@ -56,7 +64,7 @@ def test_removed_streams_receive_nothing_and_leave_no_entry() -> None:
     stream = open_stream(registry, ALICE, NEWS)
     registry.remove(stream)
     registry.remove(stream)
-    MessageRouter(registry, max_message_bytes=10_000)(body(ALICE), 1)
+    router_for(registry)(body(ALICE), 1)
     assert received(stream) == []
     assert len(registry) == 0
     assert registry._by_user == {}
@@ -68,7 +76,7 @@ def test_an_invalid_message_is_logged_with_offset_and_reason_and_skipped() -> No
     events: list[LogEvent] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        router = MessageRouter(registry, max_message_bytes=10_000)
+        router = router_for(registry)
         router(b'{"type": "foundcontract", "userid": "nobody"}', 41)
         router(b"x" * 20_000, 42)
         router(body(ALICE), 43)

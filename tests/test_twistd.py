@@ -10,20 +10,15 @@ import sys
 import sysconfig
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import pika
 import psycopg2
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
-from twisted.python.failure import Failure
 
 from sse_twisted.devcerts import create_certificate_authority, issue_certificate, write_private_key
 from tests.backends import Pki
-from tests.harness import Browser, bounded, found_contract, new_uuid, publish
+from tests.harness import Browser, bounded, found_contract, new_uuid, publish, spawn_twistd
 
 REPOSITORY = Path(__file__).parent.parent
 TWISTD = Path(sys.executable).parent / "twistd"
@@ -106,62 +101,6 @@ def test_a_key_that_does_not_match_its_certificate_stops_start_up(tmp_path: Path
     result = run_twistd(["--certs-dir", str(certs)], {}, tmp_path)
     assert result.returncode != 0
     assert result.stderr.strip() == "sse-server: SSE_CERTS_DIR: key.pem does not match cert.pem"
-
-
-class TwistdProcess(ProcessProtocol):
-    """A running twistd whose stdout is read as JSON lines."""
-
-    def __init__(self) -> None:
-        self.lines: list[dict[str, Any]] = []
-        self.raw = b""
-        self.stderr = b""
-        self.port: Deferred[int] = Deferred()
-        self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
-        self._partial = b""
-
-    def outReceived(self, data: bytes) -> None:
-        self.raw += data
-        *complete, self._partial = (self._partial + data).split(b"\n")
-        for line in complete:
-            record = json.loads(line)
-            self.lines.append(record)
-            if record["message"].startswith("listening on") and not self.port.called:
-                self.port.callback(record["port"])
-
-    def errReceived(self, data: bytes) -> None:
-        self.stderr += data
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback((reason.value.exitCode, reason.value.signal))  # type: ignore[attr-defined]
-
-
-def spawn_twistd(environ: Mapping[str, str], cwd: Path) -> tuple[TwistdProcess, Any]:
-    process = TwistdProcess()
-    transport = reactor.spawnProcess(  # type: ignore[attr-defined]
-        process,
-        str(TWISTD),
-        [str(TWISTD), "-n", "--pidfile=", "sse-server"],
-        env={"PATH": os.environ["PATH"], **environ},
-        path=str(cwd),
-    )
-    return process, transport
-
-
-@pytest.fixture
-def plaintext_environ(tmp_path: Path, pki: Pki, local_database: dict[str, str]) -> dict[str, str]:
-    """The settings `make run` uses: plaintext to the machine's PostgreSQL and RabbitMQ."""
-    return {
-        **local_database,
-        "SSE_APP_ENV": "dev",
-        "SSE_PORT": "0",
-        "SSE_LISTEN_ADDRESS": "127.0.0.1",
-        "SSE_METRICS_PORT": "0",
-        "SSE_CERTS_DIR": str(pki.directory),
-        "SSE_LOGS_DIR": str(tmp_path / "logs"),
-        "SSE_RABBITMQ_TLS": "false",
-        "SSE_RABBITMQ_HOST": "127.0.0.1",
-        "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
-    }
 
 
 @pytest_twisted.async_yield_fixture

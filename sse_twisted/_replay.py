@@ -1,0 +1,128 @@
+"""The recent stream, kept in memory by user, so a reconnecting browser misses nothing.
+
+Offsets are the stream queue's, identical on every instance reading it, so a browser can
+resume on any instance with the ``Last-Event-ID`` another one gave it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from twisted.internet.interfaces import IReactorTime
+
+from ._framing import event_frame
+
+__all__ = ["Replay", "ReplayWindow", "reset_frame"]
+
+
+class _Retained(NamedTuple):
+    offset: int
+    topic: str | None
+    frame: bytes
+
+
+class _Arrival(NamedTuple):
+    received_at: float
+    userid: str
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What a reconnecting stream is sent before live events, and where live events start.
+
+    @ivar resume_after: live events up to this offset are skipped (the browser has them).
+    @ivar coverage_unknown: nothing consumed yet: whether events were missed is decided
+        by the first one (L{ReplayWindow.covered_from} then becomes known).
+    """
+
+    frames: list[bytes]
+    resume_after: int
+    coverage_unknown: bool
+
+
+def reset_frame(requested: str, resume_from: int | None) -> bytes:
+    """The ``reset`` event: the events after ``requested`` up to ``resume_from`` are gone.
+
+    Its id moves the browser's ``lastEventId`` to just before ``resume_from``, so that a
+    later reconnection does not report the same gap again.
+    """
+    data = json.dumps({"lastEventId": requested, "resumeFrom": resume_from}).encode()
+    event_id = resume_from - 1 if resume_from else None
+    return event_frame(data, event_id, event="reset")
+
+
+class ReplayWindow:
+    """Every event of the last ``max_age_seconds`` (at most ``max_events``), by user.
+
+    ``covered_from`` is the lowest offset from which the window holds every event: the
+    first one consumed since start, then one past the last evicted.
+    """
+
+    def __init__(self, clock: IReactorTime, max_age_seconds: float, max_events: int) -> None:
+        self._clock = clock
+        self._max_age = max_age_seconds
+        self._max_events = max_events
+        self._arrivals: deque[_Arrival] = deque()
+        self._by_user: dict[str, deque[_Retained]] = {}
+        self.covered_from: int | None = None
+        self.newest: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._arrivals)
+
+    def consumed(self, offset: int) -> None:
+        """Note that the stream was read up to ``offset`` (also for a skipped message)."""
+        if self.covered_from is None:
+            self.covered_from = offset
+        self.newest = offset
+
+    def record(self, userid: str, topic: str | None, offset: int, frame: bytes) -> None:
+        """Retain the event ``frame`` (already encoded, with its id) for ``userid``."""
+        now = self._clock.seconds()
+        self.consumed(offset)
+        self._arrivals.append(_Arrival(now, userid))
+        events = self._by_user.get(userid)
+        if events is None:
+            events = self._by_user[userid] = deque()
+        events.append(_Retained(offset, topic, frame))
+        self._evict(now)
+
+    def _evict(self, now: float) -> None:
+        oldest_allowed = now - self._max_age
+        arrivals = self._arrivals
+        while arrivals and (
+            len(arrivals) > self._max_events or arrivals[0].received_at < oldest_allowed
+        ):
+            userid = arrivals.popleft().userid
+            events = self._by_user[userid]
+            # Each user's events are in stream order, so the oldest overall is its first.
+            evicted = events.popleft()
+            if not events:
+                del self._by_user[userid]
+            self.covered_from = evicted.offset + 1
+
+    def replay(self, userid: str, topic: str, last_event_id: str) -> Replay:
+        """The frames a stream resuming after ``last_event_id`` must get first.
+
+        An id that is not an offset, or older than the window, starts with a ``reset``
+        event; the user's retained events after it follow, oldest first.
+        """
+        self._evict(self._clock.seconds())
+        after = _parse_offset(last_event_id)
+        frames: list[bytes] = []
+        if after is None or (self.covered_from is not None and after + 1 < self.covered_from):
+            frames.append(reset_frame(last_event_id, self.covered_from))
+            after = -1
+        for event in self._by_user.get(userid, ()):
+            if event.offset > after and (event.topic is None or event.topic == topic):
+                frames.append(event.frame)
+        return Replay(frames, after, coverage_unknown=self.covered_from is None and after >= 0)
+
+
+def _parse_offset(text: str) -> int | None:
+    if text.isascii() and text.isdigit() and len(text) <= 19:
+        return int(text)
+    return None
