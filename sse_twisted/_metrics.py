@@ -47,12 +47,14 @@ SUBSCRIBE_OUTCOMES = (
     "forbidden",
     "origin_refused",
     "backend_unavailable",
+    "too_many_streams",
     "abandoned",
     "error",
 )
 """How a subscribe request ended: the values of the ``outcome`` label.
 
-``abandoned``: the client left before its check was answered; ``origin_refused``: CORS.
+``abandoned``: the client left before its check was answered; ``origin_refused``: CORS;
+``too_many_streams``: a stream limit answered 429.
 """
 
 SKIP_REASONS = ("too_large", *INVALID_REASONS)
