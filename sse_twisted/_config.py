@@ -399,6 +399,38 @@ SETTINGS: tuple[Setting, ...] = (
         "larger messages are skipped with a warning",
     ),
     Setting(
+        "max_streams_per_user",
+        "SSE_MAX_STREAMS_PER_USER",
+        "max-streams-per-user",
+        "16",
+        _positive_int,
+        "open streams one user may hold; more are refused with 429",
+    ),
+    Setting(
+        "max_streams",
+        "SSE_MAX_STREAMS",
+        "max-streams",
+        "50000",
+        _positive_int,
+        "open streams this process holds; more are refused with 429",
+    ),
+    Setting(
+        "max_header_bytes",
+        "SSE_MAX_HEADER_BYTES",
+        "max-header-bytes",
+        "8192",
+        _positive_int,
+        "request line plus headers (HTTP/1.1); more is refused with 431",
+    ),
+    Setting(
+        "header_timeout_seconds",
+        "SSE_HEADER_TIMEOUT_SECONDS",
+        "header-timeout-seconds",
+        "10",
+        _positive_float,
+        "a client must send its whole request head within this (HTTP/1.1)",
+    ),
+    Setting(
         "cors_origins",
         "SSE_CORS_ORIGINS",
         "cors-origins",
@@ -449,6 +481,10 @@ class Config:
     drain_seconds: float
     reconnect_jitter_milliseconds: int
     max_message_bytes: int
+    max_streams_per_user: int
+    max_streams: int
+    max_header_bytes: int
+    header_timeout_seconds: float
     cors_origins: tuple[str, ...]
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from typing import Any
 from uuid import uuid4
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -12,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from ._channel import limited_channel_protocol
 from ._framing import comment_frame, retry_frame
 from ._logging import mask_subscribe_path
 from ._metrics import Metrics
@@ -43,9 +46,22 @@ class EventStreamSite(Site):
     requestFactory = TrackedRequest
     noisy = False
 
-    def __init__(self, resource: Resource, reactor: IReactorTime) -> None:
+    def __init__(
+        self,
+        resource: Resource,
+        reactor: IReactorTime,
+        max_header_bytes: int = 8192,
+        header_timeout: float = 10.0,
+    ) -> None:
         super().__init__(resource, requestFactory=TrackedRequest)
         self._clock = reactor
+        self._max_header_bytes = max_header_bytes
+        self._header_timeout = header_timeout
+
+    def protocol(self) -> Any:
+        """Each connection's channel: HTTP/1.1 request heads get 431 past the size limit
+        and 408 past the deadline (L{Factory.buildProtocol} calls this)."""
+        return limited_channel_protocol(self._max_header_bytes, self._header_timeout)
 
     def getResourceFor(self, request: Request) -> Resource:
         """Stamp ``request`` with a correlation id and its start time, then route it."""
@@ -141,6 +157,8 @@ class SubscribeResource(Resource):
         retry_milliseconds: int,
         max_buffer_bytes: int,
         metrics: Metrics | None = None,
+        max_streams_per_user: int = 16,
+        max_streams: int = 50000,
     ) -> None:
         super().__init__()
         self._metrics = metrics if metrics is not None else Metrics()
@@ -151,6 +169,8 @@ class SubscribeResource(Resource):
         self._cors_origins = cors_origins
         self._retry_milliseconds = retry_milliseconds
         self._max_buffer_bytes = max_buffer_bytes
+        self._max_streams_per_user = max_streams_per_user
+        self._max_streams = max_streams
 
     def render(self, request: Request) -> bytes | int:
         """Dispatch by method; anything but GET and OPTIONS is 405."""
@@ -189,6 +209,10 @@ class SubscribeResource(Resource):
             self._metrics.subscribed("bad_request")
             return _plain(request, 400, problem)
         topic, userid, nonce = (part.decode("ascii") for part in parts)
+        # Checked before the database is asked (cheap refusals under a flood), and again
+        # once it answered: other streams may have opened meanwhile.
+        if self._refused_for_limits(request, userid):
+            return NOT_DONE_YET
         checking = self._authenticator.is_subscriber(userid, nonce)
         finished = request.notifyFinish()
         finished.addErrback(self._client_left, checking)
@@ -200,6 +224,29 @@ class SubscribeResource(Resource):
         )
         checking.addErrback(self._unexpected, request)
         return NOT_DONE_YET
+
+    def _refused_for_limits(self, request: Request, userid: str) -> bool:
+        """Answer 429 (and finish the request) when a stream limit is reached."""
+        if len(self._registry) >= self._max_streams:
+            reason, limit = "too many open streams on this server", self._max_streams
+        elif self._registry.count_of(userid) >= self._max_streams_per_user:
+            reason, limit = "too many open streams for this user", self._max_streams_per_user
+        else:
+            return False
+        self._metrics.subscribed("too_many_streams")
+        self.log.warn(
+            "refused a stream of {userid}: {reason} (limit {limit})",
+            userid=userid,
+            reason=reason,
+            limit=limit,
+            correlation_id=getattr(request, "correlation_id", None),
+        )
+        request.setHeader(
+            b"retry-after", str(math.ceil(self._retry_milliseconds / 1000)).encode("ascii")
+        )
+        request.write(_plain(request, 429, reason))
+        request.finish()
+        return True
 
     def _client_left(self, reason: Failure, checking: Deferred[bool]) -> Failure | None:
         if checking.called:
@@ -216,6 +263,8 @@ class SubscribeResource(Resource):
             self._metrics.subscribed("forbidden")
             request.write(_plain(request, 403, "unknown subscriber"))
             request.finish()
+            return
+        if self._refused_for_limits(request, userid):
             return
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")

@@ -153,6 +153,10 @@ class StreamRegistry:
             if not topics:
                 del self._by_user[stream.userid]
 
+    def count_of(self, userid: str) -> int:
+        """How many streams ``userid`` holds, over all topics (no copy is made)."""
+        return sum(len(streams) for streams in self._by_user.get(userid, {}).values())
+
     def streams_of(self, userid: str, topic: str | None = None) -> list[EventStream]:
         """The user's streams, only those on ``topic`` when it is given."""
         topics = self._by_user.get(userid)

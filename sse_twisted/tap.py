@@ -167,6 +167,8 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
         retry_milliseconds=config.retry_milliseconds,
         max_buffer_bytes=config.max_buffer_bytes,
         metrics=metrics,
+        max_streams_per_user=config.max_streams_per_user,
+        max_streams=config.max_streams,
     )
     root = root_resource(subscribe)
     root.putChild(b"healthz", LivenessResource())
@@ -176,7 +178,12 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     root.putChild(b"readyz", readiness)
     if config.app_env == "dev":
         root.putChild(b"demo", DemoPage())
-    site = EventStreamSite(root, reactor)
+    site = EventStreamSite(
+        root,
+        reactor,
+        max_header_bytes=config.max_header_bytes,
+        header_timeout=config.header_timeout_seconds,
+    )
     # HTTP/2 drops every stream of a connection idle for Site.timeOut: heartbeats must
     # come well within it.
     site.timeOut = max(60, 3 * config.heartbeat_seconds)

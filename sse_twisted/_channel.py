@@ -1,0 +1,142 @@
+"""The HTTP/1.1 channel with the request-head limits a server on the open internet needs.
+
+Twisted's own C{HTTPChannel} already bounds a request head (C{totalHeadersSize},
+C{maxHeaders}), but answers a breach with a bare C{400} and has no deadline for the head
+itself: its idle timeout restarts with every byte, so a client dribbling a header a byte
+at a time (slowloris) holds a connection for ever. This channel answers C{431} with a
+reason, and gives each request head a deadline that data does not extend.
+
+HTTP/2 is not affected: its headers are bounded by the h2 library (HPACK's header list
+limit, 64 KiB) and a stream that never finishes its headers is bounded by the
+connection's idle timeout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+
+__all__ = ["LimitedHTTPChannel", "limited_channel_protocol"]
+
+# How long a refused client gets to read the refusal before its connection is cut.
+_GRACE_SECONDS = 5.0
+
+
+def _refusal(status: bytes, reason: str) -> bytes:
+    body = reason.encode("utf-8") + b"\n"
+    return (
+        b"HTTP/1.1 " + status + b"\r\n"
+        b"content-type: text/plain; charset=utf-8\r\n"
+        b"content-length: " + str(len(body)).encode("ascii") + b"\r\n"
+        b"connection: close\r\n\r\n" + body
+    )
+
+
+class LimitedHTTPChannel(HTTPChannel):
+    """An L{HTTPChannel} that refuses a request head over ``max_header_bytes`` (or over
+    ``maxHeaders`` lines) with C{431}, and one not complete after ``header_timeout``
+    seconds with C{408}; either way the connection is closed."""
+
+    log = Logger()
+
+    def __init__(self, max_header_bytes: int, header_timeout: float) -> None:
+        super().__init__()
+        self.max_header_bytes = max_header_bytes
+        self.header_timeout = header_timeout
+        # Twisted's own checks stay as a backstop, just beyond ours, so ours answer first;
+        # a single line longer than the limit ends in lineLengthExceeded.
+        self.totalHeadersSize = max_header_bytes + 1
+        self.MAX_LENGTH = max_header_bytes
+        self.maxHeaders = 100
+        self._head_bytes = 0
+        self._head_lines = 0
+        self._head_deadline: IDelayedCall | None = None
+        self._abort_call: IDelayedCall | None = None
+        self._refused = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm_head_deadline()
+
+    def setTimeout(self, period: float | None) -> float | None:
+        """Also drop the head deadline when the idle timeout is cancelled: Twisted does
+        that to this channel when ALPN hands the connection to HTTP/2."""
+        if period is None:
+            self._disarm_head_deadline()
+        return super().setTimeout(period)
+
+    def _arm_head_deadline(self) -> None:
+        if self._head_deadline is None:
+            self._head_deadline = self.callLater(self.header_timeout, self._head_too_slow)
+
+    def _disarm_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            if self._head_deadline.active():
+                self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def lineReceived(self, line: bytes) -> None:
+        """Count the head's bytes and lines before Twisted parses the line."""
+        if self._refused:
+            return
+        if self._head_lines == 0:
+            if not line:
+                # The empty line some clients send between requests starts no head.
+                super().lineReceived(line)
+                return
+            self._arm_head_deadline()
+        self._head_bytes += len(line) + 2
+        self._head_lines += 1
+        if self._head_bytes > self.max_header_bytes:
+            self._refuse(b"431 Request Header Fields Too Large", "request headers too large")
+            return
+        if self._head_lines > self.maxHeaders + 1:
+            self._refuse(b"431 Request Header Fields Too Large", "too many request headers")
+            return
+        if not line:
+            # The head is complete: the request is handled from here on.
+            self._head_bytes = self._head_lines = 0
+            self._disarm_head_deadline()
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """One header line alone is over the limit."""
+        self._refuse(b"431 Request Header Fields Too Large", "request header line too long")
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        self._refuse(b"408 Request Timeout", "request headers not received in time")
+
+    def _refuse(self, status: bytes, reason: str) -> None:
+        self._refused = True
+        self._disarm_head_deadline()
+        self.log.info(
+            "refused a request head: {reason}",
+            reason=reason,
+            client=getattr(self.transport.getPeer(), "host", None),  # type: ignore[union-attr]
+        )
+        self.transport.write(_refusal(status, reason))  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        # A client that does not read would keep the connection open while TLS waits to
+        # flush the refusal.
+        self._abort_call = self.callLater(_GRACE_SECONDS, self.transport.abortConnection)  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._disarm_head_deadline()
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        super().connectionLost(reason)
+
+
+def limited_channel_protocol(max_header_bytes: int, header_timeout: float) -> Any:
+    """One connection's protocol, as C{Site.protocol} builds it, but with a
+    L{LimitedHTTPChannel}.
+
+    The wrapper class is Twisted's private one; it is what switches a connection to
+    HTTP/2 when ALPN chose it, and C{Site} has no public way to change the channel.
+    """
+    return _GenericHTTPChannelProtocol(LimitedHTTPChannel(max_header_bytes, header_timeout))

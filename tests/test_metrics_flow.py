@@ -1,0 +1,130 @@
+"""Metrics of a real server over real backends: counters move as events flow."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pika
+import pytest
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.web.client import Agent
+
+from tests.backends import Pki, PostgresServer, RabbitMQServer, free_port
+from tests.harness import Browser, bounded, found_contract, new_uuid, start_server, wait_for
+from tests.test_end_to_end import CurlStream
+from tests.test_metrics import read_body
+
+
+@pytest.fixture
+def metrics_environ(
+    pki: Pki, postgres_tls: PostgresServer, rabbitmq_tls: RabbitMQServer
+) -> dict[str, str]:
+    return {
+        "SSE_CERTS_DIR": str(pki.directory),
+        "SSE_POSTGRES_HOST": postgres_tls.host,
+        "SSE_POSTGRES_PORT": str(postgres_tls.port),
+        "SSE_POSTGRES_USERNAME": postgres_tls.user,
+        "SSE_POSTGRES_DB_NAME": postgres_tls.database,
+        "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
+        "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),
+        "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
+        "SSE_MAX_MESSAGE_BYTES": "2000",
+        "SSE_METRICS_PORT": str(free_port()),
+    }
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await bounded(
+        Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}/metrics".encode())
+    )
+    text = (await read_body(response)).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _publish_with_timestamp(port: int, queue: str, bodies: list[bytes]) -> None:
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", port))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for body in bodies:
+            properties = pika.BasicProperties(timestamp=int(time.time()))
+            channel.basic_publish("", queue, body, properties, mandatory=True)
+    finally:
+        connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_counters_move_and_gauges_follow_the_streams_as_events_flow(
+    metrics_environ: dict[str, str],
+    pki: Pki,
+    postgres_tls: PostgresServer,
+    rabbitmq_tls: RabbitMQServer,
+) -> None:
+    server = await start_server(metrics_environ)
+    port = int(metrics_environ["SSE_METRICS_PORT"])
+    browser = Browser(pki.ca_certificate)
+    curl = None
+    try:
+        before = await scrape(port)
+        assert before[("sse_open_streams", (("protocol", "h1"),))] == 0
+        assert before[("sse_backend_up", (("backend", "rabbitmq"),))] == 1
+
+        userid, token = new_uuid(), new_uuid()
+        postgres_tls.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
+        url = server.subscribe_url(new_uuid(), userid, token)
+        _, first_tab = await browser.open(url)
+        _, second_tab = await browser.open(url)
+        curl = CurlStream()
+        arguments = ["curl", "-sS", "-N", "--http2", "--cacert", str(pki.ca_certificate), url]
+        process = reactor.spawnProcess(curl, "/usr/bin/curl", arguments, env={})  # type: ignore[attr-defined]
+        await wait_for(lambda: len(server.service.registry) == 3, "three streams")
+        refused = await browser.get(server.subscribe_url(new_uuid(), userid, new_uuid()))
+        await browser.read_body(refused)
+        malformed = await browser.get(server.base_url + "/subscribe/x/y/z")
+        await browser.read_body(malformed)
+
+        gauges = await scrape(port)
+        assert gauges[("sse_open_streams", (("protocol", "h1"),))] == 2
+        assert gauges[("sse_open_streams", (("protocol", "h2"),))] == 1
+
+        queue = server.config.rabbitmq_queue_name
+        await bounded(
+            deferToThread(
+                _publish_with_timestamp,
+                rabbitmq_tls.amqp_port,
+                queue,
+                [b"{not json", b"x" * 3000, json.dumps(found_contract(userid)).encode()],
+            )
+        )
+        await first_tab.next_event()
+        await second_tab.next_event()
+        await bounded(curl.first_event)
+
+        after = await scrape(port)
+        assert after[("sse_messages_consumed_total", ())] == 3
+        assert after[("sse_events_delivered_total", ())] == 3
+        assert after[("sse_messages_skipped_total", (("reason", "not_json"),))] == 1
+        assert after[("sse_messages_skipped_total", (("reason", "too_large"),))] == 1
+        assert after[("sse_subscribes_total", (("outcome", "ok"),))] == 3
+        assert after[("sse_subscribes_total", (("outcome", "forbidden"),))] == 1
+        assert after[("sse_subscribes_total", (("outcome", "bad_request"),))] == 1
+        assert after[("sse_publish_to_write_seconds_count", ())] == 1
+        assert after[("sse_stream_offset", ())] >= 2
+
+        process.signalProcess("TERM")
+        await bounded(curl.ended)
+        await browser.close_all()
+        await wait_for(lambda: len(server.service.registry) == 0, "streams closed")
+        closed = await scrape(port)
+        assert closed[("sse_open_streams", (("protocol", "h1"),))] == 0
+        assert closed[("sse_open_streams", (("protocol", "h2"),))] == 0
+    finally:
+        await server.stop()
