@@ -56,8 +56,10 @@ class RunningServer:
         return f"{self.base_url}/subscribe/{topic}/{userid}/{nonce}"
 
     async def stop(self) -> None:
-        """Stop every service; open streams are closed."""
+        """Stop every service; open streams are closed, and so is the daily log file
+        (twistd's process exit closes it; a server in the test process must)."""
         await self.service.stopService()
+        self.service.log_observer.close()
 
 
 async def start_server(environ: Mapping[str, str]) -> RunningServer:
