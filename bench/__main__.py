@@ -38,7 +38,12 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--levels", default="1000,5000,10000", help="S1/S5 stream counts")
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument("--messages", type=int, default=20000, help="S2/S5 messages")
-    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=15.0,
+        help="S3 window (one heartbeat period at least)",
+    )
     parser.add_argument("--storm", type=int, default=2000, help="S4 connections")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(

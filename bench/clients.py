@@ -87,8 +87,6 @@ class EventSink:
         self.record_latency = record_latency
         self.seqs: list[tuple[int, int]] = []
         self.latencies_ns: list[int] = []
-        self.progress: asyncio.Event = asyncio.Event()
-        self.target = 0
 
     def comment(self) -> None:
         """A ``: comment`` frame (connected, keep-alive)."""
@@ -107,8 +105,6 @@ class EventSink:
             self.first_event_at = now_ns / 1e9
         self.last_event_at = now_ns / 1e9
         self.events += 1
-        if self.events >= self.target > 0:
-            self.progress.set()
 
 
 _CONNECTED = b": connected"

@@ -1,5 +1,8 @@
 """py-spy attached to the server during a scenario, and the top costs of what it sampled.
 
+Native frames are sampled too (``--native``), so C time is split into what it is: OpenSSL,
+the cyclic garbage collector, system calls.
+
 ``py-spy record --format raw`` writes collapsed stacks (``frame;frame;... count``), the input
 of flamegraph.pl and speedscope. The summary ranks functions by *self* samples (where the
 CPU was) and by *inclusive* samples (what the time was spent for).
@@ -38,6 +41,9 @@ _PLUMBING = frozenset(
         "ThreadedContextTracker.callWithContext",
     }
 )
+# Blocking waits: py-spy's --native sampling counts them as active, but they cost no CPU
+# (the reactor's epoll_wait, idle threads of Twisted's thread pool).
+_WAITING = frozenset({"epoll_wait", "epoll_pwait", "PyThread_acquire_lock_timed", "Condition.wait"})
 _FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^():]*)(?::\d+)?\)$")
 
 
@@ -54,6 +60,9 @@ def _short(frame: str) -> str:
     if match is None:
         return frame
     path = match["file"]
+    if match["function"].startswith("0x"):
+        # A native frame without a symbol: all that is known is its library.
+        return f"[{path.rsplit('/', 1)[-1]}]"
     for marker in ("site-packages/", "lib/python3.11/", "/work/main/", "sse-bench-"):
         if marker in path:
             path = path.split(marker, 1)[1]
@@ -73,21 +82,27 @@ def summarise(raw: Path, top: int = 15) -> dict[str, Any]:
         frames = [_short(frame) for frame in stack.split(";")]
         # The first frame is the thread ("process 123:..."), when py-spy adds one.
         frames = [frame for frame in frames if not frame.startswith(("process ", "thread "))]
-        if not frames:
+        if not frames or any(frame.split(" ", 1)[0] in _WAITING for frame in frames):
             continue
         total += count
         own[frames[-1]] += count
         for frame in set(frames):
             inclusive[frame] += count
 
-    def ranked(counter: Counter[str]) -> list[dict[str, Any]]:
+    def ranked(counter: Counter[str], unresolved: bool) -> list[dict[str, Any]]:
         return [
             {"function": name, "percent": round(100 * count / max(total, 1), 1)}
             for name, count in counter.most_common()
-            if name.split(" ", 1)[0] not in _PLUMBING
+            if name.split(" ", 1)[0] not in _PLUMBING and (unresolved or name[0] != "[")
         ][:top]
 
-    return {"samples": total, "self": ranked(own), "inclusive": ranked(inclusive)}
+    # Unresolved native frames sit under every stack (the C start-up): as a cost they only
+    # mean something where the CPU was.
+    return {
+        "samples": total,
+        "self": ranked(own, unresolved=True),
+        "inclusive": ranked(inclusive, unresolved=False),
+    }
 
 
 class Profiler:
@@ -115,7 +130,9 @@ class Profiler:
             "raw",
             "--output",
             str(self._output),
-            "--nonblocking",
+            # Native frames show what Python frames hide (OpenSSL, the cyclic GC, syscalls);
+            # they need the target paused for each sample, a few percent of its CPU.
+            "--native",
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )

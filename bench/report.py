@@ -172,7 +172,7 @@ def table(report: dict[str, Any]) -> str:
             "≤ 3%" if key == "s1" else "",
             _verdict(idle, 3.0) if key == "s1" else "",
         )
-    widths = [max(len(row[column]) for row in rows) for column in range(4)] if rows else []
+    widths = [max((len(row[column]) for row in rows), default=0) for column in range(4)]
     lines = []
     header = ("figure (median)", "value", "target", "verdict")
     widths = [max(width, len(title)) for width, title in zip(widths, header, strict=True)]

@@ -203,7 +203,9 @@ def add_subscriber(environ: dict[str, str]) -> tuple[str, str]:
 
 
 def browser_environ(environ: dict[str, str]) -> dict[str, str]:
-    """Quick reconnects, so that the tests do not wait for browsers' default delays."""
+    """Quick reconnects, so that the tests do not wait for browsers' default delays; logs
+    to stdout only (an in-process server never closes its daily log file)."""
+    environ = {name: value for name, value in environ.items() if name != "SSE_LOGS_DIR"}
     return {
         **environ,
         "SSE_RETRY_MILLISECONDS": "300",

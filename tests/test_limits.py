@@ -21,6 +21,13 @@ from tests.backends import Pki
 from tests.harness import Browser, RunningServer, bounded, new_uuid, start_server
 
 
+@pytest.fixture
+def plaintext_environ(plaintext_environ: dict[str, str]) -> dict[str, str]:
+    """The local plaintext backends; logs to stdout only (an in-process server never closes
+    its daily log file)."""
+    return {name: value for name, value in plaintext_environ.items() if name != "SSE_LOGS_DIR"}
+
+
 def add_subscriber(environ: dict[str, str]) -> tuple[str, str]:
     """A new (userid, token) row in the test database."""
     userid, token = new_uuid(), new_uuid()
