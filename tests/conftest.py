@@ -1,20 +1,61 @@
 """Shared fixtures: the real TLS backends (started once per session, on first use) and a
 database of its own on the machine's PostgreSQL."""
 
+import io
+import logging
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg2
 import pytest
+from twisted.logger import globalLogPublisher
 
+from sse_twisted._logging import JSONLogObserver
 from tests.backends import Pki
 from tests.conftest_backends import pki, postgres_tls, rabbitmq_tls
-from tests.harness import new_uuid
+from tests.harness import LOGGED_TEXT, USED_SECRETS, leaked_secrets, new_uuid
 
 SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
 
 __all__ = ["pki", "postgres_tls", "rabbitmq_tls"]
+
+# Every line logged in this process during the session, formatted as a server would write it
+# (with the same subscribe-path masking, but no configured secrets to mask: code must not log
+# them in the first place). twistd subprocesses add their output to LOGGED_TEXT themselves.
+_SESSION_LOG = io.StringIO()
+_SESSION_OBSERVER = JSONLogObserver(env="test", index="test", logs_dir=None, stream=_SESSION_LOG)
+
+
+class _StandardLoggingCollector(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        _SESSION_LOG.write(f"{record.name}: {record.getMessage()}\n")
+
+
+_STANDARD_COLLECTOR = _StandardLoggingCollector()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    globalLogPublisher.addObserver(_SESSION_OBSERVER)
+    logging.getLogger().addHandler(_STANDARD_COLLECTOR)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a token or password a test used reached any log line."""
+    globalLogPublisher.removeObserver(_SESSION_OBSERVER)
+    logging.getLogger().removeHandler(_STANDARD_COLLECTOR)
+    leaks = leaked_secrets([_SESSION_LOG.getvalue(), *LOGGED_TEXT], USED_SECRETS)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = len(_SESSION_LOG.getvalue().splitlines()) + sum(t.count("\n") for t in LOGGED_TEXT)
+    summary = f"secrets audit: {len(USED_SECRETS)} secrets, {lines} log lines, {len(leaks)} leaked"
+    if reporter is not None:
+        reporter.write_line(summary)
+    if leaks:
+        for secret, line in leaks.items():
+            message = f"SECRET LEAKED INTO THE LOG: {secret!r} in {line[:500]}"
+            if reporter is not None:
+                reporter.write_line(message, red=True, bold=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ from tests.harness import (
     RunningServer,
     bounded,
     found_contract,
+    new_token,
     new_uuid,
     publish,
     start_server,
@@ -191,7 +192,7 @@ async def page_of(chromium: Chromium) -> AsyncIterator[Callable[[RunningServer],
 
 def add_subscriber(environ: dict[str, str]) -> tuple[str, str]:
     """A new (userid, token) row in the local test database."""
-    userid, token = new_uuid(), new_uuid()
+    userid, token = new_uuid(), new_token()
     with (
         psycopg2.connect(
             host="127.0.0.1", user="postgres", dbname=environ["SSE_POSTGRES_DB_NAME"]
@@ -285,7 +286,7 @@ async def test_bad_credentials_close_the_eventsource_but_a_database_outage_does_
     server = await start_server(environ)
     try:
         page = await page_of(server)
-        userid, token = new_uuid(), new_uuid()
+        userid, token = new_uuid(), new_token()
         postgres_tls.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
         await chromium.evaluate(
             page,

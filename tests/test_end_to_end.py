@@ -27,6 +27,7 @@ from tests.harness import (
     RunningServer,
     bounded,
     found_contract,
+    new_token,
     new_uuid,
     publish,
     start_server,
@@ -70,7 +71,7 @@ async def browser(pki: Pki) -> AsyncIterator[Browser]:
 
 def subscriber(postgres: PostgresServer) -> tuple[str, str]:
     """A new (userid, token) row in the users table."""
-    userid, token = new_uuid(), new_uuid()
+    userid, token = new_uuid(), new_token()
     postgres.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
     return userid, token
 

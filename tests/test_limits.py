@@ -18,7 +18,7 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from tests.backends import Pki
-from tests.harness import Browser, RunningServer, bounded, new_uuid, start_server
+from tests.harness import Browser, RunningServer, bounded, new_token, new_uuid, start_server
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def plaintext_environ(plaintext_environ: dict[str, str]) -> dict[str, str]:
 
 def add_subscriber(environ: dict[str, str]) -> tuple[str, str]:
     """A new (userid, token) row in the test database."""
-    userid, token = new_uuid(), new_uuid()
+    userid, token = new_uuid(), new_token()
     with (
         psycopg2.connect(
             host="127.0.0.1", user="postgres", dbname=environ["SSE_POSTGRES_DB_NAME"]

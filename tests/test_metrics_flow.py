@@ -14,7 +14,15 @@ from twisted.internet.threads import deferToThread
 from twisted.web.client import Agent
 
 from tests.backends import Pki, PostgresServer, RabbitMQServer, free_port
-from tests.harness import Browser, bounded, found_contract, new_uuid, start_server, wait_for
+from tests.harness import (
+    Browser,
+    bounded,
+    found_contract,
+    new_token,
+    new_uuid,
+    start_server,
+    wait_for,
+)
 from tests.test_end_to_end import CurlStream
 from tests.test_metrics import read_body
 
@@ -77,7 +85,7 @@ async def test_counters_move_and_gauges_follow_the_streams_as_events_flow(
         assert before[("sse_open_streams", (("protocol", "h1"),))] == 0
         assert before[("sse_backend_up", (("backend", "rabbitmq"),))] == 1
 
-        userid, token = new_uuid(), new_uuid()
+        userid, token = new_uuid(), new_token()
         postgres_tls.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
         url = server.subscribe_url(new_uuid(), userid, token)
         _, first_tab = await browser.open(url)

@@ -23,6 +23,7 @@ from tests.harness import (
     EventCollector,
     bounded,
     found_contract,
+    new_token,
     new_uuid,
     publish,
     spawn_twistd,
@@ -56,7 +57,7 @@ async def browser(pki: Pki) -> AsyncIterator[Browser]:
 
 
 def subscriber(postgres: PostgresServer) -> tuple[str, str]:
-    userid, token = new_uuid(), new_uuid()
+    userid, token = new_uuid(), new_token()
     postgres.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
     return userid, token
 
@@ -258,7 +259,7 @@ async def test_stopping_a_server_tells_each_stream_when_to_come_back_and_closes_
 
 
 def _insert_user(database: str) -> tuple[str, str]:
-    userid, token = new_uuid(), new_uuid()
+    userid, token = new_uuid(), new_token()
     with (
         psycopg2.connect(host="127.0.0.1", user="postgres", dbname=database) as connection,
         connection.cursor() as cursor,

@@ -25,7 +25,7 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from sse_twisted._config import Config, load_config
 from sse_twisted._revocation import CHANNEL, RevocationListener
 from tests.backends import Pki, PostgresServer, RabbitMQServer
-from tests.harness import Browser, RunningServer, new_uuid, start_server
+from tests.harness import Browser, RunningServer, new_token, new_uuid, start_server
 
 SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
 WAIT_SECONDS = 10.0
@@ -377,7 +377,7 @@ async def browser(pki: Pki) -> AsyncIterator[Browser]:
 
 
 def tls_subscriber(postgres: PostgresServer) -> tuple[str, str]:
-    userid, token = new_uuid(), new_uuid()
+    userid, token = new_uuid(), new_token()
     postgres.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
     return userid, token
 
@@ -427,13 +427,13 @@ async def test_a_new_token_closes_the_stream_and_only_the_new_token_gets_back_in
     _, tab = await browser.open(server.subscribe_url(topic, userid, old_token))
     await wait_for(lambda: len(server.service.registry) == 1, "stream registered")
 
-    new_token = new_uuid()
-    postgres_tls.execute("UPDATE users SET sse_token = %s WHERE uuid = %s", (new_token, userid))
+    replacement = new_token()
+    postgres_tls.execute("UPDATE users SET sse_token = %s WHERE uuid = %s", (replacement, userid))
 
     await tab.closed.addTimeout(REVOCATION_SECONDS, reactor)
     refused = await browser.get(server.subscribe_url(topic, userid, old_token))
     assert refused.code == 403
     await browser.read_body(refused)
-    response, resumed = await browser.open(server.subscribe_url(topic, userid, new_token))
+    response, resumed = await browser.open(server.subscribe_url(topic, userid, replacement))
     assert response.code == 200
     await wait_for(lambda: "connected" in resumed.parser.comments, "the new stream to open")

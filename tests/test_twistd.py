@@ -18,7 +18,15 @@ import pytest_twisted
 
 from sse_twisted.devcerts import create_certificate_authority, issue_certificate, write_private_key
 from tests.backends import Pki
-from tests.harness import Browser, bounded, found_contract, new_uuid, publish, spawn_twistd
+from tests.harness import (
+    Browser,
+    bounded,
+    found_contract,
+    new_token,
+    new_uuid,
+    publish,
+    spawn_twistd,
+)
 
 REPOSITORY = Path(__file__).parent.parent
 TWISTD = Path(sys.executable).parent / "twistd"
@@ -117,7 +125,7 @@ async def test_twistd_serves_a_stream_with_the_local_plaintext_backends_and_stop
     local_database: dict[str, str],
     browser: Browser,
 ) -> None:
-    userid, token = new_uuid(), new_uuid()
+    userid, token = new_uuid(), new_token()
     with (
         psycopg2.connect(
             host="127.0.0.1", user="postgres", dbname=local_database["SSE_POSTGRES_DB_NAME"]

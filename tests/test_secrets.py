@@ -1,0 +1,136 @@
+"""Secrets never reach a log line: a real twistd process driven through every path with a
+known token and known backend passwords, its whole output and log file searched for them.
+
+(The whole suite is checked too: tests/conftest.py fails the run if any token or password
+made by ``new_token``/``new_password`` is in any line logged during the session.)
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest_twisted
+
+from tests.backends import Pki, PostgresServer, RabbitMQServer
+from tests.harness import (
+    Browser,
+    bounded,
+    found_contract,
+    leaked_secrets,
+    new_password,
+    new_token,
+    new_uuid,
+    publish,
+    spawn_twistd,
+    wait_for,
+)
+
+
+def test_the_session_audit_finds_a_secret_in_any_case_and_names_its_line() -> None:
+    token = new_uuid()
+    lines = ['{"message": "fine"}', f'{{"message": "oops {token.upper()}"}}']
+    assert leaked_secrets(lines, {token, "absent"}) == {token: lines[1]}
+    assert leaked_secrets(lines, {"absent"}) == {}
+
+
+@pytest_twisted.async_yield_fixture
+async def browser(pki: Pki) -> AsyncIterator[Browser]:
+    client = Browser(pki.ca_certificate)
+    yield client
+    await client.close_all()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_token_or_password_in_any_line_of_a_server_driven_through_every_path(
+    tmp_path: Path,
+    pki: Pki,
+    postgres_tls: PostgresServer,
+    rabbitmq_tls: RabbitMQServer,
+    browser: Browser,
+) -> None:
+    postgres_password, rabbitmq_password = new_password(), new_password()
+    rabbitmq_user = f"sse-{new_uuid()}"
+    rabbitmq_tls.rabbitmqctl("add_user", rabbitmq_user, rabbitmq_password)
+    rabbitmq_tls.rabbitmqctl("set_permissions", "-p", "/", rabbitmq_user, ".*", ".*", ".*")
+    queue = f"messages-{new_uuid()}"
+    userid, token = new_uuid(), new_token()
+    postgres_tls.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
+    process, transport = spawn_twistd(
+        {
+            "SSE_APP_ENV": "dev",
+            "SSE_PORT": "0",
+            "SSE_LISTEN_ADDRESS": "127.0.0.1",
+            "SSE_METRICS_PORT": "0",
+            "SSE_CERTS_DIR": str(pki.directory),
+            "SSE_LOGS_DIR": str(tmp_path / "logs"),
+            "SSE_POSTGRES_HOST": postgres_tls.host,
+            "SSE_POSTGRES_PORT": str(postgres_tls.port),
+            "SSE_POSTGRES_DB_NAME": postgres_tls.database,
+            "SSE_POSTGRES_PASSWORD": postgres_password,
+            "SSE_POSTGRES_TIMEOUT_SECONDS": "1",
+            "SSE_AUTH_CACHE_SECONDS": "0",
+            "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
+            "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),
+            "SSE_RABBITMQ_USERNAME": rabbitmq_user,
+            "SSE_RABBITMQ_PASSWORD": rabbitmq_password,
+            "SSE_RABBITMQ_QUEUE_NAME": queue,
+            "SSE_HEARTBEAT_SECONDS": "1",
+        },
+        tmp_path,
+    )
+    try:
+        port = await bounded(process.port, 30)
+        await bounded(process.consuming, 30)
+        base = f"https://localhost:{port}/subscribe/{new_uuid()}"
+
+        # 200, and an event delivered on it.
+        _, tab = await browser.open(f"{base}/{userid}/{token}")
+        await publish(rabbitmq_tls.amqp_port, queue, found_contract(userid))
+        assert json.loads((await tab.next_event())["data"])["userid"] == userid
+        # 403: the token with another user, another token with this user.
+        for path in (f"{new_uuid()}/{token}", f"{userid}/{new_token()}"):
+            refused = await browser.get(f"{base}/{path}")
+            assert refused.code == 403
+            await browser.read_body(refused)
+        # 400 with the token as the bad part, and query strings carrying it.
+        for path in (
+            f"{userid}/{token.upper()}",
+            f"{userid}/{token}x",
+            f"{userid}/{token}/extra",
+            f"{userid}/{token[:-1]}",
+            f"{userid}?token={token}",
+        ):
+            bad = await browser.get(f"{base}/{path}")
+            assert bad.code in (400, 404), path
+            await browser.read_body(bad)
+        # The client leaves an open stream.
+        tab.close()
+        await bounded(tab.closed)
+        # Revocation closes an open stream.
+        _, revoked = await browser.open(f"{base}/{userid}/{token}")
+        await wait_for(lambda: "connected" in revoked.parser.comments, "the stream to open")
+        postgres_tls.execute("DELETE FROM users WHERE uuid = %s", (userid,))
+        await bounded(revoked.closed)
+        # Backend unavailable: asked to retry, with the database down.
+        postgres_tls.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
+        postgres_tls.stop()
+        try:
+            response = await browser.get(f"{base}/{userid}/{token}")
+            body = await browser.read_body(response)
+            assert response.code == 200 and b"retry" in body
+        finally:
+            postgres_tls.start()
+    finally:
+        transport.signalProcess(signal.SIGTERM)
+        await bounded(process.ended, 30)
+
+    output = [process.raw.decode(), process.stderr.decode()]
+    log_file = (tmp_path / "logs" / "sse.log").read_text()
+    statuses = {line.get("status") for line in map(json.loads, log_file.splitlines())}
+    assert {200, 400, 403} <= statuses, "every path was logged"
+    assert "access revoked" in log_file and "unavailable" in log_file
+    secrets = {token, postgres_password, rabbitmq_password}
+    assert leaked_secrets([*output, log_file], secrets) == {}
