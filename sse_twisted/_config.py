@@ -167,6 +167,14 @@ SETTINGS: tuple[Setting, ...] = (
         _ip_address,
         "address the metrics port binds to; keep it private",
     ),
+    Setting(
+        "listen_backlog",
+        "SSE_LISTEN_BACKLOG",
+        "listen-backlog",
+        "4096",
+        _positive_int,
+        "queue of connections not yet accepted (a reconnect storm overflows a small one)",
+    ),
     Setting("log_index", "SSE_LOG_INDEX", "log-index", "sse", _non_empty, "`index` log field"),
     Setting(
         "logs_dir",
@@ -448,6 +456,7 @@ class Config:
     app_env: str
     port: int
     listen_address: str
+    listen_backlog: int
     metrics_port: int
     metrics_address: str
     log_index: str

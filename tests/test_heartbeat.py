@@ -1,0 +1,53 @@
+"""Heartbeats: one keep-alive per stream per interval, spread so no tick writes to all."""
+
+from twisted.internet.task import Clock
+from twisted.web.test.requesthelper import DummyRequest
+
+from sse_twisted._heartbeat import HeartbeatService
+from sse_twisted._streams import EventStream, StreamRegistry
+
+USERID = "0b8e3a52-6a3e-4c1e-9f4a-2d7b1c9e5a10"
+
+
+def open_streams(registry: StreamRegistry, count: int) -> list[EventStream]:
+    streams = []
+    for number in range(count):
+        request = DummyRequest([b""])
+        request._disconnected = False
+        stream = EventStream(USERID, f"topic-{number}", request, "c", max_unsent_bytes=1000)
+        registry.add(stream)
+        streams.append(stream)
+    return streams
+
+
+def heartbeats(stream: EventStream) -> int:
+    return b"".join(stream.request.written).count(b": keep-alive\n\n")  # type: ignore[attr-defined]
+
+
+def test_every_stream_gets_one_heartbeat_per_interval_spread_over_the_interval() -> None:
+    clock, registry = Clock(), StreamRegistry()
+    streams = open_streams(registry, 300)
+    service = HeartbeatService(registry, interval_seconds=15, clock=clock)
+    service.startService()  # the first slice is written at once
+    most_in_one_tick = 0
+    for _ in range(149):
+        before = sum(heartbeats(stream) for stream in streams)
+        clock.advance(15 / 150)
+        most_in_one_tick = max(most_in_one_tick, sum(map(heartbeats, streams)) - before)
+    service.stopService()
+    assert [heartbeats(stream) for stream in streams] == [1] * 300
+    assert most_in_one_tick <= 2
+
+
+def test_a_stream_closed_during_the_round_is_skipped() -> None:
+    clock, registry = Clock(), StreamRegistry()
+    streams = open_streams(registry, 10)
+    service = HeartbeatService(registry, interval_seconds=15, clock=clock)
+    service.startService()
+    for stream in streams:
+        if heartbeats(stream) == 0:
+            stream.request.finish()
+            registry.remove(stream)
+    clock.advance(15)
+    service.stopService()
+    assert sum(map(heartbeats, streams)) == 1
