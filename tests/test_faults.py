@@ -1,0 +1,195 @@
+"""Faults with real processes: the broker killed with SIGKILL while events flow, and a client
+process frozen with SIGSTOP (a half-open connection: the kernel still ACKs, nothing reads)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+
+from tests.backends import Pki, PostgresServer, RabbitMQServer
+from tests.harness import (
+    Browser,
+    EventCollector,
+    RunningServer,
+    found_contract,
+    new_token,
+    new_uuid,
+    publish,
+    start_server,
+    wait_for,
+)
+
+OUTAGE_SECONDS = 4.0
+
+
+@pytest.fixture
+def tls_environ(
+    pki: Pki, postgres_tls: PostgresServer, rabbitmq_tls: RabbitMQServer
+) -> dict[str, str]:
+    """TLS to both backends, a fresh stream queue, a heartbeat each 0.5 s."""
+    return {
+        "SSE_CERTS_DIR": str(pki.directory),
+        "SSE_POSTGRES_HOST": postgres_tls.host,
+        "SSE_POSTGRES_PORT": str(postgres_tls.port),
+        "SSE_POSTGRES_DB_NAME": postgres_tls.database,
+        "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
+        "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),
+        "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
+        "SSE_HEARTBEAT_SECONDS": "0.5",
+    }
+
+
+@pytest_twisted.async_yield_fixture
+async def browser(pki: Pki) -> AsyncIterator[Browser]:
+    client = Browser(pki.ca_certificate)
+    yield client
+    await client.close_all()
+
+
+def subscriber(postgres: PostgresServer) -> tuple[str, str]:
+    userid, token = new_uuid(), new_token()
+    postgres.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
+    return userid, token
+
+
+def filenames(tab: EventCollector) -> list[str]:
+    return [json.loads(event["data"])["filename"] for event in tab.received]
+
+
+async def readiness(browser: Browser, server: RunningServer) -> tuple[int, dict[str, Any]]:
+    response = await browser.get(f"{server.base_url}/readyz")
+    return response.code, json.loads(await browser.read_body(response))
+
+
+async def wait_for_readiness(browser: Browser, server: RunningServer, code: int) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while True:
+        status, body = await readiness(browser, server)
+        if status == code:
+            return body
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"/readyz never answered {code}: {body}")
+        await deferLater(reactor, 0.2, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_broker_killed_with_sigkill_loses_no_event_and_open_streams_keep_beating(
+    tls_environ: dict[str, str],
+    browser: Browser,
+    postgres_tls: PostgresServer,
+    rabbitmq_tls: RabbitMQServer,
+) -> None:
+    server = await start_server(tls_environ)
+    queue = server.config.rabbitmq_queue_name
+    try:
+        userid, token = subscriber(postgres_tls)
+        _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
+        before = [found_contract(userid, filename=f"before {n}") for n in range(20)]
+        await publish(rabbitmq_tls.amqp_port, queue, *before)
+        await wait_for(lambda: len(tab.received) == 20, "the events sent before the kill")
+        assert (await readiness(browser, server))[0] == 200
+
+        killed_at = time.monotonic()
+        await deferToThread(rabbitmq_tls.kill)
+        try:
+            body = await wait_for_readiness(browser, server, 503)
+            assert body["dependencies"]["rabbitmq"]["ready"] is False
+            assert body["dependencies"]["postgres"]["ready"] is True
+            beats = len(tab.parser.comments)
+            await deferLater(reactor, OUTAGE_SECONDS, lambda: None)
+            # Heartbeats every 0.5 s kept flowing on the open stream all along.
+            assert len(tab.parser.comments) - beats >= OUTAGE_SECONDS
+            assert not tab.closed.called
+        finally:
+            await deferToThread(rabbitmq_tls.restart)
+        outage = time.monotonic() - killed_at
+        after = [found_contract(userid, filename=f"after {n}") for n in range(20)]
+        await publish(rabbitmq_tls.amqp_port, queue, *after)
+        await wait_for(lambda: len(tab.received) >= 40, "the events sent after the restart", 60)
+        await wait_for_readiness(browser, server, 200)
+        assert not tab.closed.called
+        assert filenames(tab) == [message["filename"] for message in before + after]
+        print(f"broker SIGKILL: outage {outage:.1f}s, 40 events sent, {len(tab.received)} got")
+    finally:
+        await server.stop()
+
+
+_FROZEN_CLIENT = """
+import socket, ssl, sys
+raw = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+tls = ssl.create_default_context(cafile=sys.argv[2]).wrap_socket(raw, server_hostname="localhost")
+tls.sendall(f"GET {sys.argv[3]} HTTP/1.1\\r\\nHost: localhost\\r\\n\\r\\n".encode())
+seen = b""
+while b": connected" not in seen:
+    seen += tls.recv(4096)
+print("open", flush=True)
+while tls.recv(4096):
+    pass
+"""
+
+
+def _start_frozen_client(port: int, ca: Path, path: str) -> subprocess.Popen[str]:
+    """A client process with a stream open, then frozen by SIGSTOP (its socket stays)."""
+    client = subprocess.Popen(
+        [sys.executable, "-c", _FROZEN_CLIENT, str(port), str(ca), path],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdout is not None and client.stdout.readline() == "open\n"
+    client.send_signal(signal.SIGSTOP)
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_frozen_client_process_is_dropped_within_seconds_and_the_registry_empties(
+    tls_environ: dict[str, str],
+    browser: Browser,
+    postgres_tls: PostgresServer,
+    rabbitmq_tls: RabbitMQServer,
+    pki: Pki,
+) -> None:
+    server = await start_server({**tls_environ, "SSE_MAX_BUFFER_BYTES": "32768"})
+    queue = server.config.rabbitmq_queue_name
+    client = None
+    try:
+        userid, token = subscriber(postgres_tls)
+        topic = new_uuid()
+        port = int(server.base_url.rsplit(":", 1)[1])
+        client = await deferToThread(
+            _start_frozen_client, port, pki.ca_certificate, f"/subscribe/{topic}/{userid}/{token}"
+        )
+        _, healthy = await browser.open(server.subscribe_url(topic, userid, token))
+        await wait_for(lambda: len(server.service.registry) == 2, "both streams open")
+
+        started = time.monotonic()
+        padding = "x" * 10_000
+        messages = [found_contract(userid, filename=str(n), padding=padding) for n in range(300)]
+        await publish(rabbitmq_tls.amqp_port, queue, *messages)
+        await wait_for(lambda: len(server.service.registry) == 1, "the frozen stream dropped", 15)
+        detected = time.monotonic() - started
+        await wait_for(lambda: len(healthy.received) == 300, "every event on the healthy tab")
+        assert filenames(healthy) == [str(n) for n in range(300)]
+        assert server.service.registry.count_of(userid) == 1
+        healthy.close()
+        await wait_for(lambda: len(server.service.registry) == 0, "no stream left")
+        print(f"frozen client dropped {detected:.1f}s after 3 MB of events began")
+    finally:
+        if client is not None:
+            client.kill()
+            client.wait()
+            assert client.stdout is not None
+            client.stdout.close()
+        await server.stop()
