@@ -4,17 +4,18 @@ database of its own on the machine's PostgreSQL."""
 import io
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psycopg2
 import pytest
+import pytest_twisted
 from twisted.logger import globalLogPublisher
 
 from sse_twisted._logging import JSONLogObserver
-from tests.backends import Pki
+from tests.backends import Pki, PostgresServer, RabbitMQServer
 from tests.conftest_backends import pki, postgres_tls, rabbitmq_tls
-from tests.harness import LOGGED_TEXT, USED_SECRETS, leaked_secrets, new_uuid
+from tests.harness import LOGGED_TEXT, USED_SECRETS, Browser, leaked_secrets, new_uuid
 
 SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
 
@@ -101,3 +102,31 @@ def plaintext_environ(tmp_path: Path, pki: Pki, local_database: dict[str, str]) 
         "SSE_RABBITMQ_HOST": "127.0.0.1",
         "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
     }
+
+
+@pytest.fixture
+def tls_environ(
+    pki: Pki, postgres_tls: PostgresServer, rabbitmq_tls: RabbitMQServer
+) -> dict[str, str]:
+    """Settings for TLS to both private backends, and a fresh stream queue."""
+    return {
+        "SSE_CERTS_DIR": str(pki.directory),
+        "SSE_POSTGRES_HOST": postgres_tls.host,
+        "SSE_POSTGRES_PORT": str(postgres_tls.port),
+        "SSE_POSTGRES_USERNAME": postgres_tls.user,
+        "SSE_POSTGRES_DB_NAME": postgres_tls.database,
+        "SSE_POSTGRES_TIMEOUT_SECONDS": "2",
+        "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
+        "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),
+        "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
+        "SSE_RETRY_MILLISECONDS": "500",
+        "SSE_METRICS_PORT": "0",
+    }
+
+
+@pytest_twisted.async_yield_fixture
+async def browser(pki: Pki) -> AsyncIterator[Browser]:
+    """An HTTPS client trusting the test CA; its streams are closed after the test."""
+    client = Browser(pki.ca_certificate)
+    yield client
+    await client.close_all()

@@ -26,6 +26,7 @@ from twisted.web.http_headers import Headers
 
 from sse_twisted._config import Config, load_config
 from sse_twisted.tap import SSEService, build_service
+from tests.backends import PostgresServer
 from tests.sse_parser import EventParser
 
 TIMEOUT = 20
@@ -245,6 +246,13 @@ def spawn_twistd(environ: Mapping[str, str], cwd: Path) -> tuple[TwistdProcess, 
         path=str(cwd),
     )
     return process, transport
+
+
+def add_subscriber(postgres: PostgresServer) -> tuple[str, str]:
+    """A new (userid, token) row in the users table of ``postgres``."""
+    userid, token = new_uuid(), new_token()
+    postgres.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
+    return userid, token
 
 
 def found_contract(userid: str, **extra: Any) -> dict[str, Any]:

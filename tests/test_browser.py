@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from sse_twisted.devcerts import DevCertificateFiles
-from tests.backends import Pki, PostgresServer, RabbitMQServer
+from tests.backends import Pki, PostgresServer
 from tests.harness import (
     RunningServer,
     bounded,
@@ -358,18 +358,6 @@ async def test_one_page_holds_twenty_streams_over_http2_all_receiving(
 
 
 @pytest.fixture
-def tls_environ(
-    pki: Pki, postgres_tls: PostgresServer, rabbitmq_tls: RabbitMQServer
-) -> dict[str, str]:
-    """Settings for TLS to both private backends (PostgreSQL can be stopped), a fresh queue."""
-    return {
-        "SSE_CERTS_DIR": str(pki.directory),
-        "SSE_POSTGRES_HOST": postgres_tls.host,
-        "SSE_POSTGRES_PORT": str(postgres_tls.port),
-        "SSE_POSTGRES_USERNAME": postgres_tls.user,
-        "SSE_POSTGRES_DB_NAME": postgres_tls.database,
-        "SSE_POSTGRES_TIMEOUT_SECONDS": "1",
-        "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
-        "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),
-        "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
-    }
+def tls_environ(tls_environ: dict[str, str]) -> dict[str, str]:
+    """A short database timeout: the outage test waits for the retry answers."""
+    return {**tls_environ, "SSE_POSTGRES_TIMEOUT_SECONDS": "1"}

@@ -25,9 +25,9 @@ from tests.backends import Pki, PostgresServer, RabbitMQServer
 from tests.harness import (
     Browser,
     RunningServer,
+    add_subscriber,
     bounded,
     found_contract,
-    new_token,
     new_uuid,
     publish,
     start_server,
@@ -36,44 +36,11 @@ from tests.harness import (
 from tests.sse_parser import EventParser
 
 
-@pytest.fixture
-def tls_environ(
-    pki: Pki, postgres_tls: PostgresServer, rabbitmq_tls: RabbitMQServer
-) -> dict[str, str]:
-    """Settings for TLS to both backends, and a fresh stream queue."""
-    return {
-        "SSE_CERTS_DIR": str(pki.directory),
-        "SSE_POSTGRES_HOST": postgres_tls.host,
-        "SSE_POSTGRES_PORT": str(postgres_tls.port),
-        "SSE_POSTGRES_USERNAME": postgres_tls.user,
-        "SSE_POSTGRES_DB_NAME": postgres_tls.database,
-        "SSE_POSTGRES_TIMEOUT_SECONDS": "2",
-        "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
-        "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),
-        "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
-        "SSE_RETRY_MILLISECONDS": "500",
-    }
-
-
 @pytest_twisted.async_yield_fixture
 async def server(tls_environ: dict[str, str]) -> AsyncIterator[RunningServer]:
     running = await start_server(tls_environ)
     yield running
     await running.stop()
-
-
-@pytest_twisted.async_yield_fixture
-async def browser(pki: Pki) -> AsyncIterator[Browser]:
-    client = Browser(pki.ca_certificate)
-    yield client
-    await client.close_all()
-
-
-def subscriber(postgres: PostgresServer) -> tuple[str, str]:
-    """A new (userid, token) row in the users table."""
-    userid, token = new_uuid(), new_token()
-    postgres.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
-    return userid, token
 
 
 async def send(rabbitmq: RabbitMQServer, server: RunningServer, *messages: Any) -> None:
@@ -87,8 +54,8 @@ async def test_every_tab_of_a_user_receives_the_message_and_no_one_else_does(
     postgres_tls: PostgresServer,
     rabbitmq_tls: RabbitMQServer,
 ) -> None:
-    alice, alice_token = subscriber(postgres_tls)
-    bob, bob_token = subscriber(postgres_tls)
+    alice, alice_token = add_subscriber(postgres_tls)
+    bob, bob_token = add_subscriber(postgres_tls)
     topic = new_uuid()
     response, first_tab = await browser.open(server.subscribe_url(topic, alice, alice_token))
     assert response.code == 200
@@ -118,7 +85,7 @@ async def test_a_message_with_a_topic_reaches_only_the_streams_on_that_topic(
     postgres_tls: PostgresServer,
     rabbitmq_tls: RabbitMQServer,
 ) -> None:
-    userid, token = subscriber(postgres_tls)
+    userid, token = add_subscriber(postgres_tls)
     news, alerts = new_uuid(), new_uuid()
     _, news_tab = await browser.open(server.subscribe_url(news, userid, token))
     _, alerts_tab = await browser.open(server.subscribe_url(alerts, userid, token))
@@ -143,7 +110,7 @@ async def test_invalid_messages_are_skipped_and_the_next_one_still_arrives(
     postgres_tls: PostgresServer,
     rabbitmq_tls: RabbitMQServer,
 ) -> None:
-    userid, token = subscriber(postgres_tls)
+    userid, token = add_subscriber(postgres_tls)
     _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
     await wait_for(lambda: len(server.service.registry) == 1, "stream registered")
 
@@ -168,7 +135,7 @@ async def test_heartbeat_comments_keep_an_idle_stream_alive(
 ) -> None:
     server = await start_server({**tls_environ, "SSE_HEARTBEAT_SECONDS": "0.2"})
     try:
-        userid, token = subscriber(postgres_tls)
+        userid, token = add_subscriber(postgres_tls)
         _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
         await wait_for(lambda: tab.parser.comments.count("keep-alive") >= 2, "two heartbeats")
         assert tab.parser.comments[0] == "connected"
@@ -181,7 +148,7 @@ async def test_heartbeat_comments_keep_an_idle_stream_alive(
 async def test_a_closed_tab_leaves_the_server_at_once(
     server: RunningServer, browser: Browser, postgres_tls: PostgresServer
 ) -> None:
-    userid, token = subscriber(postgres_tls)
+    userid, token = add_subscriber(postgres_tls)
     _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
     await wait_for(lambda: len(server.service.registry) == 1, "stream registered")
     tab.close()
@@ -206,7 +173,7 @@ async def test_each_refusal_has_its_status_and_a_short_reason(
     status: int,
     reason: bytes,
 ) -> None:
-    userid, token = subscriber(postgres_tls)
+    userid, token = add_subscriber(postgres_tls)
     url = server.base_url + path.format(
         topic=new_uuid(), userid=userid, token=token, other=new_uuid()
     )
@@ -299,7 +266,7 @@ class CurlStream(ProcessProtocol):
 async def test_curl_over_http2_receives_an_event(
     server: RunningServer, pki: Pki, postgres_tls: PostgresServer, rabbitmq_tls: RabbitMQServer
 ) -> None:
-    userid, token = subscriber(postgres_tls)
+    userid, token = add_subscriber(postgres_tls)
     curl = CurlStream()
     url = server.subscribe_url(new_uuid(), userid, token)
     arguments = ["curl", "-sS", "-N", "--http2", "--cacert", str(pki.ca_certificate), url]
@@ -323,7 +290,7 @@ async def test_a_broker_restart_keeps_streams_open_and_delivery_resumes(
     postgres_tls: PostgresServer,
     rabbitmq_tls: RabbitMQServer,
 ) -> None:
-    userid, token = subscriber(postgres_tls)
+    userid, token = add_subscriber(postgres_tls)
     _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
     await send(rabbitmq_tls, server, found_contract(userid, filename="before.pdf"))
     before = await tab.next_event()
@@ -346,7 +313,7 @@ async def test_messages_published_while_the_consumer_was_away_still_arrive(
     postgres_tls: PostgresServer,
     rabbitmq_tls: RabbitMQServer,
 ) -> None:
-    userid, token = subscriber(postgres_tls)
+    userid, token = add_subscriber(postgres_tls)
     _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
     await send(rabbitmq_tls, server, found_contract(userid, filename="1.pdf"))
     await tab.next_event()
@@ -371,7 +338,7 @@ async def test_messages_published_while_the_consumer_was_away_still_arrive(
 async def test_a_database_restart_is_followed_by_a_successful_subscribe(
     server: RunningServer, browser: Browser, postgres_tls: PostgresServer
 ) -> None:
-    userid, token = subscriber(postgres_tls)
+    userid, token = add_subscriber(postgres_tls)
     url = server.subscribe_url(new_uuid(), userid, token)
     await reactor_thread(postgres_tls.stop)
     try:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,8 @@ from tests.harness import (
     Browser,
     EventCollector,
     RunningServer,
+    add_subscriber,
     found_contract,
-    new_token,
     new_uuid,
     publish,
     start_server,
@@ -35,33 +34,9 @@ OUTAGE_SECONDS = 4.0
 
 
 @pytest.fixture
-def tls_environ(
-    pki: Pki, postgres_tls: PostgresServer, rabbitmq_tls: RabbitMQServer
-) -> dict[str, str]:
-    """TLS to both backends, a fresh stream queue, a heartbeat each 0.5 s."""
-    return {
-        "SSE_CERTS_DIR": str(pki.directory),
-        "SSE_POSTGRES_HOST": postgres_tls.host,
-        "SSE_POSTGRES_PORT": str(postgres_tls.port),
-        "SSE_POSTGRES_DB_NAME": postgres_tls.database,
-        "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
-        "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),
-        "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
-        "SSE_HEARTBEAT_SECONDS": "0.5",
-    }
-
-
-@pytest_twisted.async_yield_fixture
-async def browser(pki: Pki) -> AsyncIterator[Browser]:
-    client = Browser(pki.ca_certificate)
-    yield client
-    await client.close_all()
-
-
-def subscriber(postgres: PostgresServer) -> tuple[str, str]:
-    userid, token = new_uuid(), new_token()
-    postgres.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
-    return userid, token
+def tls_environ(tls_environ: dict[str, str]) -> dict[str, str]:
+    """A heartbeat every 0.5 s, so an outage shows whether heartbeats go on."""
+    return {**tls_environ, "SSE_HEARTBEAT_SECONDS": "0.5"}
 
 
 def filenames(tab: EventCollector) -> list[str]:
@@ -94,7 +69,7 @@ async def test_a_broker_killed_with_sigkill_loses_no_event_and_open_streams_keep
     server = await start_server(tls_environ)
     queue = server.config.rabbitmq_queue_name
     try:
-        userid, token = subscriber(postgres_tls)
+        userid, token = add_subscriber(postgres_tls)
         _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
         before = [found_contract(userid, filename=f"before {n}") for n in range(20)]
         await publish(rabbitmq_tls.amqp_port, queue, *before)
@@ -165,7 +140,7 @@ async def test_a_frozen_client_process_is_dropped_within_seconds_and_the_registr
     queue = server.config.rabbitmq_queue_name
     client = None
     try:
-        userid, token = subscriber(postgres_tls)
+        userid, token = add_subscriber(postgres_tls)
         topic = new_uuid()
         port = int(server.base_url.rsplit(":", 1)[1])
         client = await deferToThread(

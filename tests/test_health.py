@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
@@ -26,8 +25,8 @@ from sse_twisted._health import (
     ReadinessResource,
 )
 from sse_twisted.interfaces import BackendUnavailable
-from tests.backends import Pki, PostgresServer, RabbitMQServer
-from tests.harness import TIMEOUT, Browser, RunningServer, new_uuid, start_server
+from tests.backends import PostgresServer, RabbitMQServer
+from tests.harness import TIMEOUT, Browser, RunningServer, start_server
 
 
 @dataclass
@@ -144,35 +143,11 @@ def test_liveness_is_a_plain_ok() -> None:
 # ---------------------------------------------------------------- real backends
 
 
-@pytest.fixture
-def tls_environ(
-    pki: Pki, postgres_tls: PostgresServer, rabbitmq_tls: RabbitMQServer
-) -> dict[str, str]:
-    return {
-        "SSE_CERTS_DIR": str(pki.directory),
-        "SSE_POSTGRES_HOST": postgres_tls.host,
-        "SSE_POSTGRES_PORT": str(postgres_tls.port),
-        "SSE_POSTGRES_USERNAME": postgres_tls.user,
-        "SSE_POSTGRES_DB_NAME": postgres_tls.database,
-        "SSE_POSTGRES_TIMEOUT_SECONDS": "2",
-        "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
-        "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),
-        "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
-    }
-
-
 @pytest_twisted.async_yield_fixture
 async def server(tls_environ: dict[str, str]) -> AsyncIterator[RunningServer]:
     running = await start_server(tls_environ)
     yield running
     await running.stop()
-
-
-@pytest_twisted.async_yield_fixture
-async def browser(pki: Pki) -> AsyncIterator[Browser]:
-    client = Browser(pki.ca_certificate)
-    yield client
-    await client.close_all()
 
 
 async def fetch(browser: Browser, url: str) -> tuple[int, bytes]:

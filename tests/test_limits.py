@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import psycopg2
@@ -39,13 +39,6 @@ def add_subscriber(environ: dict[str, str]) -> tuple[str, str]:
     ):
         cursor.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
     return userid, token
-
-
-@pytest_twisted.async_yield_fixture
-async def browser(pki: Pki) -> AsyncIterator[Browser]:
-    client = Browser(pki.ca_certificate)
-    yield client
-    await client.close_all()
 
 
 def _port(server: RunningServer) -> int:

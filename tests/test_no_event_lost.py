@@ -9,7 +9,6 @@ import random
 import signal
 import socket
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psycopg2
@@ -21,6 +20,7 @@ from tests.backends import Pki, PostgresServer, RabbitMQServer
 from tests.harness import (
     Browser,
     EventCollector,
+    add_subscriber,
     bounded,
     found_contract,
     new_token,
@@ -30,36 +30,6 @@ from tests.harness import (
     start_server,
     wait_for,
 )
-
-
-@pytest.fixture
-def tls_environ(
-    pki: Pki, postgres_tls: PostgresServer, rabbitmq_tls: RabbitMQServer
-) -> dict[str, str]:
-    """TLS to both backends and a fresh stream queue."""
-    return {
-        "SSE_CERTS_DIR": str(pki.directory),
-        "SSE_POSTGRES_HOST": postgres_tls.host,
-        "SSE_POSTGRES_PORT": str(postgres_tls.port),
-        "SSE_POSTGRES_DB_NAME": postgres_tls.database,
-        "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
-        "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),
-        "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
-        "SSE_METRICS_PORT": "0",
-    }
-
-
-@pytest_twisted.async_yield_fixture
-async def browser(pki: Pki) -> AsyncIterator[Browser]:
-    client = Browser(pki.ca_certificate)
-    yield client
-    await client.close_all()
-
-
-def subscriber(postgres: PostgresServer) -> tuple[str, str]:
-    userid, token = new_uuid(), new_token()
-    postgres.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
-    return userid, token
 
 
 def filenames(tab: EventCollector) -> list[str]:
@@ -84,7 +54,7 @@ async def test_a_reconnecting_browser_gets_what_it_missed_then_live_events_once(
     server = await start_server(tls_environ)
     queue = server.config.rabbitmq_queue_name
     try:
-        userid, token = subscriber(postgres_tls)
+        userid, token = add_subscriber(postgres_tls)
         url = server.subscribe_url(new_uuid(), userid, token)
         _, first = await browser.open(url)
         await publish(rabbitmq_tls.amqp_port, queue, found_contract(userid, filename="1"))
@@ -121,7 +91,7 @@ async def test_an_id_older_than_the_window_gets_a_reset_event_before_what_is_lef
     server = await start_server({**tls_environ, "SSE_REPLAY_MAX_EVENTS": "2"})
     queue = server.config.rabbitmq_queue_name
     try:
-        userid, token = subscriber(postgres_tls)
+        userid, token = add_subscriber(postgres_tls)
         url = server.subscribe_url(new_uuid(), userid, token)
         _, tab = await browser.open(url)
         messages = [found_contract(userid, filename=str(number)) for number in range(5)]
@@ -152,7 +122,7 @@ async def test_a_restarted_instance_replays_from_the_window_it_read_back(
 ) -> None:
     first = await start_server(tls_environ)
     queue = first.config.rabbitmq_queue_name
-    userid, token = subscriber(postgres_tls)
+    userid, token = add_subscriber(postgres_tls)
     try:
         _, tab = await browser.open(first.subscribe_url(new_uuid(), userid, token))
         await publish(rabbitmq_tls.amqp_port, queue, found_contract(userid, filename="seen"))
@@ -209,7 +179,7 @@ async def test_a_client_that_stops_reading_is_closed_at_the_cap_and_others_keep_
     server = await start_server({**tls_environ, "SSE_MAX_BUFFER_BYTES": "65536"})
     queue = server.config.rabbitmq_queue_name
     try:
-        userid, token = subscriber(postgres_tls)
+        userid, token = add_subscriber(postgres_tls)
         topic = new_uuid()
         port = int(server.base_url.rsplit(":", 1)[1])
         stuck = await deferToThread(
@@ -245,7 +215,7 @@ async def test_stopping_a_server_tells_each_stream_when_to_come_back_and_closes_
             "SSE_RECONNECT_JITTER_MILLISECONDS": "4000",
         }
     )
-    userid, token = subscriber(postgres_tls)
+    userid, token = add_subscriber(postgres_tls)
     tabs = [
         (await browser.open(server.subscribe_url(new_uuid(), userid, token)))[1] for _ in range(8)
     ]

@@ -24,7 +24,7 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from sse_twisted._config import Config, load_config
 from sse_twisted._revocation import CHANNEL, RevocationListener
-from tests.backends import Pki, PostgresServer, RabbitMQServer
+from tests.backends import PostgresServer
 from tests.harness import Browser, RunningServer, new_token, new_uuid, start_server
 
 SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
@@ -341,24 +341,6 @@ async def test_stopping_closes_the_connection_for_good(
 # --- end to end: a live stream over TLS, closed by a revocation ---
 
 
-@pytest.fixture
-def tls_environ(
-    pki: Pki, postgres_tls: PostgresServer, rabbitmq_tls: RabbitMQServer
-) -> dict[str, str]:
-    return {
-        "SSE_CERTS_DIR": str(pki.directory),
-        "SSE_POSTGRES_HOST": postgres_tls.host,
-        "SSE_POSTGRES_PORT": str(postgres_tls.port),
-        "SSE_POSTGRES_USERNAME": postgres_tls.user,
-        "SSE_POSTGRES_DB_NAME": postgres_tls.database,
-        "SSE_POSTGRES_TIMEOUT_SECONDS": "2",
-        "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
-        "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),
-        "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
-        "SSE_RETRY_MILLISECONDS": "500",
-    }
-
-
 @pytest_twisted.async_yield_fixture
 async def server(tls_environ: dict[str, str]) -> AsyncIterator[RunningServer]:
     running = await start_server(tls_environ)
@@ -367,13 +349,6 @@ async def server(tls_environ: dict[str, str]) -> AsyncIterator[RunningServer]:
     await wait_for(lambda: revocations.listening, "the server to LISTEN for revocations")
     yield running
     await running.stop()
-
-
-@pytest_twisted.async_yield_fixture
-async def browser(pki: Pki) -> AsyncIterator[Browser]:
-    client = Browser(pki.ca_certificate)
-    yield client
-    await client.close_all()
 
 
 def tls_subscriber(postgres: PostgresServer) -> tuple[str, str]:

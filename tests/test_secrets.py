@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest_twisted
@@ -34,13 +33,6 @@ def test_the_session_audit_finds_a_secret_in_any_case_and_names_its_line() -> No
     lines = ['{"message": "fine"}', f'{{"message": "oops {token.upper()}"}}']
     assert leaked_secrets(lines, {token, "absent"}) == {token: lines[1]}
     assert leaked_secrets(lines, {"absent"}) == {}
-
-
-@pytest_twisted.async_yield_fixture
-async def browser(pki: Pki) -> AsyncIterator[Browser]:
-    client = Browser(pki.ca_certificate)
-    yield client
-    await client.close_all()
 
 
 @pytest_twisted.ensureDeferred

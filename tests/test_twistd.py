@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pika
@@ -109,13 +109,6 @@ def test_a_key_that_does_not_match_its_certificate_stops_start_up(tmp_path: Path
     result = run_twistd(["--certs-dir", str(certs)], {}, tmp_path)
     assert result.returncode != 0
     assert result.stderr.strip() == "sse-server: SSE_CERTS_DIR: key.pem does not match cert.pem"
-
-
-@pytest_twisted.async_yield_fixture
-async def browser(pki: Pki) -> AsyncIterator[Browser]:
-    client = Browser(pki.ca_certificate)
-    yield client
-    await client.close_all()
 
 
 @pytest_twisted.ensureDeferred
