@@ -217,6 +217,9 @@ class ServerProcess:
             "SSE_RABBITMQ_HOST": "127.0.0.1",
             "SSE_RABBITMQ_QUEUE_NAME": self.queue,
             "SSE_HEARTBEAT_SECONDS": "15",
+            # No metrics listener: its default port (9464) would collide with any other server
+            # on the machine (a test suite's, the compose stack's) and fail the start.
+            "SSE_METRICS_PORT": "0",
             **self.extra_environ,
         }
         if self.source is not None:
