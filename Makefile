@@ -99,6 +99,14 @@ bench: venv ## Run the benchmark suite (one pass; BENCH_RUNS=3 for medians)
 	$(BIN)/pip install --quiet -r bench/requirements.txt
 	$(BIN)/python -m bench --runs $(BENCH_RUNS) $(BENCH_ARGS)
 
+# Soak (issue 6), not part of `make test`: connects and disconnects against a real twistd for
+# SOAK_SECONDS, reporting the server's RSS and open descriptors at the start, peak and end.
+SOAK_SECONDS ?= 180
+
+.PHONY: soak
+soak: venv ## Soak: thousands of connects/disconnects; RSS and fds at start, peak, end
+	$(BIN)/python -m bench.soak --seconds $(SOAK_SECONDS)
+
 .PHONY: lint
 lint: venv ## ruff (lint and format check) and mypy
 	$(BIN)/ruff check .
