@@ -2,15 +2,15 @@
 
 Writing to every stream at once holds the reactor for the whole sweep, and the events
 arriving meanwhile wait behind it (measured: p99 latency 78 ms at 1,000 streams against
-35 ms spread). Each tick writes to the next slice of a snapshot instead.
+35-40 ms spread). Each tick writes to the next slice of a snapshot instead.
 """
 
 from __future__ import annotations
 
-import math
-
-from twisted.application.internet import TimerService
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 
 from ._framing import comment_frame
 from ._streams import EventStream, StreamRegistry
@@ -21,25 +21,45 @@ _HEARTBEAT = comment_frame("keep-alive")
 _SLICES = 150
 
 
-class HeartbeatService(TimerService):
+class HeartbeatService(Service):
     """Every stream gets one keep-alive comment per ``interval_seconds``, in slices."""
 
     def __init__(
         self, registry: StreamRegistry, interval_seconds: float, clock: IReactorTime
     ) -> None:
-        super().__init__(interval_seconds / _SLICES, self._tick)
-        self.clock = clock
         self._registry = registry
+        self._tick_seconds = interval_seconds / _SLICES
+        # withCount: ticks a busy reactor ran late are made up, not skipped, so every
+        # stream still gets its heartbeat within the interval.
+        self._loop = LoopingCall.withCount(self._tick)
+        self._loop.clock = clock
         self._round: list[EventStream] = []
-        self._slice_size = 0
+        self._position = 0
 
-    def _tick(self) -> None:
-        if not self._round:
-            self._round = list(self._registry)
-            self._slice_size = math.ceil(len(self._round) / _SLICES)
-        due = self._round[-self._slice_size :] if self._slice_size else []
-        del self._round[len(self._round) - len(due) :]
-        for stream in due:
-            # The snapshot may hold streams that closed since it was taken.
-            if stream.is_open:
-                stream.write(_HEARTBEAT)
+    def startService(self) -> None:
+        """Start the ticks; the first slice is written at once."""
+        super().startService()
+        self._loop.start(self._tick_seconds, now=True)
+
+    def stopService(self) -> Deferred[None] | None:
+        """Stop the ticks."""
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        return None
+
+    def _tick(self, ticks: int) -> None:
+        for _ in range(ticks):
+            if self._position == 0:
+                self._round = list(self._registry)
+            # Tick k of a round writes to the k-th of _SLICES equal parts of its snapshot.
+            size = len(self._round)
+            start = self._position * size // _SLICES
+            self._position += 1
+            for stream in self._round[start : self._position * size // _SLICES]:
+                # The snapshot may hold streams that closed since it was taken.
+                if stream.is_open:
+                    stream.write(_HEARTBEAT)
+            if self._position == _SLICES:
+                self._position = 0
+                self._round = []
