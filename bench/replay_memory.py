@@ -1,0 +1,55 @@
+"""Memory the replay window holds per retained event, for a typical ``foundcontract``.
+
+.venv/bin/python -m bench.replay_memory [EVENTS]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tracemalloc
+import uuid
+
+from twisted.internet.task import Clock
+
+from sse_twisted._framing import event_frame
+from sse_twisted._messages import parse_message
+from sse_twisted._replay import ReplayWindow
+
+
+def main(events: int) -> None:
+    """Fill a window with ``events`` events of 1,000 users; print bytes per event."""
+    users = [str(uuid.uuid4()) for _ in range(1000)]
+    messages = [
+        parse_message(
+            json.dumps(
+                {
+                    "userid": users[number % len(users)],
+                    "filename": "report.pdf",
+                    "filepath": "/x/report.pdf",
+                    "finished": False,
+                    "type": "foundcontract",
+                }
+            ).encode()
+        )
+        for number in range(events)
+    ]
+    window = ReplayWindow(Clock(), max_age_seconds=300, max_events=events)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for offset, message in enumerate(messages):
+        window.record(message.userid, message.topic, offset, event_frame(message.data, offset))
+    total = tracemalloc.get_traced_memory()[0] - before
+    print(
+        json.dumps(
+            {
+                "events": events,
+                "bytes_per_event": round(total / events),
+                "frame_bytes": len(event_frame(messages[0].data, 0)),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000)
