@@ -175,6 +175,14 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_int,
         "queue of connections not yet accepted (a reconnect storm overflows a small one)",
     ),
+    Setting(
+        "tcp_user_timeout_seconds",
+        "SSE_TCP_USER_TIMEOUT_SECONDS",
+        "tcp-user-timeout-seconds",
+        "45",
+        _non_negative_float,
+        "close a connection whose sent data stays unacknowledged this long (0 = kernel default)",
+    ),
     Setting("log_index", "SSE_LOG_INDEX", "log-index", "sse", _non_empty, "`index` log field"),
     Setting(
         "logs_dir",
@@ -457,6 +465,7 @@ class Config:
     port: int
     listen_address: str
     listen_backlog: int
+    tcp_user_timeout_seconds: float
     metrics_port: int
     metrics_address: str
     log_index: str

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
@@ -50,9 +52,14 @@ class ListenerService(Service):
     log = Logger()
 
     def __init__(
-        self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, clock: IReactorTime
+        self,
+        endpoint: IStreamServerEndpoint,
+        factory: IProtocolFactory,
+        clock: IReactorTime,
+        unacknowledged_seconds: float = 0,
     ) -> None:
         self._endpoint = endpoint
+        self._unacknowledged_seconds = unacknowledged_seconds
         self._connections = _ConnectionTracker(factory)
         self._clock = clock
         self._port: IListeningPort | None = None
@@ -67,6 +74,16 @@ class ListenerService(Service):
 
     def _bound(self, port: IListeningPort) -> None:
         self._port = port
+        listening_socket = getattr(port, "socket", None)
+        if self._unacknowledged_seconds and listening_socket is not None:
+            # Accepted sockets inherit it: a client that vanished without a FIN (or stopped
+            # reading) leaves heartbeats unacknowledged, and the kernel ends the connection
+            # after this long instead of retransmitting for a quarter of an hour.
+            listening_socket.setsockopt(
+                socket.IPPROTO_TCP,
+                socket.TCP_USER_TIMEOUT,
+                int(self._unacknowledged_seconds * 1000),
+            )
         address = port.getHost()
         assert isinstance(address, IPv4Address | IPv6Address)
         self.log.info("listening on {host}:{port}", host=address.host, port=address.port)

@@ -188,7 +188,9 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
         backlog=config.listen_backlog,
         interface=config.listen_address,
     )
-    listener = ListenerService(endpoint, site, reactor)
+    listener = ListenerService(
+        endpoint, site, reactor, unacknowledged_seconds=config.tcp_user_timeout_seconds
+    )
     listener.listening.addErrback(lambda reason: on_fatal(f"cannot listen: {reason.value}"))
     service = SSEService(registry, listener, authenticator, consumer, observer, config)
     service.auth_cache = auth_cache

@@ -363,3 +363,13 @@ async def test_a_database_restart_is_followed_by_a_successful_subscribe(
     else:
         raise AssertionError("no successful subscribe after PostgreSQL came back")
     await wait_for(lambda: len(server.service.registry) == 1, "stream registered")
+
+
+@pytest_twisted.ensureDeferred
+async def test_accepted_connections_give_up_on_a_peer_that_stops_acknowledging(
+    server: RunningServer,
+) -> None:
+    port = await server.service.listener.listening
+    # Accepted sockets inherit the listening socket's TCP_USER_TIMEOUT (Linux).
+    timeout = port.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+    assert timeout == server.config.tcp_user_timeout_seconds * 1000 == 45_000
