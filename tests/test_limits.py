@@ -6,19 +6,33 @@ PostgreSQL and RabbitMQ (``plaintext_environ``); the raw-socket clients run in t
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import h2.connection
+import h2.exceptions
 import psycopg2
 import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from tests.backends import Pki
-from tests.harness import Browser, RunningServer, bounded, new_token, new_uuid, start_server
+from tests.backends import Pki, PostgresServer, RabbitMQServer
+from tests.harness import (
+    Browser,
+    RunningServer,
+    bounded,
+    found_contract,
+    new_token,
+    new_uuid,
+    publish,
+    start_server,
+)
+from tests.harness import add_subscriber as add_tls_subscriber
 
 
 @pytest.fixture
@@ -214,4 +228,71 @@ async def test_a_slowloris_head_is_cut_at_the_deadline_while_others_are_served(
         assert len(server.service.registry) == 1
     finally:
         await browser.close_all()
+        await server.stop()
+
+
+def _flood_http2(port: int, ca: Path, streams: int) -> dict[str, int]:
+    """Open ``streams`` HTTP/2 streams at once on one connection (past the server's
+    advertised limit: the client never reads its settings first); tally the answers."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2"])
+    tally = {"responses": 0, "resets": 0, "goaway": 0, "closed": 0}
+    raw = socket.create_connection(("127.0.0.1", port))
+    with context.wrap_socket(raw, server_hostname="localhost") as connection:
+        client = h2.connection.H2Connection()
+        client.initiate_connection()
+        for number in range(streams):
+            client.send_headers(
+                2 * number + 1,
+                [
+                    (":method", "GET"),
+                    (":path", "/healthz"),
+                    (":scheme", "https"),
+                    (":authority", "localhost"),
+                ],
+                end_stream=True,
+            )
+        connection.sendall(client.data_to_send())
+        connection.settimeout(10)
+        while tally["responses"] + tally["resets"] < streams:
+            data = connection.recv(65536)
+            if not data:
+                tally["closed"] = 1
+                break
+            try:
+                events = client.receive_data(data)
+            except h2.exceptions.ProtocolError:
+                break
+            for event in events:
+                kind = type(event).__name__
+                tally["responses"] += kind == "ResponseReceived"
+                tally["resets"] += kind == "StreamReset"
+                tally["goaway"] += kind == "ConnectionTerminated"
+            if tally["goaway"]:
+                break
+            connection.sendall(client.data_to_send())
+    return tally
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http2_flood_of_streams_is_bounded_and_others_are_still_served(
+    tls_environ: dict[str, str],
+    browser: Browser,
+    postgres_tls: PostgresServer,
+    rabbitmq_tls: RabbitMQServer,
+    pki: Pki,
+) -> None:
+    server = await start_server(tls_environ)
+    try:
+        userid, token = add_tls_subscriber(postgres_tls)
+        _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
+        port = int(server.base_url.rsplit(":", 1)[1])
+        tally = await deferToThread(_flood_http2, port, pki.ca_certificate, 1000)
+        # h2 advertises at most 100 concurrent streams: the flood is refused, not served.
+        assert tally["responses"] < 1000
+        assert tally["goaway"] or tally["resets"] or tally["closed"]
+        queue = server.config.rabbitmq_queue_name
+        await publish(rabbitmq_tls.amqp_port, queue, found_contract(userid))
+        assert json.loads((await tab.next_event())["data"]) == found_contract(userid)
+    finally:
         await server.stop()
