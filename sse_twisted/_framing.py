@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["comment_frame", "event_frame", "retry_frame"]
+__all__ = ["comment_frame", "event_frame", "id_frame", "retry_frame"]
 
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
@@ -30,6 +30,11 @@ def event_frame(data: bytes, event_id: int | None = None, event: str | None = No
 def comment_frame(text: str) -> bytes:
     """A comment line: ignored by the browser, it keeps proxies and idle timers from closing."""
     return b": " + _one_line(text.encode("utf-8")) + b"\n\n"
+
+
+def id_frame(event_id: int) -> bytes:
+    """Move the browser's last event id to ``event_id`` without dispatching an event."""
+    return b"id: %d\n\n" % event_id
 
 
 def retry_frame(milliseconds: int) -> bytes:

@@ -15,7 +15,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from ._channel import limited_channel_protocol
-from ._framing import comment_frame, retry_frame
+from ._framing import comment_frame, id_frame, retry_frame
 from ._logging import mask_subscribe_path
 from ._metrics import Metrics
 from ._replay import ReplayWindow
@@ -290,6 +290,12 @@ class SubscribeResource(Resource):
             self._metrics.replay_events_sent.inc(len(replay.frames))
             stream.resume_after = replay.resume_after
             stream.coverage_unknown = replay.coverage_unknown
+        newest = self._window.newest
+        if newest is not None and newest > stream.resume_after:
+            # Everything up to here was consumed before this stream existed: a browser
+            # that reconnects before its first event resumes from this point, not from
+            # nothing (an id with no data sets lastEventId without dispatching an event).
+            head.append(id_frame(newest))
         request.registerProducer(stream, True)
         self._registry.add(stream)
         finished.addBoth(self._closed, stream)

@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sse_twisted._framing import comment_frame, event_frame, retry_frame
+from sse_twisted._framing import comment_frame, event_frame, id_frame, retry_frame
 from tests.sse_parser import EventParser
 
 
@@ -44,3 +44,9 @@ def test_any_data_arrives_as_exactly_one_event_with_its_id(data: bytes, offset: 
     assert events[0]["id"] == str(offset)
     expected = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").decode("utf-8", "replace")
     assert events[0]["data"] == expected
+
+
+def test_an_id_alone_moves_the_last_event_id_without_an_event() -> None:
+    parser = EventParser()
+    assert parser.feed(id_frame(41)) == []
+    assert parser.last_event_id == "41"

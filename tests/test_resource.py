@@ -227,3 +227,13 @@ def test_an_unknown_path_is_a_plain_404() -> None:
     body = child.render(request)
     assert request.responseCode == 404
     assert body == b"not found\n"
+
+
+def test_a_new_stream_is_given_the_newest_offset_consumed_as_its_last_event_id() -> None:
+    resource, _ = make_resource(ScriptedAuthenticator(True))
+    resource._window.consumed(41)
+    request = request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}")
+    render(resource, request)
+    parser = EventParser()
+    assert parser.feed(b"".join(request.written)) == []
+    assert parser.last_event_id == "41"
