@@ -15,6 +15,7 @@ from typing import Any
 
 import pika
 import pika.exceptions
+import psycopg2
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.protocol import ProcessProtocol, Protocol
@@ -252,6 +253,17 @@ def add_subscriber(postgres: PostgresServer) -> tuple[str, str]:
     """A new (userid, token) row in the users table of ``postgres``."""
     userid, token = new_uuid(), new_token()
     postgres.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
+    return userid, token
+
+
+def add_local_subscriber(database: str) -> tuple[str, str]:
+    """A new (userid, token) row in ``database`` on the machine's own PostgreSQL."""
+    userid, token = new_uuid(), new_token()
+    with (
+        psycopg2.connect(host="127.0.0.1", user="postgres", dbname=database) as connection,
+        connection.cursor() as cursor,
+    ):
+        cursor.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
     return userid, token
 
 

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import psycopg2
 import pytest
 import pytest_twisted
 from cryptography import x509
@@ -31,6 +30,7 @@ from sse_twisted.devcerts import DevCertificateFiles
 from tests.backends import Pki, PostgresServer
 from tests.harness import (
     RunningServer,
+    add_local_subscriber,
     bounded,
     found_contract,
     new_token,
@@ -190,19 +190,6 @@ async def page_of(chromium: Chromium) -> AsyncIterator[Callable[[RunningServer],
         await chromium.close_page(page)
 
 
-def add_subscriber(environ: dict[str, str]) -> tuple[str, str]:
-    """A new (userid, token) row in the local test database."""
-    userid, token = new_uuid(), new_token()
-    with (
-        psycopg2.connect(
-            host="127.0.0.1", user="postgres", dbname=environ["SSE_POSTGRES_DB_NAME"]
-        ) as connection,
-        connection.cursor() as cursor,
-    ):
-        cursor.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
-    return userid, token
-
-
 def browser_environ(environ: dict[str, str]) -> dict[str, str]:
     """Quick reconnects, so that the tests do not wait for browsers' default delays; logs
     to stdout only (an in-process server never closes its daily log file)."""
@@ -227,7 +214,7 @@ async def test_an_event_published_to_rabbitmq_reaches_the_pages_onmessage_as_exa
     server = await start_server(environ)
     try:
         page = await page_of(server)
-        userid, token = add_subscriber(environ)
+        userid, token = add_local_subscriber(environ["SSE_POSTGRES_DB_NAME"])
         url = server.subscribe_url(new_uuid(), userid, token)
         await chromium.evaluate(page, "([url]) => openStream('a', url)", url)
         await chromium.wait_until(page, "() => window.sse.a.opens === 1")
@@ -250,7 +237,7 @@ async def test_after_a_server_restart_the_page_reconnects_and_replays_the_gap_in
     server = await start_server(environ)
     port = server.base_url.rsplit(":", 1)[1]
     page = await page_of(server)
-    userid, token = add_subscriber(environ)
+    userid, token = add_local_subscriber(environ["SSE_POSTGRES_DB_NAME"])
     url = server.subscribe_url(new_uuid(), userid, token)
     queue = server.config.rabbitmq_queue_name
     await chromium.evaluate(page, "([url]) => openStream('a', url)", url)
@@ -324,10 +311,10 @@ async def test_one_page_holds_twenty_streams_over_http2_all_receiving(
     server = await start_server(environ)
     try:
         page = await page_of(server)
-        userid, token = add_subscriber(environ)
+        userid, token = add_local_subscriber(environ["SSE_POSTGRES_DB_NAME"])
         topic = new_uuid()
         # One user's limit is 16 streams by default: 20 streams of 20 users on one topic.
-        users = [add_subscriber(environ) for _ in range(20)]
+        users = [add_local_subscriber(environ["SSE_POSTGRES_DB_NAME"]) for _ in range(20)]
         for index, (userid, token) in enumerate(users):
             await chromium.evaluate(
                 page,

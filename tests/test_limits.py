@@ -16,7 +16,6 @@ from typing import Any
 
 import h2.connection
 import h2.exceptions
-import psycopg2
 import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
@@ -25,14 +24,14 @@ from tests.backends import Pki, PostgresServer, RabbitMQServer
 from tests.harness import (
     Browser,
     RunningServer,
+    add_local_subscriber,
+    add_subscriber,
     bounded,
     found_contract,
-    new_token,
     new_uuid,
     publish,
     start_server,
 )
-from tests.harness import add_subscriber as add_tls_subscriber
 
 
 @pytest.fixture
@@ -40,19 +39,6 @@ def plaintext_environ(plaintext_environ: dict[str, str]) -> dict[str, str]:
     """The local plaintext backends; logs to stdout only (an in-process server never closes
     its daily log file)."""
     return {name: value for name, value in plaintext_environ.items() if name != "SSE_LOGS_DIR"}
-
-
-def add_subscriber(environ: dict[str, str]) -> tuple[str, str]:
-    """A new (userid, token) row in the test database."""
-    userid, token = new_uuid(), new_token()
-    with (
-        psycopg2.connect(
-            host="127.0.0.1", user="postgres", dbname=environ["SSE_POSTGRES_DB_NAME"]
-        ) as connection,
-        connection.cursor() as cursor,
-    ):
-        cursor.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
-    return userid, token
 
 
 def _port(server: RunningServer) -> int:
@@ -90,7 +76,7 @@ async def test_a_user_over_the_per_user_limit_gets_429_while_others_are_served(
 ) -> None:
     server = await start_server({**plaintext_environ, "SSE_MAX_STREAMS_PER_USER": "2"})
     try:
-        userid, token = add_subscriber(plaintext_environ)
+        userid, token = add_local_subscriber(plaintext_environ["SSE_POSTGRES_DB_NAME"])
         urls = [server.subscribe_url(new_uuid(), userid, token) for _ in range(3)]
         first, first_stream = await browser.open(urls[0])
         second, _ = await browser.open(urls[1])
@@ -100,7 +86,9 @@ async def test_a_user_over_the_per_user_limit_gets_429_while_others_are_served(
         assert refused.headers.getRawHeaders(b"retry-after") == [b"3"]  # the retry delay, 3000 ms
         assert await browser.read_body(refused) == b"too many open streams for this user\n"
         other, _ = await browser.open(
-            server.subscribe_url(new_uuid(), *add_subscriber(plaintext_environ))
+            server.subscribe_url(
+                new_uuid(), *add_local_subscriber(plaintext_environ["SSE_POSTGRES_DB_NAME"])
+            )
         )
         assert other.code == 200
         # A closed tab frees its place.
@@ -130,11 +118,15 @@ async def test_a_server_at_its_stream_limit_answers_429_to_anyone(
     try:
         for _ in range(2):
             response, _ = await browser.open(
-                server.subscribe_url(new_uuid(), *add_subscriber(plaintext_environ))
+                server.subscribe_url(
+                    new_uuid(), *add_local_subscriber(plaintext_environ["SSE_POSTGRES_DB_NAME"])
+                )
             )
             assert response.code == 200
         refused = await browser.get(
-            server.subscribe_url(new_uuid(), *add_subscriber(plaintext_environ))
+            server.subscribe_url(
+                new_uuid(), *add_local_subscriber(plaintext_environ["SSE_POSTGRES_DB_NAME"])
+            )
         )
         assert refused.code == 429
         assert await browser.read_body(refused) == b"too many open streams on this server\n"
@@ -216,7 +208,9 @@ async def test_a_slowloris_head_is_cut_at_the_deadline_while_others_are_served(
         connect = _tls(pki)
         slow: Any = deferToThread(_slowloris, connect, _port(server))
         response, _ = await browser.open(
-            server.subscribe_url(new_uuid(), *add_subscriber(plaintext_environ))
+            server.subscribe_url(
+                new_uuid(), *add_local_subscriber(plaintext_environ["SSE_POSTGRES_DB_NAME"])
+            )
         )
         assert response.code == 200
         received, answered, ended = await bounded(slow)
@@ -284,7 +278,7 @@ async def test_an_http2_flood_of_streams_is_bounded_and_others_are_still_served(
 ) -> None:
     server = await start_server(tls_environ)
     try:
-        userid, token = add_tls_subscriber(postgres_tls)
+        userid, token = add_subscriber(postgres_tls)
         _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
         port = int(server.base_url.rsplit(":", 1)[1])
         tally = await deferToThread(_flood_http2, port, pki.ca_certificate, 1000)

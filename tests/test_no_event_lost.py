@@ -11,7 +11,6 @@ import socket
 import ssl
 from pathlib import Path
 
-import psycopg2
 import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
@@ -20,10 +19,10 @@ from tests.backends import Pki, PostgresServer, RabbitMQServer
 from tests.harness import (
     Browser,
     EventCollector,
+    add_local_subscriber,
     add_subscriber,
     bounded,
     found_contract,
-    new_token,
     new_uuid,
     publish,
     spawn_twistd,
@@ -228,16 +227,6 @@ async def test_stopping_a_server_tells_each_stream_when_to_come_back_and_closes_
     assert len(set(delays)) > 1, "reconnections are spread, not all at the same moment"
 
 
-def _insert_user(database: str) -> tuple[str, str]:
-    userid, token = new_uuid(), new_token()
-    with (
-        psycopg2.connect(host="127.0.0.1", user="postgres", dbname=database) as connection,
-        connection.cursor() as cursor,
-    ):
-        cursor.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
-    return userid, token
-
-
 class Instance:
     """A twistd process serving on its own port, sharing the stream with the others."""
 
@@ -286,7 +275,7 @@ async def test_a_browser_moving_between_instances_gets_every_event_exactly_once(
 ) -> None:
     first, second = await _two_instances(plaintext_environ, tmp_path)
     queue = plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"]
-    userid, token = _insert_user(local_database["SSE_POSTGRES_DB_NAME"])
+    userid, token = add_local_subscriber(local_database["SSE_POSTGRES_DB_NAME"])
     parts = (new_uuid(), userid, token)
     try:
         _, on_first = await browser.open(first.url(*parts))
@@ -323,7 +312,7 @@ async def test_random_disconnects_across_two_instances_lose_and_repeat_nothing(
     first, second = await _two_instances(plaintext_environ, tmp_path)
     instances = (first, second)
     queue = plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"]
-    users = [_insert_user(local_database["SSE_POSTGRES_DB_NAME"]) for _ in range(4)]
+    users = [add_local_subscriber(local_database["SSE_POSTGRES_DB_NAME"]) for _ in range(4)]
     randomness = random.Random(7)
     received: dict[str, list[int]] = {userid: [] for userid, _ in users}
     tabs: dict[str, tuple[tuple[str, str, str], EventCollector, int]] = {}

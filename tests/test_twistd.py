@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pika
-import psycopg2
 import pytest
 import pytest_twisted
 
@@ -20,9 +19,9 @@ from sse_twisted.devcerts import create_certificate_authority, issue_certificate
 from tests.backends import Pki
 from tests.harness import (
     Browser,
+    add_local_subscriber,
     bounded,
     found_contract,
-    new_token,
     new_uuid,
     publish,
     spawn_twistd,
@@ -118,14 +117,7 @@ async def test_twistd_serves_a_stream_with_the_local_plaintext_backends_and_stop
     local_database: dict[str, str],
     browser: Browser,
 ) -> None:
-    userid, token = new_uuid(), new_token()
-    with (
-        psycopg2.connect(
-            host="127.0.0.1", user="postgres", dbname=local_database["SSE_POSTGRES_DB_NAME"]
-        ) as connection,
-        connection.cursor() as cursor,
-    ):
-        cursor.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
+    userid, token = add_local_subscriber(local_database["SSE_POSTGRES_DB_NAME"])
     process, transport = spawn_twistd(plaintext_environ, tmp_path)
     try:
         port = await bounded(process.port, 30)
