@@ -31,7 +31,7 @@ __all__ = [
     "SERVER_CERT_FILE",
     "SERVER_KEY_FILE",
     "rabbitmq_client_tls",
-    "server_tls",
+    "server_identity",
 ]
 
 SERVER_CERT_FILE = "cert.pem"
@@ -79,8 +79,9 @@ def _identity(
     return leaf, key, chain
 
 
-def server_tls(certs_dir: Path) -> CertificateOptions:
-    """Context for the browser-facing port: TLS 1.2+, full chain, ALPN h2 then http/1.1.
+def server_identity(certs_dir: Path) -> tuple[CertificateOptions, x509.Certificate]:
+    """Context for the browser-facing port (TLS 1.2+, full chain, ALPN h2 then http/1.1)
+    and the certificate it serves.
 
     ``ca.pem`` is optional and, when present, sent as the intermediate chain after
     whatever chain ``cert.pem`` already carries.
@@ -88,13 +89,14 @@ def server_tls(certs_dir: Path) -> CertificateOptions:
     leaf, key, chain = _identity(certs_dir, SERVER_CERT_FILE, SERVER_KEY_FILE)
     if (certs_dir / SERVER_CA_FILE).exists():
         chain += _certificates(certs_dir, SERVER_CA_FILE)
-    return CertificateOptions(
+    options = CertificateOptions(
         privateKey=key,  # type: ignore[arg-type]
         certificate=leaf,  # type: ignore[arg-type]
         extraCertChain=chain,  # type: ignore[arg-type]
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableProtocols=[b"h2", b"http/1.1"],
     )
+    return options, leaf
 
 
 def rabbitmq_client_tls(certs_dir: Path, hostname: str) -> IOpenSSLClientConnectionCreator:

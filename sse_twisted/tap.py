@@ -31,7 +31,7 @@ from ._resource import EventStreamSite, SubscribeResource, root_resource
 from ._revocation import RevocationEnforcer, RevocationListener
 from ._router import MessageRouter
 from ._streams import StreamRegistry
-from ._tls import server_tls
+from ._tls_reload import ReloadableServerTLS, ReloadOnHangup
 
 __all__ = ["Options", "SSEService", "build_service", "makeService"]
 
@@ -65,9 +65,11 @@ class SSEService(MultiService):
     """The whole server: listener, stream registry, authenticator, consumer and heartbeats."""
 
     log = Logger()
-    # Set by build_service: the subscriber-check cache (its counters) and the revocation feed.
+    # Set by build_service: the subscriber-check cache (its counters), the revocation feed
+    # and the browser-facing TLS identity.
     auth_cache: CachingAuthenticator | None = None
     revocations: RevocationListener | None = None
+    server_tls: ReloadableServerTLS
 
     def __init__(
         self,
@@ -181,10 +183,11 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     # HTTP/2 drops every stream of a connection idle for Site.timeOut: heartbeats must
     # come well within it.
     site.timeOut = max(60, 3 * config.heartbeat_seconds)
+    server_tls = ReloadableServerTLS(config.certs_dir, reactor)
     endpoint = SSL4ServerEndpoint(
         reactor,
         config.port,
-        server_tls(config.certs_dir),
+        server_tls,
         backlog=config.listen_backlog,
         interface=config.listen_address,
     )
@@ -195,6 +198,7 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     service = SSEService(registry, listener, authenticator, consumer, observer, config)
     service.auth_cache = auth_cache
     service.revocations = revocations
+    service.server_tls = server_tls
     revocations.setServiceParent(service)
     HeartbeatService(registry, config.heartbeat_seconds, reactor).setServiceParent(service)
     metrics.watch(registry, consumer, authenticator, auth_cache)
@@ -236,6 +240,8 @@ def makeService(options: Options) -> IService:
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     try:
-        return build_service(options["config"], reactor, _exit_with_error(reactor))
+        service = build_service(options["config"], reactor, _exit_with_error(reactor))
     except ConfigError as error:
         raise SystemExit(f"sse-server: {error}") from None
+    ReloadOnHangup(service.server_tls.reload, reactor).setServiceParent(service)
+    return service

@@ -16,7 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 
-from sse_twisted._tls import server_tls
+from sse_twisted._tls import server_identity
 from sse_twisted.devcerts import (
     CertificateAuthority,
     create_certificate_authority,
@@ -112,7 +112,10 @@ async def test_leaf_and_intermediate_from_ca_pem_are_served_and_verify_against_t
 ) -> None:
     root = _layout(tmp_path / "certs", with_intermediate=True)
     port = reactor.listenSSL(  # type: ignore[attr-defined]
-        0, Factory.forProtocol(Protocol), server_tls(tmp_path / "certs"), interface="127.0.0.1"
+        0,
+        Factory.forProtocol(Protocol),
+        server_identity(tmp_path / "certs")[0],
+        interface="127.0.0.1",
     )
     try:
         number = port.getHost().port
@@ -131,7 +134,10 @@ async def test_without_the_intermediate_a_client_trusting_only_the_root_refuses(
 ) -> None:
     root = _layout(tmp_path / "certs", with_intermediate=False)
     port = reactor.listenSSL(  # type: ignore[attr-defined]
-        0, Factory.forProtocol(Protocol), server_tls(tmp_path / "certs"), interface="127.0.0.1"
+        0,
+        Factory.forProtocol(Protocol),
+        server_identity(tmp_path / "certs")[0],
+        interface="127.0.0.1",
     )
     try:
         try:

@@ -1,0 +1,166 @@
+"""SIGHUP reloads the browser-facing certificate in a running twistd: new connections get
+the renewed one, open streams keep flowing, and a renewal caught half written is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from twisted.internet.threads import deferToThread
+
+from sse_twisted.devcerts import (
+    DEV_CERTIFICATE_FILES,
+    issue_certificate,
+    load_certificate_authority,
+    write_certificate,
+    write_private_key,
+)
+from tests.backends import Pki
+from tests.harness import (
+    Browser,
+    TwistdProcess,
+    add_local_subscriber,
+    bounded,
+    found_contract,
+    new_uuid,
+    publish,
+    spawn_twistd,
+    wait_for,
+)
+
+
+@pytest.fixture
+def certs_dir(tmp_path: Path, pki: Pki) -> Path:
+    """A copy of the test PKI that a test may renew in place."""
+    return Path(shutil.copytree(pki.directory, tmp_path / "certs"))
+
+
+def _renew(certs_dir: Path, *, with_key: bool = True) -> x509.Certificate:
+    """Issue a new localhost certificate from the dev CA and move it over cert.pem (and its
+    key over key.pem), each by an atomic rename, as ACME clients do."""
+    files = DEV_CERTIFICATE_FILES
+    authority = load_certificate_authority(
+        certs_dir / files.ca_certificate, certs_dir / files.ca_key
+    )
+    certificate, key = issue_certificate(authority, ["localhost", "127.0.0.1"])
+    if with_key:
+        write_private_key(certs_dir / "key.pem.new", key)
+        os.replace(certs_dir / "key.pem.new", certs_dir / "key.pem")
+    write_certificate(certs_dir / "cert.pem.new", certificate)
+    os.replace(certs_dir / "cert.pem.new", certs_dir / "cert.pem")
+    return certificate
+
+
+def _served_certificate(port: int, ca: Path) -> x509.Certificate:
+    """The certificate a new, verifying client is given."""
+    context = ssl.create_default_context(cafile=str(ca))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as connection,
+    ):
+        der = connection.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+async def served_certificate(port: int, ca: Path) -> x509.Certificate:
+    return await deferToThread(_served_certificate, port, ca)
+
+
+def _messages(process: TwistdProcess, start: str) -> list[dict[str, Any]]:
+    return [line for line in process.lines if line["message"].startswith(start)]
+
+
+async def _hangup(process: TwistdProcess, transport: Any, outcome: str) -> dict[str, Any]:
+    """Send SIGHUP and return the log line that reports ``outcome`` of this reload."""
+    seen = len(_messages(process, outcome))
+    transport.signalProcess("HUP")
+    await wait_for(lambda: len(_messages(process, outcome)) > seen, f"no {outcome!r} line")
+    return _messages(process, outcome)[-1]
+
+
+def _sha256(certificate: x509.Certificate) -> str:
+    return certificate.fingerprint(hashes.SHA256()).hex()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_serves_a_renewed_certificate_to_new_connections_and_open_streams_flow_on(
+    tmp_path: Path,
+    certs_dir: Path,
+    pki: Pki,
+    plaintext_environ: dict[str, str],
+    local_database: dict[str, str],
+    browser: Browser,
+) -> None:
+    userid, token = add_local_subscriber(local_database["SSE_POSTGRES_DB_NAME"])
+    process, transport = spawn_twistd(
+        {**plaintext_environ, "SSE_CERTS_DIR": str(certs_dir)}, tmp_path
+    )
+    try:
+        port = await bounded(process.port, 30)
+        await bounded(process.consuming, 30)
+        before = await served_certificate(port, pki.ca_certificate)
+        [serving] = _messages(process, "serving TLS certificate")
+        assert serving["sha256"] == _sha256(before)
+        response, tab = await browser.open(
+            f"https://localhost:{port}/subscribe/{new_uuid()}/{userid}/{token}"
+        )
+        assert response.code == 200
+
+        renewed = _renew(certs_dir)
+        reloaded = await _hangup(process, transport, "TLS certificate reloaded")
+
+        assert reloaded["sha256"] == _sha256(renewed) != _sha256(before)
+        assert reloaded["not_after"] == renewed.not_valid_after_utc.isoformat()
+        after = await served_certificate(port, pki.ca_certificate)
+        assert after.serial_number == renewed.serial_number
+        # The stream opened before the reload is still open and still delivered to.
+        await publish(5672, plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"], found_contract(userid))
+        event = await tab.next_event()
+        assert json.loads(event["data"]) == found_contract(userid)
+        assert not tab.closed.called
+    finally:
+        transport.signalProcess("TERM")
+        await bounded(process.ended, 30)
+    assert b"PRIVATE KEY" not in process.raw
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_half_written_renewal_is_refused_on_sighup_and_the_current_certificate_stays(
+    tmp_path: Path, certs_dir: Path, pki: Pki, plaintext_environ: dict[str, str]
+) -> None:
+    process, transport = spawn_twistd(
+        {**plaintext_environ, "SSE_CERTS_DIR": str(certs_dir)}, tmp_path
+    )
+    try:
+        port = await bounded(process.port, 30)
+        before = await served_certificate(port, pki.ca_certificate)
+
+        # The new certificate has landed, its key not yet.
+        renewed = _renew(certs_dir, with_key=False)
+        refused = await _hangup(process, transport, "TLS reload refused")
+
+        assert refused["@level"] == "error"
+        assert refused["reason"] == "SSE_CERTS_DIR: key.pem does not match cert.pem"
+        still = await served_certificate(port, pki.ca_certificate)
+        assert still.serial_number == before.serial_number != renewed.serial_number
+        assert not process.ended.called
+
+        # The renewal completes; the next SIGHUP takes it.
+        completed = _renew(certs_dir)
+        await _hangup(process, transport, "TLS certificate reloaded")
+        now = await served_certificate(port, pki.ca_certificate)
+        assert now.serial_number == completed.serial_number
+    finally:
+        transport.signalProcess("TERM")
+        await bounded(process.ended, 30)
+    assert b"PRIVATE KEY" not in process.raw
