@@ -103,6 +103,25 @@ class LimitedHTTPChannel(HTTPChannel):
             self._disarm_head_deadline()
         super().lineReceived(line)
 
+    def rawDataReceived(self, data: bytes) -> None:
+        """Stop reading bytes pipelined behind a request in progress once Twisted's allowance
+        is buffered, also while the response waits for the transport to drain: Twisted
+        skips its pause then, and a client that stops reading its stream could make the
+        server buffer every byte it sends after it."""
+        super().rawDataReceived(data)
+        if (
+            self._handlingRequest
+            and self._waitingForTransport
+            and sum(map(len, self._dataBuffer)) > self._optimisticEagerReadSize
+        ):
+            # Resumed as Twisted resumes its own pause: when the request is done.
+            self._networkProducer.pauseProducing()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Twisted found the request malformed (request line, header line, length, chunk
+        size): answer C{400} with a reason and log it, where Twisted writes a bare status."""
+        self._refuse(b"400 Bad Request", "malformed HTTP request")
+
     def lineLengthExceeded(self, line: bytes) -> None:
         """One header line alone is over the limit."""
         self._refuse(b"431 Request Header Fields Too Large", "request header line too long")
@@ -115,12 +134,14 @@ class LimitedHTTPChannel(HTTPChannel):
         self._refused = True
         self._disarm_head_deadline()
         self.log.info(
-            "refused a request head: {reason}",
+            "refused a request: {reason}",
             reason=reason,
             client=getattr(self.transport.getPeer(), "host", None),  # type: ignore[union-attr]
         )
         self.transport.write(_refusal(status, reason))  # type: ignore[union-attr]
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        # Unregisters this channel as the transport's producer first, or TLS would wait for
+        # it before closing.
+        self.loseConnection()
         # A client that does not read would keep the connection open while TLS waits to
         # flush the refusal.
         self._abort_call = self.callLater(_GRACE_SECONDS, self.transport.abortConnection)  # type: ignore[union-attr]

@@ -1,4 +1,7 @@
-"""Limits with precise answers: 429 for streams, 431 for request heads, 408 for slowloris.
+"""Limits with precise answers: 429 for streams, 431 for request heads, 408 for slowloris,
+Twisted's 400 for junk pipelined after a request, and TCP backpressure for bytes pipelined
+behind an open stream (HTTP/1.1 answers pipelined requests in order, so nothing behind a
+stream is parsed until the stream ends; it must not be buffered without bound either).
 
 Each test runs a real server on the test reactor against the machine's plaintext
 PostgreSQL and RabbitMQ (``plaintext_environ``); the raw-socket clients run in threads.
@@ -6,19 +9,24 @@ PostgreSQL and RabbitMQ (``plaintext_environ``); the raw-socket clients run in t
 
 from __future__ import annotations
 
+import gc
 import json
+import re
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import h2.connection
 import h2.exceptions
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
+from twisted.protocols.policies import ProtocolWrapper
 
 from tests.backends import Pki, PostgresServer, RabbitMQServer
 from tests.harness import (
@@ -31,7 +39,9 @@ from tests.harness import (
     new_uuid,
     publish,
     start_server,
+    wait_for,
 )
+from tests.sse_parser import EventParser
 
 
 @pytest.fixture
@@ -94,20 +104,12 @@ async def test_a_user_over_the_per_user_limit_gets_429_while_others_are_served(
         # A closed tab frees its place.
         first_stream.close()
         await bounded(first_stream.closed)
-        while server.service.registry.count_of(userid) > 1:
-            await deferLater_tick()
+        await wait_for(lambda: server.service.registry.count_of(userid) <= 1, "tab not freed")
         again, _ = await browser.open(urls[2])
         assert again.code == 200
     finally:
         await browser.close_all()
         await server.stop()
-
-
-async def deferLater_tick() -> None:
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    await deferLater(reactor, 0.02, lambda: None)
 
 
 @pytest_twisted.ensureDeferred
@@ -289,4 +291,370 @@ async def test_an_http2_flood_of_streams_is_bounded_and_others_are_still_served(
         await publish(rabbitmq_tls.amqp_port, queue, found_contract(userid))
         assert json.loads((await tab.next_event())["data"]) == found_contract(userid)
     finally:
+        await server.stop()
+
+
+@pytest.fixture
+def log_events() -> Iterator[list[LogEvent]]:
+    """Every log event emitted during the test."""
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    yield events
+    globalLogPublisher.removeObserver(observer)
+
+
+def _failures(events: list[LogEvent]) -> list[str]:
+    """The events that report an error: failures, unhandled errors, error and critical lines."""
+    gc.collect()  # "Unhandled error in Deferred" is logged when the Deferred is collected
+    return [
+        formatEvent(event)
+        for event in events
+        if "log_failure" in event
+        or event.get("isError")
+        or event.get("log_level") in (LogLevel.error, LogLevel.critical)
+    ]
+
+
+def _subscribe_request(topic: str, userid: str, token: str) -> bytes:
+    return b"GET /subscribe/%s/%s/%s HTTP/1.1\r\nHost: localhost\r\n\r\n" % (
+        topic.encode(),
+        userid.encode(),
+        token.encode(),
+    )
+
+
+_HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+
+def _responses(answer: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The status line and body of each Content-Length framed response at the start of
+    ``answer``, and the bytes after the last of them."""
+    responses: list[tuple[bytes, bytes]] = []
+    while True:
+        head, separator, rest = answer.partition(b"\r\n\r\n")
+        status, *header_lines = head.split(b"\r\n")
+        lengths = [
+            int(value)
+            for name, _, value in (line.partition(b": ") for line in header_lines)
+            if name.lower() == b"content-length"
+        ]
+        if not separator or len(lengths) != 1:
+            return responses, answer
+        responses.append((status, rest[: lengths[0]]))
+        answer = rest[lengths[0] :]
+
+
+class _RawEventStream:
+    """An HTTP/1.1 event stream read off a raw TLS socket: the response head, then the
+    chunked body, decoded strictly (a byte out of place in the framing is an error), and
+    the events and comments a browser would see in it."""
+
+    def __init__(self, connection: ssl.SSLSocket) -> None:
+        self.connection = connection
+        self.received = b""
+        self.head = b""
+        self.body = b""
+        self.parser = EventParser()
+        self.events: list[dict[str, str]] = []
+        self._unparsed = b""
+
+    def read_until(self, done: Callable[[], bool]) -> None:
+        """Read until ``done()``; the socket's timeout bounds each read."""
+        while not done():
+            data = self.connection.recv(65536)
+            if not data:
+                raise ConnectionError("the server ended the stream")
+            self.received += data
+            self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        self._unparsed += data
+        if not self.head:
+            head, separator, rest = self._unparsed.partition(b"\r\n\r\n")
+            if not separator:
+                return
+            self.head, self._unparsed = head + separator, rest
+        while True:
+            size_line, separator, rest = self._unparsed.partition(b"\r\n")
+            if not separator:
+                return
+            if not re.fullmatch(rb"[0-9a-f]{1,8}", size_line):
+                raise ValueError(f"not a chunk size: {size_line[:80]!r}")
+            size = int(size_line, 16)
+            if len(rest) < size + 2:
+                return
+            if rest[size : size + 2] != b"\r\n":
+                raise ValueError(f"chunk of {size} bytes not followed by CRLF")
+            self._unparsed = rest[size + 2 :]
+            self.body += rest[:size]
+            self.events += self.parser.feed(rest[:size])
+
+
+def _raw_connection(
+    pki: Pki, port: int, send_buffer: int | None = None, receive_buffer: int | None = None
+) -> ssl.SSLSocket:
+    """An HTTP/1.1 TLS connection; socket buffer sizes are set before connecting, so that
+    the kernel neither autotunes them nor uses them to size the TCP window."""
+    context = ssl.create_default_context(cafile=str(pki.ca_certificate))
+    context.set_alpn_protocols(["http/1.1"])
+    raw = socket.socket()
+    if send_buffer is not None:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    if receive_buffer is not None:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    raw.settimeout(10)
+    raw.connect(("127.0.0.1", port))
+    return context.wrap_socket(raw, server_hostname="localhost")
+
+
+def _open_stream(connection: ssl.SSLSocket, data: bytes) -> _RawEventStream:
+    """Send ``data`` in one write; read until the stream says it is connected."""
+    connection.sendall(data)
+    stream = _RawEventStream(connection)
+    stream.read_until(lambda: "connected" in stream.parser.comments)
+    return stream
+
+
+def _flood(connection: ssl.SSLSocket, total: int, stall_seconds: float) -> int:
+    """Send up to ``total`` bytes of junk; stop when the kernel has accepted nothing for
+    ``stall_seconds``. Return how many bytes were sent."""
+    block = (b"\x00\xff garbage\r\n" * 5000)[:65536]
+    connection.settimeout(stall_seconds)
+    sent = 0
+    try:
+        while sent < total:
+            sent += connection.send(block[: total - sent])
+    except TimeoutError:
+        pass
+    finally:
+        connection.settimeout(10)
+    return sent
+
+
+def _socket_transport(transport: Any) -> Any:
+    """The TCP transport under the TLS and connection-tracking wrappers."""
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
+    return transport
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"\x00\xff garbage\r\n\r\n",
+        b"GET /healthz\r\n\r\n",
+        b"FROBNICATE /healthz HTTP/1.1\r\nHost: localhost\r\nthis line has no colon\r\n\r\n",
+        b"FROBNICATE /healthz HTTP/1.1\r\nContent-Length: lots\r\nX-\x01: ~\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+    ids=[
+        "binary-garbage",
+        "request-line-without-version",
+        "bogus-method-and-a-header-line-without-colon",
+        "bogus-method-and-a-non-numeric-content-length",
+        "chunked-body-with-a-non-hex-size",
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_junk_pipelined_after_requests_gets_400_after_their_answers_then_the_close(
+    plaintext_environ: dict[str, str],
+    pki: Pki,
+    browser: Browser,
+    log_events: list[LogEvent],
+    junk: bytes,
+) -> None:
+    server = await start_server(plaintext_environ)
+    try:
+        userid, token = add_local_subscriber(plaintext_environ["SSE_POSTGRES_DB_NAME"])
+        _, other = await browser.open(server.subscribe_url(new_uuid(), userid, token))
+        # Two good requests, the junk, and a good request after it, in one write.
+        pipelined = _HEALTHZ + b"GET /nowhere HTTP/1.1\r\nHost: localhost\r\n\r\n" + junk + _HEALTHZ
+        answer = await bounded(deferToThread(_send_head, _tls(pki), _port(server), pipelined))
+        responses, rest = _responses(answer)
+        # The junk gets a 400 with its reason, then the close (the read ended at EOF): the
+        # request after it is never answered.
+        assert responses == [
+            (b"HTTP/1.1 200 OK", b"ok\n"),
+            (b"HTTP/1.1 404 Not Found", b"not found\n"),
+            (b"HTTP/1.1 400 Bad Request", b"malformed HTTP request\n"),
+        ]
+        assert rest == b""
+        assert "refused a request: malformed HTTP request" in [
+            formatEvent(event) for event in log_events
+        ]
+        await publish(
+            server.config.rabbitmq_port, server.config.rabbitmq_queue_name, found_contract(userid)
+        )
+        assert json.loads((await other.next_event())["data"]) == found_contract(userid)
+        assert _failures(log_events) == []
+    finally:
+        await browser.close_all()
+        await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_pipelined_behind_an_open_stream_are_never_answered_nor_streamed(
+    plaintext_environ: dict[str, str],
+    pki: Pki,
+    browser: Browser,
+    log_events: list[LogEvent],
+) -> None:
+    server = await start_server(plaintext_environ)
+    registry = server.service.registry
+    connection: ssl.SSLSocket | None = None
+    try:
+        database = plaintext_environ["SSE_POSTGRES_DB_NAME"]
+        alice, alice_token = add_local_subscriber(database)
+        bob, bob_token = add_local_subscriber(database)
+        _, bobs_tab = await browser.open(server.subscribe_url(new_uuid(), bob, bob_token))
+        pipelined = (
+            _subscribe_request(new_uuid(), alice, alice_token)
+            + _HEALTHZ
+            + _subscribe_request(new_uuid(), bob, bob_token)
+            + b"data: forged\r\n\r\n"
+            + b"\x00\xff garbage\r\n\r\n"
+        )
+        connection = await bounded(deferToThread(_raw_connection, pki, _port(server)))
+        alices_stream = await bounded(deferToThread(_open_stream, connection, pipelined))
+        assert alices_stream.head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"\r\nContent-Type: text/event-stream; charset=utf-8\r\n" in alices_stream.head
+        assert b"\r\nTransfer-Encoding: chunked\r\n" in alices_stream.head
+        assert (registry.count_of(alice), registry.count_of(bob)) == (1, 1)
+
+        # Bob's events come before Alice's second one: a stream that got Alice's second
+        # event would have got any copy of the first, or any of Bob's, before it.
+        sent = [
+            found_contract(alice, n=1),
+            found_contract(bob, n=1),
+            found_contract(alice, n=2),
+            found_contract(bob, n=2),
+        ]
+        await publish(server.config.rabbitmq_port, server.config.rabbitmq_queue_name, *sent)
+        await bounded(
+            deferToThread(alices_stream.read_until, lambda: len(alices_stream.events) == 2)
+        )
+        await bobs_tab.next_event()
+        await bobs_tab.next_event()
+
+        assert [json.loads(event["data"]) for event in alices_stream.events] == sent[0::2]
+        assert [json.loads(event["data"]) for event in bobs_tab.received] == sent[1::2]
+        assert int(alices_stream.events[0]["id"]) < int(alices_stream.events[1]["id"])
+        assert [c for c in alices_stream.parser.comments if c != "keep-alive"] == ["connected"]
+        # One response on the connection, and none of the pipelined bytes in it.
+        assert alices_stream.received.count(b"HTTP/1.1 ") == 1
+        for pipelined_text in (b"healthz", b"subscribe", b"forged", b"garbage", b"\x00"):
+            assert pipelined_text not in alices_stream.body
+        # Bob's pipelined subscribe was never served: Bob still has his one tab.
+        assert (registry.count_of(alice), registry.count_of(bob)) == (1, 1)
+
+        connection.close()
+        await wait_for(lambda: registry.count_of(alice) == 0, "Alice's stream is still open")
+        assert registry.count_of(bob) == 1
+        assert _failures(log_events) == []
+    finally:
+        if connection is not None:
+            connection.close()
+        await browser.close_all()
+        await server.stop()
+
+
+# Twisted reads 16 KiB of pipelined bytes before it pauses the transport
+# (HTTPChannel._optimisticEagerReadSize); the read that crossed it is delivered whole: up to
+# 64 KiB from the socket, plus what completes a 16 KiB TLS record begun in the read before.
+_MOST_PIPELINED_BYTES_HELD = 16384 + 65536 + 16384
+
+
+@pytest.mark.parametrize(
+    "client_reads", [True, False], ids=["client-reading", "client-not-reading"]
+)
+@pytest_twisted.ensureDeferred
+async def test_a_pipelined_flood_behind_an_open_stream_is_held_back_by_tcp(
+    plaintext_environ: dict[str, str],
+    pki: Pki,
+    browser: Browser,
+    log_events: list[LogEvent],
+    client_reads: bool,
+) -> None:
+    server = await start_server(
+        {
+            **plaintext_environ,
+            # A stream closed by its client is noticed by the next write once reads are paused.
+            "SSE_HEARTBEAT_SECONDS": "0.5",
+            # Room for the megabytes that fill the transport of a client not reading.
+            "SSE_MAX_BUFFER_BYTES": str(64 * 1024 * 1024),
+        }
+    )
+    registry = server.service.registry
+    queue = server.config.rabbitmq_queue_name
+    connection: ssl.SSLSocket | None = None
+    try:
+        database = plaintext_environ["SSE_POSTGRES_DB_NAME"]
+        alice, alice_token = add_local_subscriber(database)
+        bob, bob_token = add_local_subscriber(database)
+        _, bobs_tab = await browser.open(server.subscribe_url(new_uuid(), bob, bob_token))
+        connection = await bounded(
+            deferToThread(
+                _raw_connection,
+                pki,
+                _port(server),
+                send_buffer=256 * 1024,
+                receive_buffer=None if client_reads else 4096,
+            )
+        )
+        alices_stream = await bounded(
+            deferToThread(
+                _open_stream, connection, _subscribe_request(new_uuid(), alice, alice_token)
+            )
+        )
+        (stream,) = registry.streams_of(alice)
+        channel = stream.request.channel
+        published: list[dict[str, Any]] = []
+        if not client_reads:
+            # Fill the connection until the server waits for it to drain: the stream is
+            # paused, with a megabyte more than the transport would take before resuming.
+            # Twisted skips its own pause of reads in this state (LimitedHTTPChannel adds it).
+            for batch in range(12):
+                if stream.paused and stream.unsent_bytes > 1024 * 1024:
+                    break
+                messages = [
+                    found_contract(alice, n=n, pad="p" * 50_000)
+                    for n in range(20 * batch, 20 * batch + 20)
+                ]
+                await publish(server.config.rabbitmq_port, queue, *messages)
+                published += messages
+            assert stream.paused and stream.unsent_bytes > 1024 * 1024
+
+        total = 16 * 1024 * 1024
+        sent = await bounded(deferToThread(_flood, connection, total, 2.0))
+        # The sender was stopped by full socket buffers (about 0.5 MB here: its send buffer,
+        # the server's receive buffer, and what the server read), not by running out of junk...
+        assert sent < 2 * 1024 * 1024
+        # ...because the server stopped reading, with a bounded part of it read: the rest
+        # waits in the kernels' buffers.
+        tcp = _socket_transport(channel.transport)
+        await wait_for(lambda: tcp not in reactor.getReaders(), "the server never stopped reading")
+        assert 0 < sum(map(len, channel._dataBuffer)) <= _MOST_PIPELINED_BYTES_HELD
+
+        # The stream is intact: every event, in order, once, and none of the junk.
+        marker = found_contract(alice, n="last")
+        await publish(server.config.rabbitmq_port, queue, marker, found_contract(bob))
+        expected = [*published, marker]
+        await bounded(
+            deferToThread(
+                alices_stream.read_until, lambda: len(alices_stream.events) == len(expected)
+            )
+        )
+        assert [json.loads(event["data"]) for event in alices_stream.events] == expected
+        assert b"garbage" not in alices_stream.body
+        assert json.loads((await bobs_tab.next_event())["data"]) == found_contract(bob)
+
+        connection.close()
+        await wait_for(lambda: registry.count_of(alice) == 0, "Alice's stream is still open")
+        assert registry.count_of(bob) == 1
+        assert _failures(log_events) == []
+    finally:
+        if connection is not None:
+            connection.close()
+        await browser.close_all()
         await server.stop()
