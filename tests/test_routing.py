@@ -2,6 +2,8 @@
 
 import json
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.web.test.requesthelper import DummyRequest
@@ -93,3 +95,47 @@ def test_an_invalid_message_is_logged_with_offset_and_reason_and_skipped() -> No
     ]
     assert len(skipped[1]["preview"]) == 200
     assert [event["id"] for event in received(stream)] == ["43"]
+
+
+CAROL = "9e8d7c6b-5a4f-4e3d-8c2b-1a0f9e8d7c6b"
+USERS = [ALICE, BOB, CAROL]
+TOPICS = [NEWS, ALERTS]
+# Other users' ids and SSE field text hidden in fields that must not steer routing.
+decoys = st.sampled_from([*USERS, *TOPICS, "\n", "\r\n\r\n", "data: ", "id: 1", "userid"])
+messages = st.fixed_dictionaries(
+    {
+        "userid": st.sampled_from(USERS),
+        "upper": st.booleans(),
+        "topic": st.none() | st.sampled_from(TOPICS),
+        "note": st.lists(decoys, max_size=4).map("".join),
+        "nested": st.dictionaries(st.sampled_from(["userid", "topic"]), decoys, max_size=2),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tabs=st.lists(st.tuples(st.sampled_from(USERS), st.sampled_from(TOPICS)), max_size=10),
+    sent=st.lists(messages, max_size=8),
+)
+def test_a_message_reaches_exactly_its_users_streams_on_its_topic_and_no_other_stream(
+    tabs: list[tuple[str, str]], sent: list[dict[str, object]]
+) -> None:
+    registry = StreamRegistry()
+    streams = [open_stream(registry, userid, topic) for userid, topic in tabs]
+    router = router_for(registry)
+    for offset, message in enumerate(sent):
+        userid = str(message["userid"])
+        extra = {"note": message["note"], "data": message["nested"]}
+        if message["topic"] is not None:
+            extra["topic"] = message["topic"]
+        router(body(userid.upper() if message["upper"] else userid, **extra), offset)
+    for stream, (userid, topic) in zip(streams, tabs, strict=True):
+        expected = [
+            str(offset)
+            for offset, message in enumerate(sent)
+            if message["userid"] == userid and message["topic"] in (None, topic)
+        ]
+        events = received(stream)
+        assert [event["id"] for event in events] == expected
+        assert all(json.loads(event["data"])["userid"].lower() == userid for event in events)
