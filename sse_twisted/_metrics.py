@@ -150,9 +150,10 @@ class Metrics:
         consumer: _Consumer,
         authenticator: _Authenticator,
         auth_cache: _AuthCache | None = None,
+        server_tls: _ServerTLS | None = None,
     ) -> None:
         """Report the state of these live objects on each scrape."""
-        self.registry.register(_LiveState(streams, consumer, authenticator, auth_cache))
+        self.registry.register(_LiveState(streams, consumer, authenticator, auth_cache, server_tls))
 
 
 class _Stream(Protocol):
@@ -177,6 +178,11 @@ class _AuthCache(Protocol):
     hits: int
 
 
+class _ServerTLS(Protocol):
+    not_after: float
+    reloads: dict[str, int]
+
+
 class _LiveState(Collector):
     """Gauges (and the auth cache's own hit count) computed when Prometheus scrapes."""
 
@@ -186,11 +192,13 @@ class _LiveState(Collector):
         consumer: _Consumer,
         authenticator: _Authenticator,
         auth_cache: _AuthCache | None,
+        server_tls: _ServerTLS | None,
     ) -> None:
         self._streams = streams
         self._consumer = consumer
         self._authenticator = authenticator
         self._auth_cache = auth_cache
+        self._server_tls = server_tls
 
     def collect(self) -> Iterable[Metric]:
         """One pass over the open streams, and a look at each backend link."""
@@ -223,6 +231,20 @@ class _LiveState(Collector):
                 "Subscriber checks answered from the cache, without PostgreSQL.",
                 value=self._auth_cache.hits,
             )
+        if self._server_tls is not None:
+            yield GaugeMetricFamily(
+                "sse_tls_certificate_expiry_timestamp_seconds",
+                "When the browser-facing certificate being served expires (Unix time).",
+                value=self._server_tls.not_after,
+            )
+            reloads = CounterMetricFamily(
+                "sse_tls_reloads",
+                "Certificate reloads on SIGHUP, by outcome (refused: files not usable).",
+                labels=["outcome"],
+            )
+            for outcome, count in self._server_tls.reloads.items():
+                reloads.add_metric([outcome], count)
+            yield reloads
 
 
 class _MetricsPage(Resource):

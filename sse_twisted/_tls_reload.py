@@ -51,7 +51,11 @@ def _load(certs_dir: Path) -> tuple[CertificateOptions, x509.Certificate]:
 
 @implementer(IOpenSSLServerConnectionCreator)
 class ReloadableServerTLS:
-    """Hands each new TLS connection the current server context; L{reload} replaces it."""
+    """Hands each new TLS connection the current server context; L{reload} replaces it.
+
+    ``not_after`` (Unix time) is the served certificate's expiry; ``reloads`` counts
+    reloads by outcome, ``ok`` or ``refused``. Both are exposed as metrics.
+    """
 
     log = Logger()
 
@@ -60,6 +64,8 @@ class ReloadableServerTLS:
         self._reactor = reactor
         self._options, leaf = server_identity(certs_dir)
         self._lock = DeferredLock()
+        self.not_after = leaf.not_valid_after_utc.timestamp()
+        self.reloads = {"ok": 0, "refused": 0}
         self.log.info(
             "serving TLS certificate {subject}, valid until {not_after}, sha256 {sha256}",
             **_describe(leaf),
@@ -84,11 +90,14 @@ class ReloadableServerTLS:
                 self._reactor, pool, _load, self._certs_dir
             )
         except (ConfigError, Error) as error:
+            self.reloads["refused"] += 1
             self.log.error(
                 "TLS reload refused, still serving the previous certificate: {reason}",
                 reason=str(error),
             )
             return False
+        self.not_after = leaf.not_valid_after_utc.timestamp()
+        self.reloads["ok"] += 1
         self.log.info(
             "TLS certificate reloaded: {subject}, valid until {not_after}, sha256 {sha256}",
             **_describe(leaf),

@@ -160,9 +160,14 @@ def _subject_alternative_names(hostnames: Sequence[str]) -> list[x509.GeneralNam
 
 
 def issue_certificate(
-    authority: CertificateAuthority, hostnames: Sequence[str], *, client: bool = False
+    authority: CertificateAuthority,
+    hostnames: Sequence[str],
+    *,
+    client: bool = False,
+    lifetime: datetime.timedelta = _LEAF_LIFETIME,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A leaf certificate and its new key for ``hostnames``, signed by ``authority``.
+    """A leaf certificate and its new key for ``hostnames``, signed by ``authority``, valid
+    for ``lifetime`` (a year unless told).
 
     Every leaf may serve TLS (serverAuth); ``client=True`` adds clientAuth. Hostnames that
     parse as IP addresses become IP address SANs, the rest DNS SANs; the first one is also
@@ -181,7 +186,7 @@ def issue_certificate(
         .public_key(private_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(_now() - _BACKDATE)
-        .not_valid_after(_now() + _LEAF_LIFETIME)
+        .not_valid_after(_now() + lifetime)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(

@@ -201,7 +201,7 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     service.server_tls = server_tls
     revocations.setServiceParent(service)
     HeartbeatService(registry, config.heartbeat_seconds, reactor).setServiceParent(service)
-    metrics.watch(registry, consumer, authenticator, auth_cache)
+    metrics.watch(registry, consumer, authenticator, auth_cache, server_tls)
     if config.metrics_port:
         metrics_listener = MetricsListenerService(
             metrics_endpoint(reactor, config.metrics_address, config.metrics_port),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import ssl
@@ -16,6 +17,7 @@ from typing import Any
 import pika
 import pika.exceptions
 import psycopg2
+from cryptography import x509
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.protocol import ProcessProtocol, Protocol
@@ -26,6 +28,13 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from twisted.web.http_headers import Headers
 
 from sse_twisted._config import Config, load_config
+from sse_twisted.devcerts import (
+    DEV_CERTIFICATE_FILES,
+    issue_certificate,
+    load_certificate_authority,
+    write_certificate,
+    write_private_key,
+)
 from sse_twisted.tap import SSEService, build_service
 from tests.backends import PostgresServer
 from tests.sse_parser import EventParser
@@ -324,3 +333,23 @@ def publish(
         ssl_options=pika.SSLOptions(tls, "localhost") if tls else None,
     )
     return bounded(deferToThread(_publish_blocking, parameters, queue, bodies))
+
+
+def renew_certificate(
+    certs_dir: Path, *, with_key: bool = True, days: int = 90
+) -> x509.Certificate:
+    """Issue a new localhost certificate for ``days`` from the dev CA and move it over
+    cert.pem (and its key over key.pem), each by an atomic rename, as ACME clients do."""
+    files = DEV_CERTIFICATE_FILES
+    authority = load_certificate_authority(
+        certs_dir / files.ca_certificate, certs_dir / files.ca_key
+    )
+    certificate, key = issue_certificate(
+        authority, ["localhost", "127.0.0.1"], lifetime=datetime.timedelta(days=days)
+    )
+    if with_key:
+        write_private_key(certs_dir / "key.pem.new", key)
+        os.replace(certs_dir / "key.pem.new", certs_dir / "key.pem")
+    write_certificate(certs_dir / "cert.pem.new", certificate)
+    os.replace(certs_dir / "cert.pem.new", certs_dir / "cert.pem")
+    return certificate

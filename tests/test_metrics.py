@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +23,9 @@ from sse_twisted._metrics import (
     metrics_endpoint,
     metrics_site,
 )
-from tests.harness import EventCollector, bounded
+from sse_twisted._tls_reload import ReloadableServerTLS
+from tests.backends import Pki
+from tests.harness import EventCollector, bounded, renew_certificate
 
 
 async def read_body(response: Response) -> bytes:
@@ -147,6 +151,29 @@ def test_gauges_are_read_from_the_live_objects_at_each_scrape() -> None:
     assert value(metrics, "sse_backend_up", backend="postgres") == 1
     assert value(metrics, "sse_stream_offset") == 41
     assert value(metrics, "sse_auth_cache_hits_total") == 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_served_certificates_expiry_and_each_reload_outcome_are_metrics(
+    tmp_path: Path, pki: Pki
+) -> None:
+    certs_dir = Path(shutil.copytree(pki.directory, tmp_path / "certs"))
+    server_tls = ReloadableServerTLS(certs_dir, reactor)
+    metrics = Metrics()
+    metrics.watch(FakeRegistry(), FakeConsumer(), FakeAuthenticator(), None, server_tls)
+    first = value(metrics, "sse_tls_certificate_expiry_timestamp_seconds")
+    assert value(metrics, "sse_tls_reloads_total", outcome="ok") == 0
+
+    renew_certificate(certs_dir, with_key=False)
+    assert not await server_tls.reload()
+    assert value(metrics, "sse_tls_reloads_total", outcome="refused") == 1
+    assert value(metrics, "sse_tls_certificate_expiry_timestamp_seconds") == first
+
+    renewed = renew_certificate(certs_dir)
+    assert await server_tls.reload()
+    assert value(metrics, "sse_tls_reloads_total", outcome="ok") == 1
+    expiry = value(metrics, "sse_tls_certificate_expiry_timestamp_seconds")
+    assert expiry == renewed.not_valid_after_utc.timestamp() != first
 
 
 def test_the_endpoint_follows_the_address_family() -> None:

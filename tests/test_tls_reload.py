@@ -4,7 +4,6 @@ the renewed one, open streams keep flowing, and a renewal caught half written is
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import ssl
@@ -17,13 +16,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from twisted.internet.threads import deferToThread
 
-from sse_twisted.devcerts import (
-    DEV_CERTIFICATE_FILES,
-    issue_certificate,
-    load_certificate_authority,
-    write_certificate,
-    write_private_key,
-)
 from tests.backends import Pki
 from tests.harness import (
     Browser,
@@ -33,6 +25,7 @@ from tests.harness import (
     found_contract,
     new_uuid,
     publish,
+    renew_certificate,
     spawn_twistd,
     wait_for,
 )
@@ -42,22 +35,6 @@ from tests.harness import (
 def certs_dir(tmp_path: Path, pki: Pki) -> Path:
     """A copy of the test PKI that a test may renew in place."""
     return Path(shutil.copytree(pki.directory, tmp_path / "certs"))
-
-
-def _renew(certs_dir: Path, *, with_key: bool = True) -> x509.Certificate:
-    """Issue a new localhost certificate from the dev CA and move it over cert.pem (and its
-    key over key.pem), each by an atomic rename, as ACME clients do."""
-    files = DEV_CERTIFICATE_FILES
-    authority = load_certificate_authority(
-        certs_dir / files.ca_certificate, certs_dir / files.ca_key
-    )
-    certificate, key = issue_certificate(authority, ["localhost", "127.0.0.1"])
-    if with_key:
-        write_private_key(certs_dir / "key.pem.new", key)
-        os.replace(certs_dir / "key.pem.new", certs_dir / "key.pem")
-    write_certificate(certs_dir / "cert.pem.new", certificate)
-    os.replace(certs_dir / "cert.pem.new", certs_dir / "cert.pem")
-    return certificate
 
 
 def _served_certificate(port: int, ca: Path) -> x509.Certificate:
@@ -116,7 +93,7 @@ async def test_sighup_serves_a_renewed_certificate_to_new_connections_and_open_s
         )
         assert response.code == 200
 
-        renewed = _renew(certs_dir)
+        renewed = renew_certificate(certs_dir)
         reloaded = await _hangup(process, transport, "TLS certificate reloaded")
 
         assert reloaded["sha256"] == _sha256(renewed) != _sha256(before)
@@ -146,7 +123,7 @@ async def test_a_half_written_renewal_is_refused_on_sighup_and_the_current_certi
         before = await served_certificate(port, pki.ca_certificate)
 
         # The new certificate has landed, its key not yet.
-        renewed = _renew(certs_dir, with_key=False)
+        renewed = renew_certificate(certs_dir, with_key=False)
         refused = await _hangup(process, transport, "TLS reload refused")
 
         assert refused["@level"] == "error"
@@ -156,7 +133,7 @@ async def test_a_half_written_renewal_is_refused_on_sighup_and_the_current_certi
         assert not process.ended.called
 
         # The renewal completes; the next SIGHUP takes it.
-        completed = _renew(certs_dir)
+        completed = renew_certificate(certs_dir)
         await _hangup(process, transport, "TLS certificate reloaded")
         now = await served_certificate(port, pki.ca_certificate)
         assert now.serial_number == completed.serial_number
