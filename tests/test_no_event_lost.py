@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from tests.backends import Pki, PostgresServer, RabbitMQServer
@@ -294,6 +295,71 @@ async def test_a_browser_moving_between_instances_gets_every_event_exactly_once(
     finally:
         for instance in (first, second):
             if not instance.process.ended.called:
+                await instance.kill(signal.SIGTERM)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_killed_under_load_and_restarted_loses_and_repeats_nothing(
+    tmp_path: Path,
+    plaintext_environ: dict[str, str],
+    local_database: dict[str, str],
+    browser: Browser,
+) -> None:
+    """SIGKILL while messages stream to 12 tabs of 4 users; a new process takes over and
+    each tab, resuming with its Last-Event-ID, ends with its user's events once, in order."""
+    total, batch = 3000, 40
+    queue = plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"]
+    environ = {**plaintext_environ, "SSE_LOGS_DIR": ""}
+    for name in ("killed", "restarted"):
+        (tmp_path / name).mkdir()
+    killed = Instance(environ, tmp_path / "killed")
+    await killed.ready()
+    restarted: Instance | None = None
+    users = [add_local_subscriber(local_database["SSE_POSTGRES_DB_NAME"]) for _ in range(4)]
+    tabs = []
+    for userid, token in users:
+        for _ in range(3):
+            parts = (new_uuid(), userid, token)
+            tabs.append((parts, (await browser.open(killed.url(*parts)))[1]))
+
+    async def publish_all() -> None:
+        for start in range(0, total, batch):
+            messages = [
+                found_contract(users[n % len(users)][0], filename=str(n))
+                for n in range(start, start + batch)
+            ]
+            await publish(5672, queue, *messages)
+
+    publishing = Deferred.fromCoroutine(publish_all())
+    try:
+        await wait_for(
+            lambda: all(len(tab.received) >= 60 for _, tab in tabs), "events flowing to every tab"
+        )
+        assert not publishing.called, "the kill must come while messages are still published"
+        await killed.kill(signal.SIGKILL)
+        restarted = Instance(environ, tmp_path / "restarted")
+        await restarted.ready()
+        resumed = [await _resume_on(browser, restarted, parts, tab) for parts, tab in tabs]
+        await bounded(publishing, 60)
+        for (parts, before), after in zip(tabs, resumed, strict=True):
+            expected = [str(n) for n in range(total) if users[n % len(users)][0] == parts[1]]
+            await wait_for(
+                lambda before=before, after=after, expected=expected: (
+                    len(filenames(before)) + len(filenames(after)) >= len(expected)
+                ),
+                "every event of the user",
+                seconds=60,
+            )
+            assert filenames(before) + filenames(after) == expected
+            assert filenames(before) and filenames(after)
+        before_kill = sum(len(filenames(tab)) for _, tab in tabs)
+        print(
+            f"killed under load: {len(tabs)} tabs, {before_kill} events before the kill,"
+            f" {sum(len(filenames(tab)) for tab in resumed)} after, 0 lost, 0 repeated"
+        )
+    finally:
+        for instance in (killed, restarted):
+            if instance is not None and not instance.process.ended.called:
                 await instance.kill(signal.SIGTERM)
 
 
