@@ -4,7 +4,10 @@ Twisted's own C{HTTPChannel} already bounds a request head (C{totalHeadersSize},
 C{maxHeaders}), but answers a breach with a bare C{400} and has no deadline for the head
 itself: its idle timeout restarts with every byte, so a client dribbling a header a byte
 at a time (slowloris) holds a connection for ever. This channel answers C{431} with a
-reason, and gives each request head a deadline that data does not extend.
+reason, and gives each request head a deadline that data does not extend. Where Twisted
+finds a request malformed it answers C{400} with a reason and logs it, and it stops reading
+bytes pipelined behind a request in progress in the one state where Twisted keeps reading
+them: while the response waits for a slow client.
 
 HTTP/2 is not affected: its headers are bounded by the h2 library (HPACK's header list
 limit, 64 KiB) and a stream that never finishes its headers is bounded by the
