@@ -73,7 +73,10 @@ class ReloadableServerTLS:
 
     def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> Connection:  # noqa: N803
         """A connection on the context current when the client connected."""
-        return self._options.serverConnectionForTLS(tlsProtocol)
+        # Not CertificateOptions.serverConnectionForTLS: it also gives every connection a
+        # client-side ALPN offer, which a server never sends (the context's select callback
+        # negotiates), at a measurable cost in a connection storm (bench/RESULTS.md, item 8).
+        return Connection(self._options.getContext(), None)
 
     def reload(self) -> Deferred[bool]:
         """Load the files again; swap them in if they are whole. Fires with whether it did.
