@@ -289,9 +289,20 @@ def found_contract(userid: str, **extra: Any) -> dict[str, Any]:
 
 
 def _publish_blocking(
-    parameters: pika.ConnectionParameters, queue: str, bodies: list[bytes]
+    parameters: pika.ConnectionParameters,
+    queue: str,
+    bodies: list[bytes],
+    broker_wait_seconds: float = 0,
 ) -> None:
-    connection = pika.BlockingConnection(parameters)
+    deadline = time.monotonic() + broker_wait_seconds
+    while True:
+        try:
+            connection = pika.BlockingConnection(parameters)
+            break
+        except pika.exceptions.AMQPConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     try:
         channel = connection.channel()
         channel.confirm_delivery()
@@ -320,9 +331,13 @@ def publish(
     queue: str,
     *messages: Mapping[str, Any] | bytes,
     tls: ssl.SSLContext | None = None,
+    broker_wait_seconds: float = 0,
 ) -> Deferred[None]:
     """Publish to ``queue`` through the default exchange, pretty-printed like the issue's
-    example, with publisher confirms; runs the blocking client in a thread."""
+    example, with publisher confirms; runs the blocking client in a thread.
+
+    With ``broker_wait_seconds``, a broker that refuses connections is tried again for
+    that long, as a producer with retries does through an outage."""
     bodies = [
         message if isinstance(message, bytes) else json.dumps(message, indent=2).encode()
         for message in messages
@@ -332,7 +347,10 @@ def publish(
         port=port,
         ssl_options=pika.SSLOptions(tls, "localhost") if tls else None,
     )
-    return bounded(deferToThread(_publish_blocking, parameters, queue, bodies))
+    return bounded(
+        deferToThread(_publish_blocking, parameters, queue, bodies, broker_wait_seconds),
+        TIMEOUT + broker_wait_seconds,
+    )
 
 
 def renew_certificate(

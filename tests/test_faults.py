@@ -31,7 +31,7 @@ from tests.harness import (
     wait_for,
 )
 
-OUTAGE_SECONDS = 4.0
+OUTAGE_SECONDS = 8.0
 
 
 @pytest.fixture
@@ -83,21 +83,29 @@ async def test_a_broker_killed_with_sigkill_loses_no_event_and_open_streams_keep
             body = await wait_for_readiness(browser, server, 503)
             assert body["dependencies"]["rabbitmq"]["ready"] is False
             assert body["dependencies"]["postgres"]["ready"] is True
+            # A producer that keeps trying through the outage: its messages go in once the
+            # broker is back, and must reach the open stream like any other.
+            during = [found_contract(userid, filename=f"during {n}") for n in range(20)]
+            publishing = publish(
+                rabbitmq_tls.amqp_port, queue, *during, broker_wait_seconds=OUTAGE_SECONDS + 60
+            )
             beats = len(tab.parser.comments)
             await deferLater(reactor, OUTAGE_SECONDS, lambda: None)
             # Heartbeats every 0.5 s kept flowing on the open stream all along.
             assert len(tab.parser.comments) - beats >= OUTAGE_SECONDS
             assert not tab.closed.called
+            assert not publishing.called
         finally:
             await deferToThread(rabbitmq_tls.restart)
         outage = time.monotonic() - killed_at
+        await publishing
         after = [found_contract(userid, filename=f"after {n}") for n in range(20)]
         await publish(rabbitmq_tls.amqp_port, queue, *after)
-        await wait_for(lambda: len(tab.received) >= 40, "the events sent after the restart", 60)
+        await wait_for(lambda: len(tab.received) >= 60, "the events sent after the restart", 60)
         await wait_for_readiness(browser, server, 200)
         assert not tab.closed.called
-        assert filenames(tab) == [message["filename"] for message in before + after]
-        print(f"broker SIGKILL: outage {outage:.1f}s, 40 events sent, {len(tab.received)} got")
+        assert filenames(tab) == [message["filename"] for message in before + during + after]
+        print(f"broker SIGKILL: outage {outage:.1f}s, 60 events sent, {len(tab.received)} got")
     finally:
         await server.stop()
 
