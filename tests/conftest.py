@@ -3,6 +3,7 @@ database of its own on the machine's PostgreSQL."""
 
 import io
 import logging
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -85,6 +86,12 @@ def local_database() -> Iterator[dict[str, str]]:
         with admin.cursor() as cursor:
             cursor.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture
+def certs_dir(tmp_path: Path, pki: Pki) -> Path:
+    """A copy of the test PKI that a test may renew in place."""
+    return Path(shutil.copytree(pki.directory, tmp_path / "certs"))
 
 
 @pytest.fixture

@@ -88,12 +88,17 @@ def bounded(waiting: Deferred[Any], seconds: float = TIMEOUT) -> Deferred[Any]:
 
 @dataclass
 class RunningServer:
-    """An in-process server: its config, service tree, URL base and fatal errors."""
+    """An in-process server: its config, service tree, the port it bound and fatal errors."""
 
     config: Config
     service: SSEService
-    base_url: str
+    port: int
     fatal: list[str] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        """Where a browser reaches it."""
+        return f"https://localhost:{self.port}"
 
     def subscribe_url(self, topic: str, userid: str, nonce: str) -> str:
         """The URL a browser's EventSource would open."""
@@ -116,7 +121,7 @@ async def start_server(environ: Mapping[str, str]) -> RunningServer:
     service = build_service(config, reactor, on_fatal=fatal.append)
     service.startService()
     port = await bounded(service.listener.listening)
-    running = RunningServer(config, service, f"https://localhost:{port.getHost().port}", fatal)
+    running = RunningServer(config, service, port.getHost().port, fatal)
     await wait_for(lambda: service.consumer.consuming, "consumer never started")
     return running
 

@@ -235,7 +235,7 @@ async def test_after_a_server_restart_the_page_reconnects_and_replays_the_gap_in
 ) -> None:
     environ = browser_environ(plaintext_environ)
     server = await start_server(environ)
-    port = server.base_url.rsplit(":", 1)[1]
+    port = str(server.port)
     page = await page_of(server)
     userid, token = add_local_subscriber(environ["SSE_POSTGRES_DB_NAME"])
     url = server.subscribe_url(new_uuid(), userid, token)

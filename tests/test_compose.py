@@ -317,7 +317,7 @@ async def test_the_image_healthcheck_passes_against_a_running_server_and_fails_w
         }
     )
     try:
-        port = int(server.base_url.rsplit(":", 1)[1])
+        port = server.port
         healthy = await deferToThread(run_healthcheck, port)
     finally:
         await server.stop()

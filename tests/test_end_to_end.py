@@ -185,7 +185,7 @@ async def test_each_refusal_has_its_status_and_a_short_reason(
 
 @pytest_twisted.ensureDeferred
 async def test_a_post_is_405(server: RunningServer, pki: Pki) -> None:
-    port = int(server.base_url.rsplit(":", 1)[1])
+    port = server.port
     context = ssl.create_default_context(cafile=str(pki.ca_certificate))
     status_line = await bounded(
         reactor_thread(_raw_request, context, port, b"POST /subscribe/a/b/c HTTP/1.1\r\n")
@@ -220,7 +220,7 @@ def _negotiate(context: ssl.SSLContext, port: int) -> tuple[str | None, str | No
 async def test_tls_offers_http2_by_alpn_and_refuses_tls_1_1(
     server: RunningServer, pki: Pki
 ) -> None:
-    port = int(server.base_url.rsplit(":", 1)[1])
+    port = server.port
     modern = ssl.create_default_context(cafile=str(pki.ca_certificate))
     modern.set_alpn_protocols(["h2", "http/1.1"])
     version, protocol = await reactor_thread(_negotiate, modern, port)

@@ -151,7 +151,7 @@ async def test_a_frozen_client_process_is_dropped_within_seconds_and_the_registr
     try:
         userid, token = add_subscriber(postgres_tls)
         topic = new_uuid()
-        port = int(server.base_url.rsplit(":", 1)[1])
+        port = server.port
         client = await deferToThread(
             _start_frozen_client, port, pki.ca_certificate, f"/subscribe/{topic}/{userid}/{token}"
         )

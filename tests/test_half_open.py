@@ -213,7 +213,7 @@ async def test_a_client_whose_link_goes_silent_is_dropped_within_the_user_timeou
         baseline = len(registry)
 
         vanishing, vanishing_token = add_local_subscriber(database)
-        port = server.base_url.rsplit(":", 1)[1]
+        port = str(server.port)
         client = veth_link.spawn(
             sys.executable,
             "-c",

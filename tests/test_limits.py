@@ -31,7 +31,6 @@ from twisted.protocols.policies import ProtocolWrapper
 from tests.backends import Pki, PostgresServer, RabbitMQServer
 from tests.harness import (
     Browser,
-    RunningServer,
     add_local_subscriber,
     add_subscriber,
     bounded,
@@ -49,10 +48,6 @@ def plaintext_environ(plaintext_environ: dict[str, str]) -> dict[str, str]:
     """The local plaintext backends; logs to stdout only (an in-process server never closes
     its daily log file)."""
     return {name: value for name, value in plaintext_environ.items() if name != "SSE_LOGS_DIR"}
-
-
-def _port(server: RunningServer) -> int:
-    return int(server.base_url.rsplit(":", 1)[1])
 
 
 def _tls(pki: Pki) -> Callable[[int], ssl.SSLSocket]:
@@ -159,7 +154,7 @@ async def test_an_oversized_request_head_gets_431_with_a_reason_and_the_server_s
         connect = _tls(pki)
         request = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" + head + b"\r\n"
         started = time.monotonic()
-        answer = await bounded(deferToThread(_send_head, connect, _port(server), request))
+        answer = await bounded(deferToThread(_send_head, connect, server.port, request))
         # Closed once the answer is out, not by the abort 5 s later that is there for
         # clients that do not read.
         assert time.monotonic() - started < 2.5
@@ -169,7 +164,7 @@ async def test_an_oversized_request_head_gets_431_with_a_reason_and_the_server_s
             deferToThread(
                 _send_head,
                 connect,
-                _port(server),
+                server.port,
                 b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
             )
         )
@@ -212,7 +207,7 @@ async def test_a_slowloris_head_is_cut_at_the_deadline_while_others_are_served(
     server = await start_server({**plaintext_environ, "SSE_HEADER_TIMEOUT_SECONDS": "1"})
     try:
         connect = _tls(pki)
-        slow: Any = deferToThread(_slowloris, connect, _port(server))
+        slow: Any = deferToThread(_slowloris, connect, server.port)
         response, _ = await browser.open(
             server.subscribe_url(
                 new_uuid(), *add_local_subscriber(plaintext_environ["SSE_POSTGRES_DB_NAME"])
@@ -286,7 +281,7 @@ async def test_an_http2_flood_of_streams_is_bounded_and_others_are_still_served(
     try:
         userid, token = add_subscriber(postgres_tls)
         _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
-        port = int(server.base_url.rsplit(":", 1)[1])
+        port = server.port
         tally = await deferToThread(_flood_http2, port, pki.ca_certificate, 1000)
         # h2 advertises at most 100 concurrent streams: the flood is refused, not served.
         assert tally["responses"] < 1000
@@ -474,7 +469,7 @@ async def test_junk_pipelined_after_requests_gets_400_after_their_answers_then_t
         _, other = await browser.open(server.subscribe_url(new_uuid(), userid, token))
         # Two good requests, the junk, and a good request after it, in one write.
         pipelined = _HEALTHZ + b"GET /nowhere HTTP/1.1\r\nHost: localhost\r\n\r\n" + junk + _HEALTHZ
-        answer = await bounded(deferToThread(_send_head, _tls(pki), _port(server), pipelined))
+        answer = await bounded(deferToThread(_send_head, _tls(pki), server.port, pipelined))
         responses, rest = _responses(answer)
         # The junk gets a 400 with its reason, then the close (the read ended at EOF): the
         # request after it is never answered.
@@ -519,7 +514,7 @@ async def test_requests_pipelined_behind_an_open_stream_are_never_answered_nor_s
             + b"data: forged\r\n\r\n"
             + b"\x00\xff garbage\r\n\r\n"
         )
-        connection = await bounded(deferToThread(_raw_connection, pki, _port(server)))
+        connection = await bounded(deferToThread(_raw_connection, pki, server.port))
         alices_stream = await bounded(deferToThread(_open_stream, connection, pipelined))
         assert alices_stream.head.startswith(b"HTTP/1.1 200 OK\r\n")
         assert b"\r\nContent-Type: text/event-stream; charset=utf-8\r\n" in alices_stream.head
@@ -601,7 +596,7 @@ async def test_a_pipelined_flood_behind_an_open_stream_is_held_back_by_tcp(
             deferToThread(
                 _raw_connection,
                 pki,
-                _port(server),
+                server.port,
                 send_buffer=256 * 1024,
                 receive_buffer=None if client_reads else 4096,
             )

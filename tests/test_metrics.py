@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from sse_twisted._metrics import (
     metrics_site,
 )
 from sse_twisted._tls_reload import ReloadableServerTLS
-from tests.backends import Pki
 from tests.harness import EventCollector, bounded, renew_certificate
 
 
@@ -155,9 +153,8 @@ def test_gauges_are_read_from_the_live_objects_at_each_scrape() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_the_served_certificates_expiry_and_each_reload_outcome_are_metrics(
-    tmp_path: Path, pki: Pki
+    certs_dir: Path,
 ) -> None:
-    certs_dir = Path(shutil.copytree(pki.directory, tmp_path / "certs"))
     server_tls = ReloadableServerTLS(certs_dir, reactor)
     metrics = Metrics()
     metrics.watch(FakeRegistry(), FakeConsumer(), FakeAuthenticator(), None, server_tls)

@@ -181,7 +181,7 @@ async def test_a_client_that_stops_reading_is_closed_at_the_cap_and_others_keep_
     try:
         userid, token = add_subscriber(postgres_tls)
         topic = new_uuid()
-        port = int(server.base_url.rsplit(":", 1)[1])
+        port = server.port
         stuck = await deferToThread(
             _unread_stream, port, pki.ca_certificate, f"/subscribe/{topic}/{userid}/{token}"
         )

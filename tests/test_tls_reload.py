@@ -4,13 +4,11 @@ the renewed one, open streams keep flowing, and a renewal caught half written is
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import ssl
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -29,12 +27,6 @@ from tests.harness import (
     spawn_twistd,
     wait_for,
 )
-
-
-@pytest.fixture
-def certs_dir(tmp_path: Path, pki: Pki) -> Path:
-    """A copy of the test PKI that a test may renew in place."""
-    return Path(shutil.copytree(pki.directory, tmp_path / "certs"))
 
 
 def _served_certificate(port: int, ca: Path) -> x509.Certificate:
