@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,8 +46,8 @@ def _positive_float(text: str) -> float:
         number = float(text)
     except ValueError:
         raise ValueError(f"{text!r} is not a number") from None
-    if not number > 0:
-        raise ValueError(f"{text!r} must be greater than 0")
+    if not math.isfinite(number) or not number > 0:
+        raise ValueError(f"{text!r} must be a finite number greater than 0")
     return number
 
 
@@ -55,8 +56,8 @@ def _non_negative_float(text: str) -> float:
         number = float(text)
     except ValueError:
         raise ValueError(f"{text!r} is not a number") from None
-    if not number >= 0 or number == float("inf"):
-        raise ValueError(f"{text!r} must be 0 or more")
+    if not math.isfinite(number) or not number >= 0:
+        raise ValueError(f"{text!r} must be a finite number, 0 or more")
     return number
 
 
@@ -93,6 +94,18 @@ def _ip_address(text: str) -> str:
         return str(ipaddress.ip_address(text))
     except ValueError:
         raise ValueError(f"{text!r} is not an IP address") from None
+
+
+def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{part.strip()!r} is not an IP address or network") from None
+    return tuple(networks)
 
 
 def _existing_directory(text: str) -> Path:
@@ -261,6 +274,22 @@ SETTINGS: tuple[Setting, ...] = (
         "how long a subscribe waits for the auth query",
     ),
     Setting(
+        "max_pending_auth_checks",
+        "SSE_MAX_PENDING_AUTH_CHECKS",
+        "max-pending-auth-checks",
+        "256",
+        _positive_int,
+        "subscriber checks waiting for PostgreSQL; more are asked to come back later",
+    ),
+    Setting(
+        "max_auth_checks_per_client",
+        "SSE_MAX_AUTH_CHECKS_PER_CLIENT",
+        "max-auth-checks-per-client",
+        "4",
+        _positive_int,
+        "subscriber checks one client address may have waiting at once",
+    ),
+    Setting(
         "auth_cache_seconds",
         "SSE_AUTH_CACHE_SECONDS",
         "auth-cache-seconds",
@@ -383,6 +412,30 @@ SETTINGS: tuple[Setting, ...] = (
         "most events kept for replay",
     ),
     Setting(
+        "replay_max_bytes",
+        "SSE_REPLAY_MAX_BYTES",
+        "replay-max-bytes",
+        "33554432",
+        _positive_int,
+        "most bytes of events kept for replay",
+    ),
+    Setting(
+        "future_id_grace_seconds",
+        "SSE_FUTURE_ID_GRACE_SECONDS",
+        "future-id-grace-seconds",
+        "3",
+        _non_negative_float,
+        "a Last-Event-ID past the newest event consumed waits this long, then gets reset",
+    ),
+    Setting(
+        "max_stream_seconds",
+        "SSE_MAX_STREAM_SECONDS",
+        "max-stream-seconds",
+        "3600",
+        _positive_float,
+        "a stream is closed (with a jittered retry:) after about this long, to re-check access",
+    ),
+    Setting(
         "max_buffer_bytes",
         "SSE_MAX_BUFFER_BYTES",
         "max-buffer-bytes",
@@ -447,12 +500,36 @@ SETTINGS: tuple[Setting, ...] = (
         "a client must send its whole request head within this (HTTP/1.1)",
     ),
     Setting(
+        "max_body_bytes",
+        "SSE_MAX_BODY_BYTES",
+        "max-body-bytes",
+        "1024",
+        _non_negative_int,
+        "largest request body accepted (nothing here takes one); more is refused with 413",
+    ),
+    Setting(
         "cors_origins",
         "SSE_CORS_ORIGINS",
         "cors-origins",
         "*",
         _origins,
         "comma-separated origins allowed to subscribe, or *",
+    ),
+    Setting(
+        "trusted_proxies",
+        "SSE_TRUSTED_PROXIES",
+        "trusted-proxies",
+        "",
+        _networks,
+        "comma-separated proxy addresses or networks whose X-Forwarded-For is believed",
+    ),
+    Setting(
+        "allow_insecure_backends",
+        "SSE_ALLOW_INSECURE_BACKENDS",
+        "allow-insecure-backends",
+        "false",
+        _boolean,
+        "in prod, start even with plaintext RabbitMQ or PostgreSQL sslmode below verify-ca",
     ),
 )
 
@@ -479,6 +556,8 @@ class Config:
     postgres_sslmode: str
     postgres_pool_size: int
     postgres_timeout_seconds: float
+    max_pending_auth_checks: int
+    max_auth_checks_per_client: int
     auth_cache_seconds: float
     auth_cache_size: int
     rabbitmq_host: str
@@ -495,6 +574,9 @@ class Config:
     retry_milliseconds: int
     replay_seconds: int
     replay_max_events: int
+    replay_max_bytes: int
+    future_id_grace_seconds: float
+    max_stream_seconds: float
     max_buffer_bytes: int
     drain_seconds: float
     reconnect_jitter_milliseconds: int
@@ -503,7 +585,10 @@ class Config:
     max_streams: int
     max_header_bytes: int
     header_timeout_seconds: float
+    max_body_bytes: int
     cors_origins: tuple[str, ...]
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    allow_insecure_backends: bool
 
 
 def load_config(environ: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> Config:

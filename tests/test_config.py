@@ -57,7 +57,11 @@ def test_cors_origins_are_a_comma_separated_list(certs_dir: Path) -> None:
         ("SSE_APP_ENV", "staging", "SSE_APP_ENV: 'staging' is not one of dev, prod"),
         ("SSE_RABBITMQ_TLS", "maybe", "SSE_RABBITMQ_TLS: 'maybe' is not a boolean"),
         ("SSE_POSTGRES_SSLMODE", "strict", "SSE_POSTGRES_SSLMODE: 'strict' is not one of"),
-        ("SSE_HEARTBEAT_SECONDS", "0", "SSE_HEARTBEAT_SECONDS: '0' must be greater than 0"),
+        ("SSE_HEARTBEAT_SECONDS", "0", "SSE_HEARTBEAT_SECONDS: '0' must be a finite number"),
+        ("SSE_POSTGRES_TIMEOUT_SECONDS", "inf", "SSE_POSTGRES_TIMEOUT_SECONDS: 'inf' must be a"),
+        ("SSE_DRAIN_SECONDS", "nan", "SSE_DRAIN_SECONDS: 'nan' must be a finite number"),
+        ("SSE_AUTH_CACHE_SECONDS", "-inf", "SSE_AUTH_CACHE_SECONDS: '-inf' must be a finite"),
+        ("SSE_TRUSTED_PROXIES", "10.0.0.0/8,proxy", "SSE_TRUSTED_PROXIES: 'proxy' is not an IP"),
         ("SSE_RABBITMQ_MAX_AGE", "7 days", "SSE_RABBITMQ_MAX_AGE: '7 days' is not a RabbitMQ"),
         ("SSE_CERTS_DIR", "/nonexistent/certs", "SSE_CERTS_DIR: '/nonexistent/certs' is not a"),
     ],
@@ -70,6 +74,24 @@ def test_a_wrong_value_names_the_setting_and_the_problem(
         load_config(environ)
     assert str(raised.value).startswith(expected)
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda setting: setting.env)
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "1e400", "", " ", "0x10", "\x00"])
+def test_no_value_of_any_setting_gets_past_loading_unchecked(
+    certs_dir: Path, setting: object, value: str
+) -> None:
+    """Every setting either refuses the value in one line or holds a finite, usable value."""
+    assert hasattr(setting, "env")
+    try:
+        config = load_config({"SSE_CERTS_DIR": str(certs_dir), setting.env: value})
+    except ConfigError as error:
+        assert str(error).startswith(f"{setting.env}: ")
+        assert "\n" not in str(error)
+        return
+    loaded = getattr(config, setting.field)  # type: ignore[attr-defined]
+    if isinstance(loaded, float):
+        assert loaded == loaded and loaded not in (float("inf"), float("-inf"))
 
 
 def test_a_wrong_option_is_named_as_the_option(certs_dir: Path) -> None:
@@ -121,8 +143,8 @@ def test_the_auth_cache_is_on_by_default_and_zero_seconds_turns_it_off(certs_dir
     off = load_config({"SSE_CERTS_DIR": str(certs_dir), "SSE_AUTH_CACHE_SECONDS": "0"})
     assert off.auth_cache_seconds == 0
     for name, value, problem in [
-        ("SSE_AUTH_CACHE_SECONDS", "-1", "must be 0 or more"),
-        ("SSE_AUTH_CACHE_SECONDS", "nan", "must be 0 or more"),
+        ("SSE_AUTH_CACHE_SECONDS", "-1", "must be a finite number, 0 or more"),
+        ("SSE_AUTH_CACHE_SECONDS", "nan", "must be a finite number, 0 or more"),
         ("SSE_AUTH_CACHE_SIZE", "0", "is not a positive integer"),
     ]:
         with pytest.raises(ConfigError) as raised:

@@ -89,6 +89,17 @@ def test_an_unknown_environment_value_stops_start_up_with_one_line(tmp_path: Pat
     assert result.stderr.strip() == "sse-server: SSE_APP_ENV: 'staging' is not one of dev, prod"
 
 
+def test_an_infinite_timeout_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    result = run_twistd(
+        [], {"SSE_POSTGRES_TIMEOUT_SECONDS": "inf", "SSE_CERTS_DIR": str(tmp_path)}, tmp_path
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        "sse-server: SSE_POSTGRES_TIMEOUT_SECONDS: 'inf' must be a finite number greater than 0"
+    )
+    assert "Traceback" not in result.stderr + result.stdout
+
+
 def test_a_missing_certs_dir_stops_start_up_with_one_line(tmp_path: Path) -> None:
     result = run_twistd(["--certs-dir", str(tmp_path / "nowhere")], {}, tmp_path)
     assert result.returncode != 0
