@@ -153,6 +153,10 @@ class JSONLogObserver:
     def format(self, event: LogEvent) -> str:
         """The JSON line for ``event``, with secrets masked."""
         level = event.get("log_level")
+        secret_fields = [key for key in event if key.lower() in _SECRET_FIELDS]
+        if secret_fields:
+            # The message is formatted from the fields: mask them before it is.
+            event = {**event, **dict.fromkeys(secret_fields, MASK)}
         record: dict[str, Any] = {
             "@timestamp": datetime.fromtimestamp(event.get("log_time", 0), UTC).isoformat(
                 timespec="milliseconds"
