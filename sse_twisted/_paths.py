@@ -34,21 +34,30 @@ def _shown(segment: bytes) -> bool:
     )
 
 
-def loggable_path(path: bytes) -> str:
+def loggable_path(path: bytes, authenticated: bool = False) -> str:
     """``path`` as log lines may carry it.
 
-    A path that routes to a stream (decoded segments ``subscribe``, then three v4 UUIDs)
-    is shown as sent with its last segment masked. On any other path every segment that
-    could carry a credential is masked; a path that does not start with C{/} is masked
-    whole, as Twisted routes on it from its second byte.
+    The path of an C{authenticated} subscriber (decoded segments ``subscribe`` and three v4
+    UUIDs, the last two a known pair) is shown as sent with its token masked, and its topic
+    too if it repeats the token. On any other path every segment that could carry a
+    credential is masked, topic and userid included: a token is there too when a segment is
+    missing or one too many, or two are swapped. A path that does not start with C{/} is
+    masked whole, as Twisted routes on it from its second byte.
     """
     if not path.startswith(b"/"):
         return MASK
     raw = path[1:].split(b"/")
     decoded = [unquote_to_bytes(segment) for segment in raw]
-    if len(decoded) == 4 and decoded[0] == b"subscribe" and all(map(is_v4_uuid, decoded[1:])):
-        # The first three decode to ASCII names, so their raw form is plain ASCII too.
+    if (
+        authenticated
+        and len(decoded) == 4
+        and decoded[0] == b"subscribe"
+        and all(map(is_v4_uuid, decoded[1:]))
+    ):
+        # These decode to ASCII names, so their raw form is plain ASCII too.
         shown = [segment.decode("ascii") for segment in raw[:3]] + [MASK]
+        if decoded[1] == decoded[3]:
+            shown[1] = MASK
     else:
         shown = [segment.decode("ascii") if _shown(segment) else MASK for segment in raw]
     return "/" + "/".join(shown)

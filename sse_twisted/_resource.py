@@ -34,12 +34,14 @@ class TrackedRequest(Request):
 
     correlation_id: str = ""
     started_at: float = 0.0
+    # The path's userid and token are a known pair: its userid is not a misplaced token.
+    authenticated: bool = False
 
     def __repr__(self) -> str:
         """Twisted logs a request's repr (a HEAD answered with a body): the path in it is
         masked as in the access log, and the query string left out."""
         method = self.method.decode("latin-1")
-        path = loggable_path(self.path or b"")
+        path = loggable_path(self.path or b"", self.authenticated)
         return f"<{type(self).__name__} at 0x{id(self):x} method={method} path={path}>"
 
 
@@ -94,7 +96,7 @@ def access_log(clock: IReactorTime, request: Request, outcome: str) -> None:
     _access.info(
         "{method} {path} {status} ({outcome})",
         method=request.method.decode("latin-1"),
-        path=loggable_path(request.path),
+        path=loggable_path(request.path, getattr(request, "authenticated", False)),
         status=request.code,
         outcome=outcome,
         duration_ms=round((clock.seconds() - started_at) * 1000, 1),
@@ -271,6 +273,7 @@ class SubscribeResource(Resource):
             request.write(_plain(request, 403, "unknown subscriber"))
             request.finish()
             return
+        request.authenticated = True  # type: ignore[attr-defined]
         if self._refused_for_limits(request, userid):
             return
         request.setResponseCode(200)
