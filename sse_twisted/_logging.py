@@ -49,6 +49,8 @@ _LEGACY_KEYS = frozenset({"format", "message", "time", "isError", "failure", "wh
 
 def mask_subscribe_path(text: str) -> str:
     """Replace the token segment of any subscribe path in ``text``."""
+    if "/subscribe/" not in text:
+        return text
     return _SUBSCRIBE_TOKEN.sub(r"\1" + MASK, text)
 
 
@@ -85,13 +87,20 @@ def _secret_masker(secrets: Iterable[str]) -> Callable[[str], str]:
     if not patterns:
         return mask_subscribe_path
     pattern = re.compile("|".join(patterns), re.IGNORECASE)
+    # Access lines are on the hot path: a few substring tests spare most strings the regex.
+    lowered = tuple({spelling.lower() for spelling in anywhere | as_credential})
 
     def replace(match: re.Match[str]) -> str:
         lead = match.groupdict().get("lead")
         return MASK if lead is None else lead + MASK
 
     def mask(text: str) -> str:
-        return mask_subscribe_path(pattern.sub(replace, text))
+        lowered_text = text.lower()
+        for spelling in lowered:
+            if spelling in lowered_text:
+                text = pattern.sub(replace, text)
+                break
+        return mask_subscribe_path(text)
 
     return mask
 
@@ -162,23 +171,25 @@ class JSONLogObserver:
                 timespec="milliseconds"
             ),
             "@level": level.name if level is not None else "info",
-            "message": formatEvent(event),
+            "message": self._mask(formatEvent(event)),
             "env": self._env,
             "index": self._index,
-            "correlation_id": event.get("correlation_id"),
+            "correlation_id": self._masked(event.get("correlation_id")),
             "logger": event.get("log_namespace"),
         }
         failure = event.get("log_failure")
         if failure is not None:
-            record["error"] = failure.getErrorMessage()
-            record["traceback"] = failure.getTraceback()
+            record["error"] = self._mask(failure.getErrorMessage())
+            record["traceback"] = self._mask(failure.getTraceback())
         for key, value in event.items():
             if not key.startswith("log_") and key not in record and key not in _LEGACY_KEYS:
-                record[key] = value
-        return json.dumps(self._masked(record), ensure_ascii=False)
+                record[key] = self._masked(value)
+        return json.dumps(record, ensure_ascii=False)
 
     def _masked(self, value: Any) -> Any:
         """``value`` as JSON types, with secrets masked in every string in it."""
+        if isinstance(value, str):
+            return self._mask(value)
         if value is None or isinstance(value, int | float | bool):
             return value
         if isinstance(value, list | tuple):
@@ -188,7 +199,7 @@ class JSONLogObserver:
                 str(key): MASK if str(key).lower() in _SECRET_FIELDS else self._masked(item)
                 for key, item in value.items()
             }
-        return self._mask(value if isinstance(value, str) else str(value))
+        return self._mask(str(value))
 
     def close(self) -> None:
         """Close the log file."""
