@@ -11,6 +11,7 @@ import io
 import json
 import signal
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -19,10 +20,14 @@ import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from sse_twisted._logging import JSONLogObserver
 from sse_twisted._paths import loggable_path
+from sse_twisted._replay import ReplayWindow
+from sse_twisted._resource import SubscribeResource
+from sse_twisted._streams import StreamRegistry
 from tests.harness import (
     Browser,
     add_local_subscriber,
@@ -35,7 +40,7 @@ from tests.harness import (
     wait_for,
 )
 from tests.test_hostile_paths import answer_to
-from tests.test_resource import ScriptedAuthenticator
+from tests.test_resource import ScriptedAuthenticator, render, request_for
 
 # The least of a token that must not be readable in a line.
 _PIECE = 12
@@ -199,16 +204,23 @@ class OnlyThePair(ScriptedAuthenticator):
         return succeed((userid, nonce) == self.pair)
 
 
-def logged_lines_of(target: bytes, method: bytes, authenticator: OnlyThePair) -> list[str]:
-    """Every line the JSON observer writes while the real site answers ``method target``
-    and the client leaves."""
+@contextmanager
+def json_log() -> Iterator[io.StringIO]:
+    """What the JSON observer writes of every event logged meanwhile."""
     written = io.StringIO()
     observer = JSONLogObserver("test", "sse", None, stream=written)
     globalLogPublisher.addObserver(observer)
     try:
-        answer_to(target, method, authenticator)
+        yield written
     finally:
         globalLogPublisher.removeObserver(observer)
+
+
+def logged_lines_of(target: bytes, method: bytes, authenticator: OnlyThePair) -> list[str]:
+    """Every line the JSON observer writes while the real site answers ``method target``
+    and the client leaves."""
+    with json_log() as written:
+        answer_to(target, method, authenticator)
     return written.getvalue().splitlines()
 
 
@@ -226,6 +238,27 @@ def test_no_mutation_of_a_subscribe_path_puts_its_token_in_a_log_line(
     access = [json.loads(line) for line in lines if '"sse_twisted.access"' in line]
     assert access, (target, lines)
     assert token_pieces_in(lines, token) == [], target
+
+
+def test_a_refusal_before_the_database_answered_does_not_name_a_misplaced_token() -> None:
+    userid, token = new_uuid(), new_token()
+    resource = SubscribeResource(
+        StreamRegistry(),
+        OnlyThePair(userid, token),
+        Clock(),
+        ReplayWindow(Clock(), 60, 100),
+        cors_origins=("*",),
+        retry_milliseconds=1000,
+        max_buffer_bytes=1000,
+        max_streams=0,
+    )
+    request = request_for(f"/subscribe/{userid}/{token}/{new_uuid()}")
+    with json_log() as written:
+        render(resource, request)
+    assert request.responseCode == 429
+    [line] = written.getvalue().splitlines()
+    assert json.loads(line)["message"].startswith("refused a stream of ****: too many")
+    assert token_pieces_in([line], token) == []
 
 
 @pytest_twisted.ensureDeferred
