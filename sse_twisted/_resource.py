@@ -17,7 +17,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from ._channel import limited_channel_protocol
 from ._framing import comment_frame, id_frame, retry_frame
 from ._metrics import Metrics
-from ._paths import is_v4_uuid, loggable_path
+from ._paths import MASK, is_v4_uuid, loggable_path
 from ._replay import ReplayWindow
 from ._streams import EventStream, StreamRegistry
 from .interfaces import BackendUnavailable, IAuthenticator
@@ -243,9 +243,12 @@ class SubscribeResource(Resource):
         else:
             return False
         self._metrics.subscribed("too_many_streams")
+        # Before the database answered, the userid segment may be a misplaced token; one
+        # with open streams is a subscriber's.
+        known = getattr(request, "authenticated", False) or self._registry.count_of(userid) > 0
         self.log.warn(
             "refused a stream of {userid}: {reason} (limit {limit})",
-            userid=userid,
+            userid=userid if known else MASK,
             reason=reason,
             limit=limit,
             correlation_id=getattr(request, "correlation_id", None),
