@@ -16,16 +16,15 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from ._channel import limited_channel_protocol
 from ._framing import comment_frame, id_frame, retry_frame
-from ._logging import mask_subscribe_path
 from ._metrics import Metrics
+from ._paths import MASK, is_v4_uuid, loggable_path
 from ._replay import ReplayWindow
 from ._streams import EventStream, StreamRegistry
 from .interfaces import BackendUnavailable, IAuthenticator
 
 __all__ = ["EventStreamSite", "SubscribeResource", "TrackedRequest", "root_resource"]
 
-_V4_UUID = re.compile(rb"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._-]{1,64}$")
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 _PATH_PARTS = ("topic", "userid", "nonce")
 _access = Logger(namespace="sse_twisted.access")
 
@@ -35,6 +34,15 @@ class TrackedRequest(Request):
 
     correlation_id: str = ""
     started_at: float = 0.0
+    # The path's userid and token are a known pair: its userid is not a misplaced token.
+    authenticated: bool = False
+
+    def __repr__(self) -> str:
+        """Twisted logs a request's repr (a HEAD answered with a body): the path in it is
+        masked as in the access log, and the query string left out."""
+        method = self.method.decode("latin-1")
+        path = loggable_path(self.path or b"", self.authenticated)
+        return f"<{type(self).__name__} at 0x{id(self):x} method={method} path={path}>"
 
 
 class EventStreamSite(Site):
@@ -67,7 +75,7 @@ class EventStreamSite(Site):
         """Stamp ``request`` with a correlation id and its start time, then route it."""
         assert isinstance(request, TrackedRequest)
         given = request.getHeader(b"x-request-id")
-        if given is not None and _REQUEST_ID.match(given):
+        if given is not None and _REQUEST_ID.fullmatch(given):
             request.correlation_id = given.decode("ascii")
         else:
             request.correlation_id = uuid4().hex
@@ -81,13 +89,14 @@ class EventStreamSite(Site):
 
 
 def access_log(clock: IReactorTime, request: Request, outcome: str) -> None:
-    """Log ``request`` as one access line: status, duration, bytes, protocol, masked path."""
+    """Log ``request`` as one access line: status, duration, bytes, protocol, masked path
+    (see L{loggable_path}; the query string is left out)."""
     correlation_id = getattr(request, "correlation_id", None)
     started_at = getattr(request, "started_at", clock.seconds())
     _access.info(
         "{method} {path} {status} ({outcome})",
         method=request.method.decode("latin-1"),
-        path=mask_subscribe_path(request.path.decode("latin-1")),
+        path=loggable_path(request.path, getattr(request, "authenticated", False)),
         status=request.code,
         outcome=outcome,
         duration_ms=round((clock.seconds() - started_at) * 1000, 1),
@@ -132,7 +141,7 @@ def _last_event_id(request: Request) -> str | None:
 def path_problem(parts: list[bytes]) -> str | None:
     """Why ``parts`` (the segments after /subscribe/) are not three v4 UUIDs, or None."""
     for name, part in zip(_PATH_PARTS, parts, strict=False):
-        if not _V4_UUID.match(part):
+        if not is_v4_uuid(part):
             return f"{name} is not a lowercase v4 UUID"
     if len(parts) < len(_PATH_PARTS):
         return f"missing {_PATH_PARTS[len(parts)]}: expected /subscribe/<topic>/<userid>/<nonce>"
@@ -234,9 +243,12 @@ class SubscribeResource(Resource):
         else:
             return False
         self._metrics.subscribed("too_many_streams")
+        # Before the database answered, the userid segment may be a misplaced token; one
+        # with open streams is a subscriber's.
+        known = getattr(request, "authenticated", False) or self._registry.count_of(userid) > 0
         self.log.warn(
             "refused a stream of {userid}: {reason} (limit {limit})",
-            userid=userid,
+            userid=userid if known else MASK,
             reason=reason,
             limit=limit,
             correlation_id=getattr(request, "correlation_id", None),
@@ -264,6 +276,7 @@ class SubscribeResource(Resource):
             request.write(_plain(request, 403, "unknown subscriber"))
             request.finish()
             return
+        request.authenticated = True  # type: ignore[attr-defined]
         if self._refused_for_limits(request, userid):
             return
         request.setResponseCode(200)

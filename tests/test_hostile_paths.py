@@ -93,12 +93,15 @@ def targets(draw: st.DrawFn) -> bytes:
     return text.encode("ascii")
 
 
-def answer_to(target: bytes) -> tuple[bytes, int]:
-    """The server's answer to ``GET target``, and how many streams it opened."""
+def answer_to(
+    target: bytes, method: bytes = b"GET", authenticator: ScriptedAuthenticator | None = None
+) -> tuple[bytes, int]:
+    """The server's answer to ``method target``, and how many streams it opened; every
+    pair is a subscriber unless ``authenticator`` says otherwise."""
     registry = StreamRegistry()
     resource = SubscribeResource(
         registry,
-        AlwaysYes(),
+        authenticator if authenticator is not None else AlwaysYes(),
         Clock(),
         ReplayWindow(Clock(), 60, 100),
         cors_origins=("*",),
@@ -110,7 +113,7 @@ def answer_to(target: bytes) -> tuple[bytes, int]:
     channel = site.buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)
-    channel.dataReceived(b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    channel.dataReceived(method + b" " + target + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
     answer = transport.value()
     opened = len(registry)
     channel.connectionLost(Failure(ConnectionDone()))

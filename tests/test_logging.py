@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from twisted.logger import Logger, LogLevel, LogPublisher, globalLogPublisher
@@ -13,6 +14,7 @@ from twisted.python.logfile import DailyLogFile
 
 import sse_twisted._logging
 from sse_twisted._logging import JSONLogObserver, bridge_standard_logging, mask_subscribe_path
+from tests.harness import new_password
 
 NONCE = "3c9d2f7e-1b4a-4e8d-a6c5-7f0e2b9d4c31"
 
@@ -135,3 +137,57 @@ def test_rotation_at_midnight_loses_no_line_and_splits_none(
         json.loads(line)["number"] for line in (tmp_path / "sse.log").read_text().splitlines()
     ]
     assert (old_day, new_day) == ([0, 1, 2], [3, 4, 5])
+
+
+def lines_logged(secrets: list[str], *texts: str) -> list[str]:
+    """The lines the observer writes for one ``failed: {reason}`` event per text."""
+    stdout = io.StringIO()
+    log = emit(JSONLogObserver("dev", "sse", None, secrets=secrets, stream=stdout))
+    for text in texts:
+        log.warn("failed: {reason}", reason=text)
+    return stdout.getvalue().splitlines()
+
+
+def test_a_word_like_password_is_masked_as_a_credential_and_nowhere_else() -> None:
+    ordinary = [
+        "consuming guest-events at 127.0.0.1:5672 as guest",
+        "Guest: the guestbook",
+    ]
+    as_credentials = {
+        "amqp://guest:guest@127.0.0.1:5672/": "amqp://guest:****@127.0.0.1:5672/",
+        "host=db password=guest dbname=users": "host=db password=**** dbname=users",
+        "{'password': 'guest'}": "{'password': '****'}",
+        '{"pass": "GUEST"}': '{"pass": "****"}',
+    }
+    lines = lines_logged(["guest"], *ordinary, *as_credentials)
+    reasons = [json.loads(line)["reason"] for line in lines]
+    assert reasons == [*ordinary, *as_credentials.values()]
+
+
+def test_a_password_with_a_quote_and_a_backslash_is_masked_in_its_escaped_forms() -> None:
+    password = new_password() + '"q\\b'
+    escaped = json.dumps(password)[1:-1]
+    texts = [
+        f"as is {password} end",
+        f'a JSON body {{"password": {json.dumps(password)}}} end',
+        f"a repr {password!r} end",
+        f"a URL amqp://user:{quote(password, safe='')}@host end",
+    ]
+    lines = lines_logged([password, "unused-long-secret"], *texts)
+    assert len(lines) == len(texts)
+    for line in lines:
+        reason = json.loads(line)["reason"]
+        assert reason.startswith(("as is ****", "a JSON body", "a repr", "a URL")), reason
+        assert reason.count("****") == 1 and reason.endswith(" end"), reason
+        for form in (password, escaped, repr(password)[1:-1], quote(password, safe="")):
+            assert form.lower() not in line.lower() and form.lower() not in reason.lower()
+
+
+def test_fields_named_like_a_secret_are_masked_in_the_field_and_the_message() -> None:
+    stdout = io.StringIO()
+    log = emit(JSONLogObserver("dev", "sse", None, stream=stdout))
+    log.info("logging in with {password}", password="s3cret", nested={"Token": ["t0k"]})
+    record = json.loads(stdout.getvalue())
+    assert record["message"] == "logging in with ****"
+    assert record["password"] == "****"
+    assert record["nested"] == {"Token": "****"}
