@@ -20,6 +20,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import pika
+import pika.exceptions
 import psycopg2
 import pytest
 import pytest_twisted
@@ -30,7 +32,14 @@ from sse_twisted import _tls
 from sse_twisted._config import SETTINGS
 from sse_twisted.devcerts import DEV_CERTIFICATE_FILES
 from tests.backends import Pki, PostgresServer, RabbitMQServer, free_port
-from tests.harness import new_uuid, start_server
+from tests.harness import (
+    Browser,
+    add_subscriber,
+    found_contract,
+    new_password,
+    new_uuid,
+    start_server,
+)
 
 REPOSITORY = Path(__file__).parent.parent
 COMPOSE_FILE = REPOSITORY / "docker-compose.yml"
@@ -496,3 +505,121 @@ def test_shell_scripts_parse() -> None:
     ]:
         subprocess.run(["sh", "-n", str(script)], check=True)
         assert os.access(script, os.X_OK), f"{script} is not executable"
+
+
+def write_definitions(
+    directory: Path, sse_user: str, admin_user: str, queue: str
+) -> tuple[Path, dict[str, str]]:
+    """Run deploy/rabbitmq/write-definitions.sh as the rabbitmq container does; return the
+    definitions file and each user's password file (each password ends in a newline, as
+    `echo pw > file` leaves it)."""
+    password_files = {}
+    for user in (sse_user, admin_user):
+        password_files[user] = str(directory / f"{user}.password")
+        Path(password_files[user]).write_text(new_password() + "\n")
+    output = directory / "definitions.json"
+    subprocess.run(
+        ["sh", str(REPOSITORY / "deploy/rabbitmq/write-definitions.sh"), str(output)],
+        env={
+            "PATH": os.environ["PATH"],
+            "RABBITMQ_SSE_USER": sse_user,
+            "RABBITMQ_SSE_PASSWORD_FILE": password_files[sse_user],
+            "RABBITMQ_SSE_QUEUE": queue,
+            "RABBITMQ_ADMIN_USER": admin_user,
+            "RABBITMQ_ADMIN_PASSWORD_FILE": password_files[admin_user],
+            "DEFINITIONS_OWNER": pwd.getpwuid(os.geteuid()).pw_name,
+        },
+        check=True,
+        capture_output=True,
+    )
+    return output, password_files
+
+
+def amqp_as(broker: RabbitMQServer, user: str, password_file: str) -> pika.BlockingConnection:
+    password = Path(password_file).read_text().rstrip("\n")
+    return pika.BlockingConnection(
+        pika.ConnectionParameters(
+            "127.0.0.1", broker.amqp_port, credentials=pika.PlainCredentials(user, password)
+        )
+    )
+
+
+def refused(operation: Any) -> int:
+    """The AMQP reply code of the channel error ``operation`` ends in (0: none)."""
+    try:
+        operation()
+    except pika.exceptions.ChannelClosedByBroker as error:
+        return int(error.reply_code)
+    return 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_stacks_rabbitmq_account_can_declare_and_consume_its_stream_and_nothing_else(
+    tmp_path: Path,
+    pki: Pki,
+    postgres_tls: PostgresServer,
+    rabbitmq_tls: RabbitMQServer,
+    tls_environ: dict[str, str],
+    browser: Browser,
+) -> None:
+    """The definitions the compose broker loads, imported into a real broker: the server
+    runs as its account, and the account is refused whatever the server does not need."""
+    suffix = uuid.uuid4().hex[:8]
+    sse_user, admin_user, queue = f"sse_{suffix}", f"admin_{suffix}", f"messages_{suffix}"
+    definitions, password_files = write_definitions(tmp_path, sse_user, admin_user, queue)
+    assert json.loads(definitions.read_text())["permissions"][0] == {
+        "user": sse_user,
+        "vhost": "/",
+        "configure": f"^{queue}$",
+        "write": "",
+        "read": f"^{queue}$",
+    }
+    assert definitions.stat().st_mode & 0o777 == 0o600
+    rabbitmq_tls.rabbitmqctl("import_definitions", str(definitions))
+    try:
+        server = await start_server(
+            {
+                **tls_environ,
+                "SSE_RABBITMQ_USERNAME": sse_user,
+                "SSE_RABBITMQ_PASSWORD_FILE": password_files[sse_user],
+                "SSE_RABBITMQ_QUEUE_NAME": queue,
+            }
+        )
+        try:
+            userid, token = add_subscriber(postgres_tls)
+            _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
+            # The administrator's password works too: it publishes.
+            admin = amqp_as(rabbitmq_tls, admin_user, password_files[admin_user])
+            admin.channel().basic_publish("", queue, json.dumps(found_contract(userid)).encode())
+            admin.close()
+            event = await tab.next_event()
+            assert json.loads(event["data"]) == found_contract(userid)
+        finally:
+            await server.stop()
+        account = amqp_as(rabbitmq_tls, sse_user, password_files[sse_user])
+        try:
+            publish = account.channel()
+            publish.confirm_delivery()
+            assert refused(lambda: publish.basic_publish("", queue, b"{}")) == 403
+            other = f"other_{suffix}"
+            assert refused(lambda: account.channel().queue_declare(other)) == 403
+            assert refused(lambda: account.channel().exchange_declare(other)) == 403
+            # Each permission it has is needed: without configure, the declaration the
+            # server makes is refused; without read, its consumer.
+            rabbitmq_tls.rabbitmqctl("set_permissions", sse_user, "", "", f"^{queue}$")
+            declare = account.channel()
+            arguments = {"x-queue-type": "stream", "x-max-age": "1D"}
+            assert (
+                refused(lambda: declare.queue_declare(queue, durable=True, arguments=arguments))
+                == 403
+            )
+            rabbitmq_tls.rabbitmqctl("set_permissions", sse_user, f"^{queue}$", "", "")
+            consume = account.channel()
+            consume.basic_qos(prefetch_count=10)
+            assert refused(lambda: consume.basic_consume(queue, lambda *_: None)) == 403
+        finally:
+            account.close()
+    finally:
+        rabbitmq_tls.rabbitmqctl("delete_queue", queue)
+        rabbitmq_tls.rabbitmqctl("delete_user", sse_user)
+        rabbitmq_tls.rabbitmqctl("delete_user", admin_user)
