@@ -164,6 +164,13 @@ async def test_twistd_in_prod_logs_in_to_postgresql_with_the_password_from_its_f
         )
         try:
             port = await bounded(process.port, 30)
+            await wait_for(
+                lambda: any(
+                    line["message"].startswith("connected to PostgreSQL") for line in process.lines
+                ),
+                "the server to log in to PostgreSQL",
+                30,
+            )
             response, tab = await browser.open(
                 f"https://localhost:{port}/subscribe/{new_uuid()}/{userid}/{token}"
             )
