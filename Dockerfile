@@ -27,7 +27,8 @@ RUN pip install --no-cache-dir --no-index --find-links=/wheels sse-twisted \
     && twistd --help | grep -q sse-server \
     && install -d -o sse -g sse -m 0750 /certs /var/log/sse
 USER sse
-EXPOSE 8001 9464
+# Metrics (SSE_METRICS_PORT, 9464) listen on 127.0.0.1 unless SSE_METRICS_ADDRESS says otherwise.
+EXPOSE 8001
 # Liveness only (GET /healthz): a backend outage must not get this container restarted.
 # The certificate is not checked: it names the public host, not 127.0.0.1.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \

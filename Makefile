@@ -64,17 +64,36 @@ adduser: ## Add a random user to the local PostgreSQL (STACK=1: the stack's) and
 		-c "INSERT INTO users (uuid, sse_token) VALUES ('$$2', '$$3')" && \
 	echo "https://localhost:8001/subscribe/$$1/$$2/$$3"
 
-# The compose stack (docker-compose.yml): TLS on every link, certificates from ./certs.
+# The compose stack (docker-compose.yml): prod mode, TLS on every link, certificates from
+# ./certs, passwords from ./secrets.
 COMPOSE ?= docker compose
 STACK_PSQL := $(COMPOSE) exec -T postgres psql -X -q -v ON_ERROR_STOP=1 -U postgres -d sse
+SECRETS_DIR ?= secrets
+STACK_SECRETS := postgres_password postgres_sse_password rabbitmq_sse_password rabbitmq_admin_password
+
+.PHONY: secrets
+secrets: ## Create a random password file for each secret of the stack in ./secrets (never overwrites)
+	@install -d -m 0700 $(SECRETS_DIR)
+	@# 0644 inside a 0700 directory: compose bind-mounts each file with its own mode, and the
+	@# containers' users (postgres, sse) must read it; other host users cannot reach it.
+	@for name in $(STACK_SECRETS); do \
+		if [ ! -e $(SECRETS_DIR)/$$name ]; then \
+			$(PYTHON) -I -c 'import secrets; print(secrets.token_urlsafe(24))' > $(SECRETS_DIR)/$$name && \
+			chmod 0644 $(SECRETS_DIR)/$$name && echo "created $(SECRETS_DIR)/$$name"; \
+		fi; \
+	done
 
 .PHONY: up
-up: certs ## Build and start the TLS stack (sse, RabbitMQ, PostgreSQL) with docker compose
+up: certs secrets ## Build and start the TLS stack (sse, RabbitMQ, PostgreSQL) with docker compose
 	$(COMPOSE) up --detach --build
 	@echo "health:      $(COMPOSE) ps (starting takes about a minute)"
-	@echo "demo page:   https://localhost:8001/demo (trust $(CERTS_DIR)/ca.pem first)"
-	@echo "demo stream: curl -N --cacert $(CERTS_DIR)/ca.pem https://localhost:8001/subscribe/$(DEMO_TOPIC)/$(DEMO_USERID)/$(DEMO_TOKEN)"
-	@echo "RabbitMQ UI: http://localhost:15672 (user sse); metrics: http://localhost:9464/metrics"
+	@echo "a user:      make adduser STACK=1 (prints its subscribe URL; trust $(CERTS_DIR)/ca.pem)"
+	@echo "RabbitMQ UI: http://localhost:15672 (user admin, password in $(SECRETS_DIR)/rabbitmq_admin_password)"
+	@echo "metrics:     make metrics"
+
+.PHONY: metrics
+metrics: ## Print the stack server's Prometheus metrics (they listen inside its container only)
+	@$(COMPOSE) exec -T sse python -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9464/metrics').read().decode(), end='')"
 
 .PHONY: down
 down: ## Stop the stack (data volumes stay; docker compose down -v deletes them)

@@ -591,23 +591,55 @@ class Config:
     allow_insecure_backends: bool
 
 
-def load_config(environ: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> Config:
+def _raw_value(
+    setting: Setting, environ: Mapping[str, str], overrides: Mapping[str, str | None]
+) -> tuple[str, str]:
+    """The text of ``setting`` and where it came from: an option, else a variable, else the
+    default.  A secret may also come from a file (``--x-file``, ``SSE_X_FILE``), which
+    stands in for its value at the same level; giving both at one level is an error."""
+    option_file, env_file = f"{setting.option}-file", f"{setting.env}_FILE"
+    levels = [
+        (f"--{setting.option}", overrides.get(setting.option), option_file, overrides),
+        (setting.env, environ.get(setting.env), env_file, environ),
+    ]
+    for name, value, file_key, source in levels:
+        path = source.get(file_key) if setting.secret else None
+        file_name = f"--{file_key}" if source is overrides else file_key
+        if value is not None and path is not None:
+            raise ConfigError(f"{name} and {file_name} are both set: keep one")
+        if value is not None:
+            return value, name
+        if path is not None:
+            return _read_secret(file_name, path), file_name
+    return setting.default, f"{setting.env} (default)"
+
+
+def _read_secret(source: str, path: str) -> str:
+    """The contents of a secret file, without trailing newlines (what ``$(< file)`` gives
+    the official postgres image: the same file must give the same password here)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{source}: cannot read {path!r}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: {path!r} is not UTF-8 text") from None
+    return text.rstrip("\n")
+
+
+def load_config(
+    environ: Mapping[str, str], overrides: Mapping[str, str | None] | None = None
+) -> Config:
     """Build the config: defaults, replaced by ``SSE_*`` variables, replaced by options.
 
     ``overrides`` is keyed by option name (``port``, ``certs-dir``); ``None`` values are
-    ignored.  Raises L{ConfigError} naming the first setting whose value is unusable.
+    ignored.  A secret setting (a password) may instead be read from a file named by
+    ``SSE_<NAME>_FILE`` or ``--<name>-file``.  Raises L{ConfigError} naming the first
+    setting whose value is unusable.
     """
     overrides = overrides or {}
     values: dict[str, Any] = {}
     for setting in SETTINGS:
-        raw = overrides.get(setting.option)
-        source = f"--{setting.option}"
-        if raw is None:
-            raw = environ.get(setting.env)
-            source = setting.env
-        if raw is None:
-            raw = setting.default
-            source = f"{setting.env} (default)"
+        raw, source = _raw_value(setting, environ, overrides)
         if setting.field == "rabbitmq_port" and raw == "":
             values[setting.field] = None
             continue

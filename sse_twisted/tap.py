@@ -17,7 +17,7 @@ from twisted.python.components import Componentized
 
 from ._auth import PostgresAuthenticator
 from ._auth_cache import CachingAuthenticator
-from ._config import SETTINGS, Config, ConfigError, load_config
+from ._config import SETTINGS, Config, ConfigError, Setting, load_config
 from ._consumer import StreamConsumerService
 from ._demo import DemoPage
 from ._framing import retry_frame
@@ -36,15 +36,31 @@ from ._tls_reload import ReloadableServerTLS, ReloadOnHangup
 __all__ = ["Options", "SSEService", "build_service", "makeService"]
 
 
+def _option_help(setting: Setting) -> str:
+    text = f"{setting.help} [{setting.env}, default {setting.default!r}]"
+    if setting.secret:
+        # Every local user can read a process's arguments (ps, /proc/<pid>/cmdline).
+        text += f"; visible in `ps`: prefer --{setting.option}-file or {setting.env}_FILE"
+    return text
+
+
 class Options(usage.Options):
     """Every setting as an option; each defaults to its ``SSE_*`` variable, then to the default.
 
     A value the server cannot run with ends the command with one line naming the setting.
     """
 
-    optParameters = [  # noqa: RUF012 - usage.Options reads this class attribute
-        [setting.option, None, None, f"{setting.help} [{setting.env}, default {setting.default!r}]"]
+    optParameters = [
+        [setting.option, None, None, _option_help(setting)] for setting in SETTINGS
+    ] + [
+        [
+            f"{setting.option}-file",
+            None,
+            None,
+            f"file holding the {setting.help} (trailing newlines ignored) [{setting.env}_FILE]",
+        ]
         for setting in SETTINGS
+        if setting.secret
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -53,7 +69,9 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """Build the immutable L{Config}; exit with one line when a value is unusable."""
-        overrides = {setting.option: self[setting.option] for setting in SETTINGS}
+        names = [setting.option for setting in SETTINGS]
+        names += [f"{setting.option}-file" for setting in SETTINGS if setting.secret]
+        overrides = {name: self[name] for name in names}
         try:
             self["config"] = load_config(self._environ, overrides)
         except ConfigError as error:
@@ -116,11 +134,37 @@ class SSEService(MultiService):
         super().setServiceParent(parent)
 
 
+# libpq modes that do not check the server's certificate: anyone on the path may answer.
+_UNVERIFIED_SSLMODES = ("disable", "allow", "prefer", "require")
+
+
+def _refuse_insecure_backends_in_prod(config: Config) -> None:
+    """Raise L{ConfigError} for a plaintext or unverified backend link in prod, unless
+    C{allow_insecure_backends} says the operator means it (then it is only a warning)."""
+    if config.app_env != "prod" or config.allow_insecure_backends:
+        return
+    problems = []
+    if not config.rabbitmq_tls:
+        problems.append("SSE_RABBITMQ_TLS=false (plaintext RabbitMQ)")
+    if config.postgres_sslmode in _UNVERIFIED_SSLMODES:
+        problems.append(
+            f"SSE_POSTGRES_SSLMODE={config.postgres_sslmode} (below verify-ca: the "
+            f"PostgreSQL server is not verified)"
+        )
+    if problems:
+        raise ConfigError(
+            f"refused in prod: {', '.join(problems)}; use TLS, or set "
+            f"SSE_ALLOW_INSECURE_BACKENDS=true to start anyway"
+        )
+
+
 def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None]) -> SSEService:
     """Assemble the service tree for ``config``; ``on_fatal`` ends the process with a reason.
 
-    Raises L{ConfigError} when the certificates cannot be loaded.
+    Raises L{ConfigError} when the certificates cannot be loaded, or when a backend link
+    is insecure in prod without the opt-out.
     """
+    _refuse_insecure_backends_in_prod(config)
     log = Logger(namespace="sse_twisted.startup")
     observer = JSONLogObserver(
         env=config.app_env,

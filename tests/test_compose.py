@@ -7,6 +7,9 @@ image's HEALTHCHECK command are run for real against local stand-ins.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import os
 import pwd
@@ -16,10 +19,12 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, suppress
 from pathlib import Path
 from typing import Any
 
+import pika
+import pika.exceptions
 import psycopg2
 import pytest
 import pytest_twisted
@@ -27,10 +32,17 @@ import yaml
 from twisted.internet.threads import deferToThread
 
 from sse_twisted import _tls
-from sse_twisted._config import SETTINGS
+from sse_twisted._config import SETTINGS, load_config
 from sse_twisted.devcerts import DEV_CERTIFICATE_FILES
 from tests.backends import Pki, PostgresServer, RabbitMQServer, free_port
-from tests.harness import new_uuid, start_server
+from tests.harness import (
+    Browser,
+    add_subscriber,
+    found_contract,
+    new_password,
+    new_uuid,
+    start_server,
+)
 
 REPOSITORY = Path(__file__).parent.parent
 COMPOSE_FILE = REPOSITORY / "docker-compose.yml"
@@ -87,6 +99,15 @@ def mounts(service: dict[str, Any]) -> dict[str, str]:
     return {volume.split(":")[1]: volume.split(":")[0] for volume in service.get("volumes", [])}
 
 
+def secret_file(service: dict[str, Any], path: str) -> str:
+    """The name of the compose secret mounted at ``path`` in ``service`` (a compose secret
+    without a target is mounted at /run/secrets/<name>)."""
+    name = path.removeprefix("/run/secrets/")
+    assert path == f"/run/secrets/{name}", f"{path} is not where compose mounts secrets"
+    assert name in service.get("secrets", []), f"{name} is not given to this service"
+    return name
+
+
 def test_every_sse_variable_of_the_stack_is_a_setting_and_parses(
     services: dict[str, Any],
 ) -> None:
@@ -96,6 +117,11 @@ def test_every_sse_variable_of_the_stack_is_a_setting_and_parses(
             if not variable.startswith("SSE_"):
                 continue
             seen += 1
+            if variable.endswith("_FILE"):
+                setting = SETTINGS_BY_ENV[variable.removesuffix("_FILE")]
+                assert setting.secret, f"{name}: {variable}: only secrets come from files"
+                assert secret_file(service, str(value)), f"{name}: {variable} is no secret"
+                continue
             assert variable in SETTINGS_BY_ENV, f"{name}: {variable} is no setting"
             if variable in ("SSE_CERTS_DIR", "SSE_LOGS_DIR"):
                 # A path inside the container: it must be a volume there.
@@ -119,8 +145,34 @@ def test_the_server_gets_every_certificate_file_it_loads_and_only_known_names(
     assert sse["depends_on"]["sse-certs"] == {"condition": "service_completed_successfully"}
     for service in services.values():
         if "/deploy/install-certs.sh" in service.get("entrypoint", []):
-            assert set(installed_certificates(service)[2]) <= set(DEV_CERTIFICATE_FILES.all_names())
-            assert mounts(service)["/certs"] == "./certs"
+            installed = installed_certificates(service)[2]
+            assert set(installed) <= set(DEV_CERTIFICATE_FILES.all_names())
+            # Exactly the files it installs, one by one.
+            certificate_mounts = {
+                target: source
+                for target, source in mounts(service).items()
+                if source.startswith("./certs")
+            }
+            assert certificate_mounts == {f"/certs/{name}": f"./certs/{name}" for name in installed}
+
+
+def test_no_container_gets_the_ca_key_the_certs_directory_or_the_deploy_directory(
+    services: dict[str, Any],
+) -> None:
+    for name, service in services.items():
+        sources = mounts(service).values()
+        assert not any(DEV_CERTIFICATE_FILES.ca_key in source for source in sources), name
+        assert "./certs" not in sources, f"{name} mounts every certificate and key"
+        assert "./deploy" not in sources, f"{name} mounts all of deploy/"
+        # Each file of deploy/ it mounts is one it uses: on its entrypoint or command line,
+        # or where the image reads it.
+        used = " ".join(map(str, [*service.get("entrypoint", []), *service.get("command", [])]))
+        for target, source in mounts(service).items():
+            if source.startswith("./deploy/"):
+                assert (REPOSITORY / source).exists(), source
+                assert target in used or target.startswith(
+                    ("/etc/rabbitmq/conf.d/", "/docker-entrypoint-initdb.d")
+                ), f"{name}: {source} is mounted but not used"
 
 
 def rabbitmq_settings() -> dict[str, str]:
@@ -143,7 +195,16 @@ def test_rabbitmq_accepts_only_tls_clients_with_a_certificate(services: dict[str
     assert conf["management.tcp.port"] == "15672"
     files = DEV_CERTIFICATE_FILES
     owner, directory, installed, command = installed_certificates(rabbitmq)
-    assert (owner, command) == ("rabbitmq", ["docker-entrypoint.sh"])
+    assert (owner, command) == (
+        "rabbitmq",
+        [
+            "sh",
+            "/deploy/write-definitions.sh",
+            conf["load_definitions"],
+            "--",
+            "docker-entrypoint.sh",
+        ],
+    )
     assert {
         conf["ssl_options.cacertfile"],
         conf["ssl_options.certfile"],
@@ -152,12 +213,31 @@ def test_rabbitmq_accepts_only_tls_clients_with_a_certificate(services: dict[str
     assert conf["ssl_options.certfile"] == f"{directory}/{files.rabbitmq_server_certificate}"
     assert conf["ssl_options.keyfile"] == f"{directory}/{files.rabbitmq_server_key}"
     assert conf["ssl_options.cacertfile"] == f"{directory}/{files.rabbitmq_ca}"
-    # The server's RabbitMQ login is the one the broker creates.
+    assert mounts(rabbitmq)["/deploy/write-definitions.sh"] == (
+        "./deploy/rabbitmq/write-definitions.sh"
+    )
     sse = environment(services["sse"])
-    broker = environment(rabbitmq)
-    assert sse["SSE_RABBITMQ_USERNAME"] == broker["RABBITMQ_DEFAULT_USER"]
-    assert sse["SSE_RABBITMQ_PASSWORD"] == broker["RABBITMQ_DEFAULT_PASS"]
     assert sse["SSE_RABBITMQ_TLS"] == "true"
+
+
+def test_the_server_logs_in_to_rabbitmq_as_its_own_account_not_the_administrator(
+    services: dict[str, Any],
+) -> None:
+    sse, rabbitmq = services["sse"], services["rabbitmq"]
+    settings, broker = environment(sse), environment(rabbitmq)
+    # write-definitions.sh gives this account configure and read on this queue only
+    # (test_the_stacks_rabbitmq_account_can_declare_and_consume_its_stream_and_nothing_else).
+    assert settings["SSE_RABBITMQ_USERNAME"] == broker["RABBITMQ_SSE_USER"]
+    assert settings["SSE_RABBITMQ_QUEUE_NAME"] == broker["RABBITMQ_SSE_QUEUE"]
+    assert broker["RABBITMQ_SSE_USER"] != broker["RABBITMQ_ADMIN_USER"]
+    assert secret_file(sse, settings["SSE_RABBITMQ_PASSWORD_FILE"]) == secret_file(
+        rabbitmq, broker["RABBITMQ_SSE_PASSWORD_FILE"]
+    )
+    # The administrator's password is not the server's to read.
+    admin_secret = secret_file(rabbitmq, broker["RABBITMQ_ADMIN_PASSWORD_FILE"])
+    assert admin_secret not in sse["secrets"]
+    # A node that loads definitions creates no default user: these are the only two.
+    assert not any(name.startswith("RABBITMQ_DEFAULT_") for name in broker)
 
 
 def postgres_options(service: dict[str, Any]) -> dict[str, str]:
@@ -173,7 +253,7 @@ def makefile_variable(name: str) -> str:
     return value
 
 
-def test_postgres_serves_tls_only_with_its_own_key_and_the_demo_user(
+def test_postgres_serves_tls_only_with_its_own_key_and_the_servers_role(
     services: dict[str, Any],
 ) -> None:
     postgres = services["postgres"]
@@ -198,10 +278,15 @@ def test_postgres_serves_tls_only_with_its_own_key_and_the_demo_user(
     assert volumes["/schema"] == "./schema"
     database = environment(postgres)
     sse = environment(services["sse"])
-    assert database["DEMO_USERID"] == makefile_variable("DEMO_USERID")
-    assert database["DEMO_TOKEN"] == makefile_variable("DEMO_TOKEN")
+    # A well-known demo token has no place in a prod database.
+    assert "DEMO_USERID" not in database and "DEMO_TOKEN" not in database
     assert sse["SSE_POSTGRES_USERNAME"] == database["APP_DB_USER"]
-    assert sse["SSE_POSTGRES_PASSWORD"] == database["APP_DB_PASSWORD"]
+    assert secret_file(services["sse"], sse["SSE_POSTGRES_PASSWORD_FILE"]) == secret_file(
+        postgres, database["APP_DB_PASSWORD_FILE"]
+    )
+    assert (
+        secret_file(postgres, database["POSTGRES_PASSWORD_FILE"]) not in services["sse"]["secrets"]
+    )
     assert sse["SSE_POSTGRES_DB_NAME"] == database["POSTGRES_DB"]
     assert sse["SSE_POSTGRES_SSLMODE"] == "verify-full"
 
@@ -231,20 +316,22 @@ def published(service: dict[str, Any]) -> dict[int, str]:
     return ports
 
 
-def test_published_ports_are_the_configured_ones_and_metrics_stay_on_loopback(
+def test_only_the_browser_port_is_published_and_metrics_stay_inside_the_container(
     services: dict[str, Any],
 ) -> None:
     sse = services["sse"]
     settings = environment(sse)
     ports = published(sse)
-    assert set(ports) == {int(settings["SSE_PORT"]), int(settings["SSE_METRICS_PORT"])}
-    assert ports[int(settings["SSE_METRICS_PORT"])] == "127.0.0.1"
-    # Inside its container the listener must take connections from the published port.
-    assert settings["SSE_METRICS_ADDRESS"] == "0.0.0.0"
+    assert set(ports) == {int(settings["SSE_PORT"])}
+    # Metrics listen on the container's loopback only (`make metrics` reads them there).
+    assert settings["SSE_METRICS_ADDRESS"] == "127.0.0.1"
+    assert (
+        f"127.0.0.1:{settings['SSE_METRICS_PORT']}/metrics" in (REPOSITORY / "Makefile").read_text()
+    )
     assert all(address == "127.0.0.1" for address in published(services["rabbitmq"]).values())
     assert "ports" not in services["postgres"]
     exposed = re.findall(r"^EXPOSE (.+)$", DOCKERFILE.read_text(), re.M)
-    assert exposed == [f"{settings['SSE_PORT']} {settings['SSE_METRICS_PORT']}"]
+    assert exposed == [settings["SSE_PORT"]]
 
 
 def dockerfile_instruction(name: str) -> list[str]:
@@ -405,10 +492,12 @@ def run_sql(database: str, *statements: str, role: str | None = None) -> list[An
 
 
 def test_the_postgres_init_script_creates_the_schema_a_read_only_role_and_the_demo_user(
-    services: dict[str, Any], scratch_database: str
+    scratch_database: str, tmp_path: Path
 ) -> None:
-    settings = environment(services["postgres"])
     role = f"sse_role_{uuid.uuid4().hex[:8]}"
+    password_file = tmp_path / "password"
+    password_file.write_text(new_password() + "\n")
+    demo_user, demo_token = makefile_variable("DEMO_USERID"), makefile_variable("DEMO_TOKEN")
     subprocess.run(
         ["sh", str(REPOSITORY / "deploy/postgres-init/10-sse.sh")],
         env={
@@ -419,20 +508,43 @@ def test_the_postgres_init_script_creates_the_schema_a_read_only_role_and_the_de
             "POSTGRES_USER": "postgres",
             "POSTGRES_DB": scratch_database,
             "APP_DB_USER": role,
-            "APP_DB_PASSWORD": "secret",
-            "DEMO_USERID": settings["DEMO_USERID"],
-            "DEMO_TOKEN": settings["DEMO_TOKEN"],
+            "APP_DB_PASSWORD_FILE": str(password_file),
+            "DEMO_USERID": demo_user,
+            "DEMO_TOKEN": demo_token,
         },
         check=True,
         capture_output=True,
     )
     try:
         rows = run_sql(scratch_database, "SELECT uuid, sse_token FROM users", role=role)
-        assert rows == [(settings["DEMO_USERID"], settings["DEMO_TOKEN"])]
+        assert rows == [(demo_user, demo_token)]
         with pytest.raises(psycopg2.errors.InsufficientPrivilege):
             run_sql(scratch_database, "INSERT INTO users VALUES ('a', 'b')", role=role)
+        [(verifier,)] = run_sql(
+            scratch_database, f"SELECT rolpassword FROM pg_authid WHERE rolname = '{role}'"
+        )
+        # The password from the file (newline dropped), as PostgreSQL checks it.
+        assert verifier.startswith("SCRAM-SHA-256$")
+        assert scram_matches(verifier, password_file.read_text().rstrip("\n"))
+        assert not scram_matches(verifier, password_file.read_text())
     finally:
         run_sql(scratch_database, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')
+
+
+def scram_matches(verifier: str, password: str) -> bool:
+    """Whether ``password`` is the one a PostgreSQL SCRAM-SHA-256 verifier was made from."""
+    method, rest = verifier.split("$", 1)
+    iterations_and_salt, keys = rest.split("$")
+    iterations, salt = iterations_and_salt.split(":")
+    stored_key = keys.split(":")[0]
+    salted = hashlib.pbkdf2_hmac(
+        "sha256", password.encode(), base64.b64decode(salt), int(iterations)
+    )
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    return (
+        method == "SCRAM-SHA-256"
+        and base64.b64encode(hashlib.sha256(client_key).digest()).decode() == stored_key
+    )
 
 
 def test_make_adduser_inserts_a_random_user_and_prints_its_url(scratch_database: str) -> None:
@@ -496,3 +608,182 @@ def test_shell_scripts_parse() -> None:
     ]:
         subprocess.run(["sh", "-n", str(script)], check=True)
         assert os.access(script, os.X_OK), f"{script} is not executable"
+
+
+def write_definitions(
+    directory: Path, sse_user: str, admin_user: str, queue: str
+) -> tuple[Path, dict[str, str]]:
+    """Run deploy/rabbitmq/write-definitions.sh as the rabbitmq container does; return the
+    definitions file and each user's password file (each password ends in a newline, as
+    `echo pw > file` leaves it)."""
+    password_files = {}
+    for user in (sse_user, admin_user):
+        password_files[user] = str(directory / f"{user}.password")
+        Path(password_files[user]).write_text(new_password() + "\n")
+    output = directory / "definitions.json"
+    subprocess.run(
+        ["sh", str(REPOSITORY / "deploy/rabbitmq/write-definitions.sh"), str(output)],
+        env={
+            "PATH": os.environ["PATH"],
+            "RABBITMQ_SSE_USER": sse_user,
+            "RABBITMQ_SSE_PASSWORD_FILE": password_files[sse_user],
+            "RABBITMQ_SSE_QUEUE": queue,
+            "RABBITMQ_ADMIN_USER": admin_user,
+            "RABBITMQ_ADMIN_PASSWORD_FILE": password_files[admin_user],
+            "DEFINITIONS_OWNER": pwd.getpwuid(os.geteuid()).pw_name,
+        },
+        check=True,
+        capture_output=True,
+    )
+    return output, password_files
+
+
+def amqp_as(broker: RabbitMQServer, user: str, password_file: str) -> pika.BlockingConnection:
+    password = Path(password_file).read_text().rstrip("\n")
+    return pika.BlockingConnection(
+        pika.ConnectionParameters(
+            "127.0.0.1", broker.amqp_port, credentials=pika.PlainCredentials(user, password)
+        )
+    )
+
+
+def refused(operation: Any) -> int:
+    """The AMQP reply code of the channel error ``operation`` ends in (0: none)."""
+    try:
+        operation()
+    except pika.exceptions.ChannelClosedByBroker as error:
+        return int(error.reply_code)
+    return 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_stacks_rabbitmq_account_can_declare_and_consume_its_stream_and_nothing_else(
+    tmp_path: Path,
+    pki: Pki,
+    postgres_tls: PostgresServer,
+    rabbitmq_tls: RabbitMQServer,
+    tls_environ: dict[str, str],
+    browser: Browser,
+) -> None:
+    """The definitions the compose broker loads, imported into a real broker: the server
+    runs as its account, and the account is refused whatever the server does not need."""
+    suffix = uuid.uuid4().hex[:8]
+    sse_user, admin_user, queue = f"sse_{suffix}", f"admin_{suffix}", f"messages_{suffix}"
+    definitions, password_files = write_definitions(tmp_path, sse_user, admin_user, queue)
+    assert json.loads(definitions.read_text())["permissions"][0] == {
+        "user": sse_user,
+        "vhost": "/",
+        "configure": f"^{queue}$",
+        "write": "",
+        "read": f"^{queue}$",
+    }
+    assert definitions.stat().st_mode & 0o777 == 0o600
+    rabbitmq_tls.rabbitmqctl("import_definitions", str(definitions))
+    try:
+        server = await start_server(
+            {
+                **tls_environ,
+                "SSE_RABBITMQ_USERNAME": sse_user,
+                "SSE_RABBITMQ_PASSWORD_FILE": password_files[sse_user],
+                "SSE_RABBITMQ_QUEUE_NAME": queue,
+            }
+        )
+        try:
+            userid, token = add_subscriber(postgres_tls)
+            _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
+            # The administrator's password works too: it publishes.
+            admin = amqp_as(rabbitmq_tls, admin_user, password_files[admin_user])
+            admin.channel().basic_publish("", queue, json.dumps(found_contract(userid)).encode())
+            admin.close()
+            event = await tab.next_event()
+            assert json.loads(event["data"]) == found_contract(userid)
+        finally:
+            await server.stop()
+        account = amqp_as(rabbitmq_tls, sse_user, password_files[sse_user])
+        try:
+            publish = account.channel()
+            publish.confirm_delivery()
+            assert refused(lambda: publish.basic_publish("", queue, b"{}")) == 403
+            other = f"other_{suffix}"
+            assert refused(lambda: account.channel().queue_declare(other)) == 403
+            assert refused(lambda: account.channel().exchange_declare(other)) == 403
+            # Each permission it has is needed: without configure, the declaration the
+            # server makes is refused; without read, its consumer.
+            rabbitmq_tls.rabbitmqctl("set_permissions", sse_user, "", "", f"^{queue}$")
+            declare = account.channel()
+            arguments = {"x-queue-type": "stream", "x-max-age": "1D"}
+            assert (
+                refused(lambda: declare.queue_declare(queue, durable=True, arguments=arguments))
+                == 403
+            )
+            rabbitmq_tls.rabbitmqctl("set_permissions", sse_user, f"^{queue}$", "", "")
+            consume = account.channel()
+            consume.basic_qos(prefetch_count=10)
+            assert refused(lambda: consume.basic_consume(queue, lambda *_: None)) == 403
+        finally:
+            account.close()
+    finally:
+        with suppress(RuntimeError):  # the server may never have declared it
+            rabbitmq_tls.rabbitmqctl("delete_queue", queue)
+        rabbitmq_tls.rabbitmqctl("delete_user", sse_user)
+        rabbitmq_tls.rabbitmqctl("delete_user", admin_user)
+
+
+def test_the_stack_runs_the_server_in_prod_with_verified_backends(
+    services: dict[str, Any],
+) -> None:
+    settings = environment(services["sse"])
+    # A fixed value: no variable can turn the stack back into dev (and its /demo page).
+    assert services["sse"]["environment"]["SSE_APP_ENV"] == "prod"
+    # The secret files exist inside the container only.
+    without_files = {name: value for name, value in settings.items() if not name.endswith("_FILE")}
+    config = load_config({**without_files, "SSE_CERTS_DIR": "."})
+    assert config.app_env == "prod"
+    assert config.allow_insecure_backends is False
+    assert config.rabbitmq_tls is True
+    assert config.postgres_sslmode == "verify-full"
+
+
+def test_every_password_of_the_stack_is_a_compose_secret_read_through_a_file_variable(
+    compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    declared = compose["secrets"]
+    for name, service in services.items():
+        for variable, value in service.get("environment", {}).items():
+            if "PASS" in variable:
+                assert variable.endswith("_FILE"), f"{name}: {variable} is a plain value"
+                assert declared[secret_file(service, str(value))]
+            assert "$" not in str(value), f"{name}: {variable} comes from the caller"
+    # Each secret is a file of its own under ./secrets, as `make secrets` writes them.
+    made = re.search(r"^STACK_SECRETS := (.+)$", (REPOSITORY / "Makefile").read_text(), re.M)
+    assert made is not None
+    assert {name: secret["file"] for name, secret in declared.items()} == {
+        name: f"./secrets/{name}" for name in made.group(1).split()
+    }
+    used = {name for service in services.values() for name in service.get("secrets", [])}
+    assert used == set(declared)
+
+
+def test_make_secrets_writes_each_password_once_readable_inside_a_private_directory(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "secrets"
+
+    def make_secrets() -> str:
+        return subprocess.run(
+            ["make", "--no-print-directory", "secrets", f"SECRETS_DIR={directory}"],
+            cwd=REPOSITORY,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    make_secrets()
+    passwords = {path.name: path.read_text() for path in directory.iterdir()}
+    assert set(passwords) == set(yaml.safe_load(COMPOSE_FILE.read_text())["secrets"])
+    assert len(set(passwords.values())) == len(passwords)
+    assert all(len(password.strip()) >= 32 for password in passwords.values())
+    assert directory.stat().st_mode & 0o777 == 0o700
+    assert {path.stat().st_mode & 0o777 for path in directory.iterdir()} == {0o644}
+    assert make_secrets() == ""
+    assert {path.name: path.read_text() for path in directory.iterdir()} == passwords

@@ -8,6 +8,7 @@ from twisted.plugin import getPlugins
 
 from sse_twisted._config import SETTINGS, ConfigError, load_config
 from sse_twisted.tap import Options
+from tests.harness import new_password
 
 
 @pytest.fixture
@@ -150,3 +151,78 @@ def test_the_auth_cache_is_on_by_default_and_zero_seconds_turns_it_off(certs_dir
         with pytest.raises(ConfigError) as raised:
             load_config({"SSE_CERTS_DIR": str(certs_dir), name: value})
         assert str(raised.value) == f"{name}: {value!r} {problem}"
+
+
+@pytest.mark.parametrize(
+    ("variable", "field"),
+    [
+        ("SSE_POSTGRES_PASSWORD", "postgres_password"),
+        ("SSE_RABBITMQ_PASSWORD", "rabbitmq_password"),
+    ],
+)
+def test_a_password_is_read_from_the_file_its_file_variable_names(
+    certs_dir: Path, tmp_path: Path, variable: str, field: str
+) -> None:
+    password = new_password()
+    secret = tmp_path / "secret"
+    # As `echo "$password" > file` or a Kubernetes secret written by an editor leaves it.
+    secret.write_text(f"{password}\n")
+    config = load_config({"SSE_CERTS_DIR": str(certs_dir), f"{variable}_FILE": str(secret)})
+    assert getattr(config, field) == password
+    assert password not in repr(config)
+
+
+def test_a_password_file_option_overrides_the_environment(certs_dir: Path, tmp_path: Path) -> None:
+    from_option, from_environment = new_password(), new_password()
+    secret = tmp_path / "secret"
+    secret.write_text(from_option)
+    options = Options(
+        environ={"SSE_CERTS_DIR": str(certs_dir), "SSE_POSTGRES_PASSWORD": from_environment}
+    )
+    options.parseOptions(["--postgres-password-file", str(secret)])
+    assert options["config"].postgres_password == from_option
+
+
+def test_a_password_and_its_file_both_set_is_refused_in_one_line(
+    certs_dir: Path, tmp_path: Path
+) -> None:
+    password = new_password()
+    secret = tmp_path / "secret"
+    secret.write_text(password)
+    environ = {
+        "SSE_CERTS_DIR": str(certs_dir),
+        "SSE_RABBITMQ_PASSWORD": password,
+        "SSE_RABBITMQ_PASSWORD_FILE": str(secret),
+    }
+    with pytest.raises(ConfigError) as raised:
+        load_config(environ)
+    assert str(raised.value) == (
+        "SSE_RABBITMQ_PASSWORD and SSE_RABBITMQ_PASSWORD_FILE are both set: keep one"
+    )
+
+
+def test_an_unreadable_password_file_is_refused_in_one_line_naming_the_variable(
+    certs_dir: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "absent"
+    with pytest.raises(ConfigError) as raised:
+        load_config({"SSE_CERTS_DIR": str(certs_dir), "SSE_POSTGRES_PASSWORD_FILE": str(missing)})
+    assert str(raised.value) == (
+        f"SSE_POSTGRES_PASSWORD_FILE: cannot read {str(missing)!r}: No such file or directory"
+    )
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError) as raised:
+        load_config({"SSE_CERTS_DIR": str(certs_dir), "SSE_POSTGRES_PASSWORD_FILE": str(binary)})
+    assert str(raised.value) == f"SSE_POSTGRES_PASSWORD_FILE: {str(binary)!r} is not UTF-8 text"
+
+
+def test_only_secret_settings_have_a_file_variable(certs_dir: Path, tmp_path: Path) -> None:
+    port_file = tmp_path / "port"
+    port_file.write_text("9999")
+    config = load_config({"SSE_CERTS_DIR": str(certs_dir), "SSE_PORT_FILE": str(port_file)})
+    assert config.port == 8001
+    assert {setting.env for setting in SETTINGS if setting.secret} == {
+        "SSE_POSTGRES_PASSWORD",
+        "SSE_RABBITMQ_PASSWORD",
+    }

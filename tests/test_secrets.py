@@ -11,11 +11,14 @@ import json
 import signal
 from pathlib import Path
 
+import psycopg2
+import pytest
 import pytest_twisted
 
 from tests.backends import Pki, PostgresServer, RabbitMQServer
 from tests.harness import (
     Browser,
+    add_subscriber,
     bounded,
     found_contract,
     leaked_secrets,
@@ -126,3 +129,59 @@ async def test_no_token_or_password_in_any_line_of_a_server_driven_through_every
     assert "access revoked" in log_file and "unavailable" in log_file
     secrets = {token, postgres_password, rabbitmq_password}
     assert leaked_secrets([*output, log_file], secrets) == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_in_prod_logs_in_to_postgresql_with_the_password_from_its_file(
+    tmp_path: Path, postgres_tls: PostgresServer, tls_environ: dict[str, str], browser: Browser
+) -> None:
+    """The test PostgreSQL trusts its other users; this role must give its password, so a
+    subscriber is let in only if the server read it from SSE_POSTGRES_PASSWORD_FILE."""
+    role, password = f"sse_password_{new_uuid()[:8]}", new_password()
+    postgres_tls.execute(f'CREATE ROLE "{role}" LOGIN PASSWORD %s', (password,))
+    postgres_tls.execute(f'GRANT SELECT ON users TO "{role}"')
+    hba = postgres_tls.data_directory / "pg_hba.conf"
+    trusting = hba.read_text()
+    hba.write_text(f"hostssl all {role} 127.0.0.1/32 scram-sha-256\n{trusting}")
+    postgres_tls.execute("SELECT pg_reload_conf()")
+    secret = tmp_path / "postgres_password"
+    secret.write_text(f"{password}\n")
+    try:
+        with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+            psycopg2.connect(postgres_tls.dsn, user=role, password=new_password()).close()
+        userid, token = add_subscriber(postgres_tls)
+        process, transport = spawn_twistd(
+            {
+                **tls_environ,
+                "SSE_APP_ENV": "prod",
+                "SSE_PORT": "0",
+                "SSE_LISTEN_ADDRESS": "127.0.0.1",
+                "SSE_POSTGRES_USERNAME": role,
+                "SSE_POSTGRES_PASSWORD_FILE": str(secret),
+                "SSE_AUTH_CACHE_SECONDS": "0",
+            },
+            tmp_path,
+        )
+        try:
+            port = await bounded(process.port, 30)
+            await wait_for(
+                lambda: any(
+                    line["message"].startswith("connected to PostgreSQL") for line in process.lines
+                ),
+                "the server to log in to PostgreSQL",
+                30,
+            )
+            response, tab = await browser.open(
+                f"https://localhost:{port}/subscribe/{new_uuid()}/{userid}/{token}"
+            )
+            assert response.code == 200
+            await wait_for(lambda: "connected" in tab.parser.comments, "the stream to open")
+        finally:
+            transport.signalProcess(signal.SIGTERM)
+            await bounded(process.ended, 30)
+    finally:
+        hba.write_text(trusting)
+        postgres_tls.execute("SELECT pg_reload_conf()")
+        postgres_tls.execute(f'DROP OWNED BY "{role}"')
+        postgres_tls.execute(f'DROP ROLE "{role}"')
+    assert leaked_secrets([process.raw.decode(), process.stderr.decode()], {password}) == {}

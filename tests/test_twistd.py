@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -184,3 +185,69 @@ async def test_a_queue_that_exists_as_a_classic_queue_stops_start_up(
     assert len(critical) == 1
     assert queue in critical[0]["message"]
     assert "stream" in critical[0]["message"]
+
+
+def test_help_says_password_options_show_in_ps_and_offers_files_instead(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(TWISTD), "sse-server", "--help"], capture_output=True, text=True, check=True
+    )
+    # One option per entry: an entry starts with its option name, wrapped lines follow.
+    entries = re.split(r"\n {6}(?=--)", result.stdout)
+    for name in ("postgres", "rabbitmq"):
+        [password] = [entry for entry in entries if entry.startswith(f"--{name}-password=")]
+        assert "visible in `ps`: prefer" in " ".join(password.split())
+        assert "_PASSWORD_FILE" in password
+        [password_file] = [
+            entry for entry in entries if entry.startswith(f"--{name}-password-file=")
+        ]
+        assert f"SSE_{name.upper()}_PASSWORD_FILE" in password_file
+
+
+def test_prod_with_plaintext_backends_refuses_to_start_in_one_line(
+    tmp_path: Path, pki: Pki
+) -> None:
+    environ = {
+        "SSE_APP_ENV": "prod",
+        "SSE_CERTS_DIR": str(pki.directory),
+        "SSE_RABBITMQ_TLS": "false",
+        "SSE_POSTGRES_SSLMODE": "require",
+    }
+    result = run_twistd([], environ, tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        "sse-server: refused in prod: SSE_RABBITMQ_TLS=false (plaintext RabbitMQ), "
+        "SSE_POSTGRES_SSLMODE=require (below verify-ca: the PostgreSQL server is not "
+        "verified); use TLS, or set SSE_ALLOW_INSECURE_BACKENDS=true to start anyway"
+    )
+    assert "Traceback" not in result.stderr + result.stdout
+    # Each link alone is refused too, and verify-ca is enough.
+    for insecure in (
+        {"SSE_RABBITMQ_TLS": "false"},
+        {"SSE_POSTGRES_SSLMODE": "prefer"},
+    ):
+        alone = run_twistd(
+            [], {"SSE_APP_ENV": "prod", "SSE_CERTS_DIR": str(pki.directory), **insecure}, tmp_path
+        )
+        assert alone.returncode != 0
+        [line] = alone.stderr.strip().splitlines()
+        [(variable, value)] = insecure.items()
+        assert f"{variable}={value}" in line
+        assert "SSE_ALLOW_INSECURE_BACKENDS=true" in line
+
+
+@pytest_twisted.ensureDeferred
+async def test_prod_with_plaintext_backends_starts_with_the_opt_out_and_warns(
+    tmp_path: Path, plaintext_environ: dict[str, str]
+) -> None:
+    environ = {**plaintext_environ, "SSE_APP_ENV": "prod", "SSE_ALLOW_INSECURE_BACKENDS": "true"}
+    process, transport = spawn_twistd(environ, tmp_path)
+    try:
+        await bounded(process.consuming, 30)
+    finally:
+        transport.signalProcess("TERM")
+        await bounded(process.ended, 30)
+    warnings = [line["message"] for line in process.lines if line["@level"] == "warn"]
+    assert any("RabbitMQ link is plaintext" in message for message in warnings)
+    assert any("PostgreSQL link is not verify-full" in message for message in warnings)
+    assert all(line["env"] == "prod" for line in process.lines)
+    _delete_queue(environ["SSE_RABBITMQ_QUEUE_NAME"])
