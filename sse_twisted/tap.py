@@ -178,7 +178,9 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
         root,
         reactor,
         max_header_bytes=config.max_header_bytes,
-        header_timeout=config.header_timeout_seconds,
+        request_timeout=config.header_timeout_seconds,
+        max_body_bytes=config.max_body_bytes,
+        metrics=metrics,
     )
     # HTTP/2 drops every stream of a connection idle for Site.timeOut: heartbeats must
     # come well within it.
