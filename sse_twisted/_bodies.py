@@ -10,8 +10,8 @@ request deadline, is reset (C{RST_STREAM}); the connection and its other streams
 Twisted answers nothing but a reset there without its private names.
 
 Only public Twisted names: C{Request.gotLength}, C{handleContentChunk} and
-C{requestReceived} (what both channels call on a request), the stream's
-C{pauseProducing} and C{abortConnection}, and C{INonQueuedRequestFactory}.
+C{requestReceived} (what both channels call on a request), the HTTP/2 stream's
+C{abortConnection} (its C{ITransport}), and C{INonQueuedRequestFactory}.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ __all__ = ["BodyLimits", "BoundedBodyRequest", "ConnectionRequests"]
 
 class _Stream(Protocol):
     """What an HTTP/2 request's channel (Twisted's C{H2Stream}) offers a refusal."""
-
-    def pauseProducing(self) -> None: ...
 
     def abortConnection(self) -> None: ...
 
@@ -129,16 +127,16 @@ class BoundedBodyRequest(Request):
         """Reset this HTTP/2 stream on the next reactor turn.
 
         Not at once: Twisted may still hold events of this stream from the same read (or
-        be building it), and would fail on a stream it has forgotten. Until then the
-        stream is paused: its further data is buffered unacknowledged, so the client's
-        flow-control window (64 KiB) bounds it.
+        be building it), and fails on a stream it has forgotten. Until then its data is
+        dropped; Twisted acknowledges it as usual, so that the connection's flow-control
+        window, which every stream shares, stays open (h2 does the same for data that
+        arrives after the reset).
         """
         if self._body_refused:
             return
         self._body_refused = True
         self._cancel_stream_calls()
         self.body_limits.refused(self, reason, counted_as)
-        cast(_Stream, self.channel).pauseProducing()
         self._stream_reset = self.body_limits.clock.callLater(0, self._reset_stream)
 
     def _reset_stream(self) -> None:

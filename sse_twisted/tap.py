@@ -70,6 +70,7 @@ class SSEService(MultiService):
     auth_cache: CachingAuthenticator | None = None
     revocations: RevocationListener | None = None
     server_tls: ReloadableServerTLS
+    metrics: Metrics
 
     def __init__(
         self,
@@ -199,6 +200,7 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     listener.listening.addErrback(lambda reason: on_fatal(f"cannot listen: {reason.value}"))
     service = SSEService(registry, listener, authenticator, consumer, observer, config)
     service.auth_cache = auth_cache
+    service.metrics = metrics
     service.revocations = revocations
     service.server_tls = server_tls
     revocations.setServiceParent(service)
