@@ -28,7 +28,7 @@ from twisted.logger import LogEvent
 
 from tests.backends import Pki
 from tests.harness import bounded, start_server
-from tests.test_limits import _read_all, _tls, log_events  # noqa: F401 (a fixture)
+from tests.test_limits import _read_all, _tls
 
 _MB = 1024 * 1024
 
