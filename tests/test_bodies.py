@@ -2,9 +2,10 @@
 at once (413 over HTTP/1.1, a stream reset over HTTP/2), never written to disk, and a body
 dribbled slowly is cut at the request deadline; everyone else is served meanwhile.
 
-Each test runs a real server on the test reactor against the machine's plaintext
-PostgreSQL and RabbitMQ, over real TLS; the raw-socket clients run in threads and measure
-how much of the body they could send before the answer came.
+The first tests drive the real site over a fake transport and a L{Clock} (the HTTP/1.1
+edge cases). The others run a real server on the test reactor against the machine's
+plaintext PostgreSQL and RabbitMQ, over real TLS; the raw-socket clients run in threads and
+measure how much of the body they could send before the answer came.
 """
 
 from __future__ import annotations
@@ -23,9 +24,17 @@ import h2.events
 import h2.exceptions
 import pytest
 import pytest_twisted
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request
 
+from sse_twisted._metrics import Metrics
+from sse_twisted._resource import EventStreamSite
 from tests.backends import Pki
 from tests.harness import bounded, start_server
 from tests.test_limits import _read_all, _tls
@@ -54,6 +63,92 @@ def temporary_files(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
 
     monkeypatch.setattr(tempfile, "TemporaryFile", spy)
     yield opened
+
+
+class _Recorder(Resource):
+    """Answers every request with 200 and keeps the body each one had."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[bytes] = []
+
+    def render(self, request: Request) -> bytes:
+        assert request.content is not None
+        self.bodies.append(request.content.read())
+        return b"ok"
+
+
+def _in_memory(data: bytes, advance: float = 0.0) -> tuple[bytes, _Recorder, Metrics]:
+    """Feed ``data`` to a fresh connection of the real site (limit 1024 bytes, deadline
+    10 s) in one read, let ``advance`` seconds pass; what it answered, what the resource
+    saw, and what was counted."""
+    clock = Clock()
+    recorder = _Recorder()
+    metrics = Metrics()
+    site = EventStreamSite(
+        recorder, clock, request_timeout=10, max_body_bytes=1024, metrics=metrics
+    )
+    site.reactor = clock  # type: ignore[assignment]
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(data)
+    clock.advance(advance)
+    answer = transport.value()
+    channel.connectionLost(Failure(ConnectionDone()))
+    return answer, recorder, metrics
+
+
+def _refused_count(metrics: Metrics, reason: str) -> float:
+    value = metrics.registry.get_sample_value("sse_requests_refused_total", {"reason": reason})
+    return value or 0.0
+
+
+def test_a_body_within_the_limit_reaches_the_resource_from_memory() -> None:
+    body = b"a" * 1024
+    answer, recorder, _ = _in_memory(
+        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 1024\r\n\r\n" + body
+    )
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert recorder.bodies == [body]
+
+
+def test_a_chunked_body_over_the_limit_is_refused_even_when_it_ends_in_the_same_read() -> None:
+    chunk = b"b" * 1025
+    answer, recorder, metrics = _in_memory(
+        b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n" % len(chunk)
+        + chunk
+        + b"\r\n0\r\n\r\n"
+        + b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 413 Content Too Large\r\n")
+    assert b"connection: close" in answer
+    # Neither the refused request nor the one pipelined behind it reached the resource.
+    assert recorder.bodies == []
+    assert answer.count(b"HTTP/1.1 ") == 1
+    assert _refused_count(metrics, "body_too_large") == 1
+
+
+def test_a_declared_body_over_the_limit_gets_413_and_no_100_continue() -> None:
+    answer, recorder, _ = _in_memory(
+        b"PUT /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 1025\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 413 Content Too Large\r\n")
+    assert b"100 Continue" not in answer
+    assert recorder.bodies == []
+
+
+def test_the_request_deadline_runs_on_through_the_body() -> None:
+    answer, recorder, metrics = _in_memory(
+        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n" + b"c" * 99, advance=10
+    )
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert answer.endswith(b"request body not received in time\n")
+    assert recorder.bodies == []
+    assert _refused_count(metrics, "body_too_slow") == 1
 
 
 def _try_read(connection: ssl.SSLSocket, seconds: float) -> bytes | None:
@@ -122,13 +217,6 @@ def _refusals(events: list[LogEvent], protocol: str) -> list[LogEvent]:
     ]
 
 
-def _refused_count(server: Any, reason: str) -> float:
-    value = server.service.metrics.registry.get_sample_value(
-        "sse_requests_refused_total", {"reason": reason}
-    )
-    return value or 0.0
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_declared_body_over_the_limit_gets_413_before_the_client_can_send_it(
     plaintext_environ: dict[str, str], pki: Pki, temporary_files: list[Any]
@@ -149,7 +237,7 @@ async def test_a_declared_body_over_the_limit_gets_413_before_the_client_can_sen
         assert sent < 16 * _MB
         assert answered < 3
         assert temporary_files == []
-        assert _refused_count(server, "body_too_large") == 1
+        assert _refused_count(server.service.metrics, "body_too_large") == 1
         assert (await deferToThread(_healthz, server.port, pki)).startswith(b"HTTP/1.1 200 ")
     finally:
         await server.stop()
@@ -173,7 +261,7 @@ async def test_a_chunked_body_gets_413_once_past_the_limit_and_is_not_read_to_it
         assert sent < 16 * _MB
         assert answered < 3
         assert temporary_files == []
-        assert _refused_count(server, "body_too_large") == 1
+        assert _refused_count(server.service.metrics, "body_too_large") == 1
         assert len(_refusals(log_events, "HTTP/1.1")) == 1
         assert (await deferToThread(_healthz, server.port, pki)).startswith(b"HTTP/1.1 200 ")
     finally:
@@ -213,7 +301,7 @@ async def test_a_body_dribbled_slowly_gets_408_at_the_request_deadline(
         # The deadline counts from the first byte of the head: the old server waited for
         # as long as a byte came within its 60 s idle timeout.
         assert 0.9 < answered < 3
-        assert _refused_count(server, "body_too_slow") == 1
+        assert _refused_count(server.service.metrics, "body_too_slow") == 1
     finally:
         await server.stop()
 
@@ -328,7 +416,7 @@ async def test_an_http2_body_over_the_limit_resets_its_stream_and_the_connection
         assert outcome["statuses"].get(5) == b"200"
         assert (await deferToThread(_healthz, server.port, pki)).startswith(b"HTTP/1.1 200 ")
         assert temporary_files == []
-        assert _refused_count(server, "body_too_large") == 2
+        assert _refused_count(server.service.metrics, "body_too_large") == 2
         # Counted each time, logged once per connection.
         assert len(_refusals(log_events, "HTTP/2")) == 1
     finally:
@@ -365,6 +453,6 @@ async def test_an_http2_body_dribbled_slowly_is_reset_at_the_request_deadline(
         # The old server reset nothing: each frame restarted its 60 s idle timeout.
         assert 0.9 < outcome["reset_after"] < 3
         assert outcome["statuses"].get(3) == b"200"
-        assert _refused_count(server, "body_too_slow") == 1
+        assert _refused_count(server.service.metrics, "body_too_slow") == 1
     finally:
         await server.stop()
