@@ -37,7 +37,7 @@ from sse_twisted._metrics import Metrics
 from sse_twisted._resource import EventStreamSite
 from tests.backends import Pki
 from tests.harness import bounded, start_server
-from tests.test_limits import _read_all, _tls
+from tests.test_limits import _failures, _read_all, _tls
 
 _MB = 1024 * 1024
 
@@ -263,6 +263,7 @@ async def test_a_chunked_body_gets_413_once_past_the_limit_and_is_not_read_to_it
         assert temporary_files == []
         assert _refused_count(server.service.metrics, "body_too_large") == 1
         assert len(_refusals(log_events, "HTTP/1.1")) == 1
+        assert _failures(log_events) == []
         assert (await deferToThread(_healthz, server.port, pki)).startswith(b"HTTP/1.1 200 ")
     finally:
         await server.stop()
@@ -419,6 +420,7 @@ async def test_an_http2_body_over_the_limit_resets_its_stream_and_the_connection
         assert _refused_count(server.service.metrics, "body_too_large") == 2
         # Counted each time, logged once per connection.
         assert len(_refusals(log_events, "HTTP/2")) == 1
+        assert _failures(log_events) == []
     finally:
         await server.stop()
 
