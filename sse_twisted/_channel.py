@@ -182,6 +182,8 @@ class LimitedHTTPChannel(HTTPChannel):
             )
 
     def _refuse(self, status: bytes, reason: str, counted_as: str) -> None:
+        if self._refused:
+            return  # answered and counted once
         self._refused = True
         self._disarm_request_deadline()
         self.metrics.refused(counted_as)
