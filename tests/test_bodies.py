@@ -165,9 +165,12 @@ def _try_read(connection: ssl.SSLSocket, seconds: float) -> bytes | None:
         connection.settimeout(10)
 
 
-def _upload(port: int, pki: Pki, head: bytes, chunks: Iterator[bytes]) -> tuple[bytes, int, float]:
+def _upload(
+    port: int, pki: Pki, head: bytes, chunks: Iterator[bytes]
+) -> tuple[bytes, int, float, bool]:
     """Send ``head``, then ``chunks`` until the server answers or closes; return the answer,
-    how many body bytes were sent before it, and how long that took."""
+    how many body bytes were sent before it, how long that took, and whether the server
+    then closed the connection (rather than leave it open 10 s)."""
     connect = _tls(pki)
     started = time.monotonic()
     sent = 0
@@ -184,11 +187,15 @@ def _upload(port: int, pki: Pki, head: bytes, chunks: Iterator[bytes]) -> tuple[
         except OSError:
             pass  # the server closed while we sent: its answer may be waiting
         answered = time.monotonic() - started
+        answer = answer or b""
         try:
-            answer = (answer or b"") + _read_all(connection)
+            answer += _read_all(connection)
+            closed = True
+        except TimeoutError:
+            closed = False
         except OSError:
-            answer = answer or b""
-    return answer, sent, answered
+            closed = True  # reset: the server closed with our body bytes unread
+    return answer, sent, answered, closed
 
 
 def _zeros(total: int, size: int = 65536) -> Iterator[bytes]:
@@ -227,7 +234,7 @@ async def test_a_declared_body_over_the_limit_gets_413_before_the_client_can_sen
             b"POST /healthz HTTP/1.1\r\nHost: localhost\r\n"
             b"Content-Length: 314572800\r\nContent-Type: application/octet-stream\r\n\r\n"
         )
-        answer, sent, answered = await bounded(
+        answer, sent, answered, closed = await bounded(
             deferToThread(_upload, server.port, pki, head, _zeros(64 * _MB))
         )
         assert answer.startswith(b"HTTP/1.1 413 Content Too Large\r\n"), answer[:200]
@@ -236,6 +243,7 @@ async def test_a_declared_body_over_the_limit_gets_413_before_the_client_can_sen
         # the 64 MB it had (the old server read all 300 MB and answered 405).
         assert sent < 16 * _MB
         assert answered < 3
+        assert closed
         assert temporary_files == []
         assert _refused_count(server.service.metrics, "body_too_large") == 1
         assert (await deferToThread(_healthz, server.port, pki)).startswith(b"HTTP/1.1 200 ")
@@ -253,13 +261,14 @@ async def test_a_chunked_body_gets_413_once_past_the_limit_and_is_not_read_to_it
     server = await start_server(plaintext_environ)
     try:
         head = b"POST /nowhere HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
-        answer, sent, answered = await bounded(
+        answer, sent, answered, closed = await bounded(
             deferToThread(_upload, server.port, pki, head, _chunked(64 * _MB))
         )
         assert answer.startswith(b"HTTP/1.1 413 Content Too Large\r\n"), answer[:200]
         # The old server read the 64 MB to its end, then answered 404.
         assert sent < 16 * _MB
         assert answered < 3
+        assert closed
         assert temporary_files == []
         assert _refused_count(server.service.metrics, "body_too_large") == 1
         assert len(_refusals(log_events, "HTTP/1.1")) == 1
