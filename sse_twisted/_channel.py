@@ -1,17 +1,20 @@
-"""The HTTP/1.1 channel with the request-head limits a server on the open internet needs.
+"""The HTTP/1.1 channel with the request limits a server on the open internet needs.
 
 Twisted's own C{HTTPChannel} already bounds a request head (C{totalHeadersSize},
-C{maxHeaders}), but answers a breach with a bare C{400} and has no deadline for the head
-itself: its idle timeout restarts with every byte, so a client dribbling a header a byte
-at a time (slowloris) holds a connection for ever. This channel answers C{431} with a
-reason, and gives each request head a deadline that data does not extend. Where Twisted
-finds a request malformed it answers C{400} with a reason and logs it, and it stops reading
-bytes pipelined behind a request in progress in the one state where Twisted keeps reading
-them: while the response waits for a slow client.
+C{maxHeaders}), but answers a breach with a bare C{400} and has no deadline for the request
+itself: its idle timeout restarts with every byte, so a client dribbling a request a byte
+at a time (slowloris) holds a connection for ever. It also reads any request body to its
+end, however large, before the resource sees the request. This channel answers C{431} with
+a reason; gives each request (head and body) a deadline that data does not extend, C{408};
+and refuses a body over ``max_body_bytes`` with C{413}: a C{Content-Length} over it at the
+end of the head, before a byte of the body is read, a chunked body as soon as its bytes
+pass it (L{sse_twisted._bodies} counts them). Where Twisted finds a request malformed it
+answers C{400} with a reason and logs it, and it stops reading bytes pipelined behind a
+request in progress in the one state where Twisted keeps reading them: while the response
+waits for a slow client. Each refusal closes the connection: it is logged once.
 
-HTTP/2 is not affected: its headers are bounded by the h2 library (HPACK's header list
-limit, 64 KiB) and a stream that never finishes its headers is bounded by the
-connection's idle timeout.
+HTTP/2 request heads are bounded by the h2 library (HPACK's header list limit, 64 KiB);
+HTTP/2 request bodies and deadlines are handled per stream in L{sse_twisted._bodies}.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+
+from ._metrics import Metrics
 
 __all__ = ["LimitedHTTPChannel", "limited_channel_protocol"]
 
@@ -41,15 +46,24 @@ def _refusal(status: bytes, reason: str) -> bytes:
 
 class LimitedHTTPChannel(HTTPChannel):
     """An L{HTTPChannel} that refuses a request head over ``max_header_bytes`` (or over
-    ``maxHeaders`` lines) with C{431}, and one not complete after ``header_timeout``
-    seconds with C{408}; either way the connection is closed."""
+    ``maxHeaders`` lines) with C{431}, a body over ``max_body_bytes`` with C{413}, and a
+    request (head and body) not complete after ``request_timeout`` seconds with C{408};
+    each time the connection is closed."""
 
     log = Logger()
 
-    def __init__(self, max_header_bytes: int, header_timeout: float) -> None:
+    def __init__(
+        self,
+        max_header_bytes: int,
+        request_timeout: float,
+        max_body_bytes: int = 1024,
+        metrics: Metrics | None = None,
+    ) -> None:
         super().__init__()
         self.max_header_bytes = max_header_bytes
-        self.header_timeout = header_timeout
+        self.request_timeout = request_timeout
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics if metrics is not None else Metrics()
         # Twisted's own checks stay as a backstop, just beyond ours, so ours answer first;
         # a single line longer than the limit ends in lineLengthExceeded.
         self.totalHeadersSize = max_header_bytes + 1
@@ -57,30 +71,31 @@ class LimitedHTTPChannel(HTTPChannel):
         self.maxHeaders = 100
         self._head_bytes = 0
         self._head_lines = 0
-        self._head_deadline: IDelayedCall | None = None
+        self._in_body = False
+        self._request_deadline: IDelayedCall | None = None
         self._abort_call: IDelayedCall | None = None
         self._refused = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._arm_head_deadline()
+        self._arm_request_deadline()
 
     def setTimeout(self, period: float | None) -> float | None:
-        """Also drop the head deadline when the idle timeout is cancelled: Twisted does
+        """Also drop the request deadline when the idle timeout is cancelled: Twisted does
         that to this channel when ALPN hands the connection to HTTP/2."""
         if period is None:
-            self._disarm_head_deadline()
+            self._disarm_request_deadline()
         return super().setTimeout(period)
 
-    def _arm_head_deadline(self) -> None:
-        if self._head_deadline is None:
-            self._head_deadline = self.callLater(self.header_timeout, self._head_too_slow)
+    def _arm_request_deadline(self) -> None:
+        if self._request_deadline is None:
+            self._request_deadline = self.callLater(self.request_timeout, self._too_slow)
 
-    def _disarm_head_deadline(self) -> None:
-        if self._head_deadline is not None:
-            if self._head_deadline.active():
-                self._head_deadline.cancel()
-            self._head_deadline = None
+    def _disarm_request_deadline(self) -> None:
+        if self._request_deadline is not None:
+            if self._request_deadline.active():
+                self._request_deadline.cancel()
+            self._request_deadline = None
 
     def lineReceived(self, line: bytes) -> None:
         """Count the head's bytes and lines before Twisted parses the line."""
@@ -91,26 +106,49 @@ class LimitedHTTPChannel(HTTPChannel):
                 # The empty line some clients send between requests starts no head.
                 super().lineReceived(line)
                 return
-            self._arm_head_deadline()
+            self._arm_request_deadline()
         self._head_bytes += len(line) + 2
         self._head_lines += 1
         if self._head_bytes > self.max_header_bytes:
-            self._refuse(b"431 Request Header Fields Too Large", "request headers too large")
+            self._refuse_head_too_large("request headers too large")
             return
         if self._head_lines > self.maxHeaders + 1:
-            self._refuse(b"431 Request Header Fields Too Large", "too many request headers")
+            self._refuse_head_too_large("too many request headers")
             return
         if not line:
-            # The head is complete: the request is handled from here on.
+            # The head is complete; the deadline runs on until the body is.
             self._head_bytes = self._head_lines = 0
-            self._disarm_head_deadline()
+            self._in_body = True
         super().lineReceived(line)
 
+    def allHeadersReceived(self) -> None:
+        """Refuse a declared body over the limit before reading a byte of it (and before
+        Twisted answers an C{Expect: 100-continue})."""
+        if self.length is not None and self.length > self.max_body_bytes:
+            self.refuse_body_too_large()
+            return
+        super().allHeadersReceived()
+
+    def refuse_body_too_large(self) -> None:
+        """Answer C{413} and close: the request's body is over the limit."""
+        self._refuse(b"413 Content Too Large", "request body too large", "body_too_large")
+
+    def allContentReceived(self) -> None:
+        """The request is complete, unless it was refused (a chunked body can end in the
+        same read that passed the limit): the deadline stops here."""
+        if self._refused:
+            return
+        self._in_body = False
+        self._disarm_request_deadline()
+        super().allContentReceived()
+
     def rawDataReceived(self, data: bytes) -> None:
-        """Stop reading bytes pipelined behind a request in progress once Twisted's allowance
-        is buffered, also while the response waits for the transport to drain: Twisted
-        skips its pause then, and a client that stops reading its stream could make the
-        server buffer every byte it sends after it."""
+        """Drop the bytes after a refusal. Stop reading bytes pipelined behind a request in
+        progress once Twisted's allowance is buffered, also while the response waits for
+        the transport to drain: Twisted skips its pause then, and a client that stops
+        reading its stream could make the server buffer every byte it sends after it."""
+        if self._refused:
+            return
         super().rawDataReceived(data)
         if (
             self._handlingRequest
@@ -123,22 +161,36 @@ class LimitedHTTPChannel(HTTPChannel):
     def _respondToBadRequestAndDisconnect(self) -> None:
         """Twisted found the request malformed (request line, header line, length, chunk
         size): answer C{400} with a reason and log it, where Twisted writes a bare status."""
-        self._refuse(b"400 Bad Request", "malformed HTTP request")
+        self._refuse(b"400 Bad Request", "malformed HTTP request", "malformed")
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """One header line alone is over the limit."""
-        self._refuse(b"431 Request Header Fields Too Large", "request header line too long")
+        self._refuse_head_too_large("request header line too long")
 
-    def _head_too_slow(self) -> None:
-        self._head_deadline = None
-        self._refuse(b"408 Request Timeout", "request headers not received in time")
+    def _refuse_head_too_large(self, reason: str) -> None:
+        self._refuse(b"431 Request Header Fields Too Large", reason, "head_too_large")
 
-    def _refuse(self, status: bytes, reason: str) -> None:
+    def _too_slow(self) -> None:
+        self._request_deadline = None
+        if self._in_body:
+            self._refuse(
+                b"408 Request Timeout", "request body not received in time", "body_too_slow"
+            )
+        else:
+            self._refuse(
+                b"408 Request Timeout", "request headers not received in time", "head_too_slow"
+            )
+
+    def _refuse(self, status: bytes, reason: str, counted_as: str) -> None:
+        if self._refused:
+            return  # answered and counted once
         self._refused = True
-        self._disarm_head_deadline()
+        self._disarm_request_deadline()
+        self.metrics.refused(counted_as)
         self.log.info(
             "refused a request: {reason}",
             reason=reason,
+            protocol="HTTP/1.1",
             client=getattr(self.transport.getPeer(), "host", None),  # type: ignore[union-attr]
         )
         self.transport.write(_refusal(status, reason))  # type: ignore[union-attr]
@@ -150,17 +202,24 @@ class LimitedHTTPChannel(HTTPChannel):
         self._abort_call = self.callLater(_GRACE_SECONDS, self.transport.abortConnection)  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self._disarm_head_deadline()
+        self._disarm_request_deadline()
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         super().connectionLost(reason)
 
 
-def limited_channel_protocol(max_header_bytes: int, header_timeout: float) -> Any:
+def limited_channel_protocol(
+    max_header_bytes: int,
+    request_timeout: float,
+    max_body_bytes: int = 1024,
+    metrics: Metrics | None = None,
+) -> Any:
     """One connection's protocol, as C{Site.protocol} builds it, but with a
     L{LimitedHTTPChannel}.
 
     The wrapper class is Twisted's private one; it is what switches a connection to
     HTTP/2 when ALPN chose it, and C{Site} has no public way to change the channel.
     """
-    return _GenericHTTPChannelProtocol(LimitedHTTPChannel(max_header_bytes, header_timeout))
+    return _GenericHTTPChannelProtocol(
+        LimitedHTTPChannel(max_header_bytes, request_timeout, max_body_bytes, metrics)
+    )

@@ -497,7 +497,7 @@ SETTINGS: tuple[Setting, ...] = (
         "header-timeout-seconds",
         "10",
         _positive_float,
-        "a client must send its whole request head within this (HTTP/1.1)",
+        "a client must send its whole request (head and body) within this; else 408 or a reset",
     ),
     Setting(
         "max_body_bytes",
@@ -505,7 +505,7 @@ SETTINGS: tuple[Setting, ...] = (
         "max-body-bytes",
         "1024",
         _non_negative_int,
-        "largest request body accepted (nothing here takes one); more is refused with 413",
+        "largest request body accepted (nothing here takes one); more: 413, or an HTTP/2 reset",
     ),
     Setting(
         "cors_origins",

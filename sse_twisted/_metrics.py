@@ -32,6 +32,7 @@ from twisted.web.server import Request, Site
 from ._messages import INVALID_REASONS
 
 __all__ = [
+    "REFUSAL_REASONS",
     "SKIP_REASONS",
     "SUBSCRIBE_OUTCOMES",
     "Metrics",
@@ -59,6 +60,16 @@ SUBSCRIBE_OUTCOMES = (
 
 SKIP_REASONS = ("too_large", *INVALID_REASONS)
 """Why a message was skipped: the values of the ``reason`` label (the log line has detail)."""
+
+REFUSAL_REASONS = (
+    "head_too_large",
+    "head_too_slow",
+    "malformed",
+    "body_too_large",
+    "body_too_slow",
+)
+"""Why a request was refused before it reached a resource: the values of the ``reason``
+label (431, 408, 400, 413 or an HTTP/2 stream reset, 408 or a reset)."""
 
 # Seconds from publish to write. The AMQP timestamp has whole seconds only, so a latency
 # reads as up to one second more than it was: below 1 s the buckets say little.
@@ -107,6 +118,13 @@ class Metrics:
             registry=registry,
         )
         self.messages_skipped = {reason: skipped.labels(reason) for reason in SKIP_REASONS}
+        refused = Counter(
+            "sse_requests_refused",
+            "Requests refused before they reached a resource, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.requests_refused = {reason: refused.labels(reason) for reason in REFUSAL_REASONS}
         self.replay_events_sent = Counter(
             "sse_replay_events_sent",
             "Events replayed to reconnecting browsers (Last-Event-ID).",
@@ -132,6 +150,10 @@ class Metrics:
     def skipped(self, reason: str) -> None:
         """Count one message skipped for ``reason`` (one of L{SKIP_REASONS})."""
         self.messages_skipped[reason].inc()
+
+    def refused(self, reason: str) -> None:
+        """Count one request refused for ``reason`` (one of L{REFUSAL_REASONS})."""
+        self.requests_refused[reason].inc()
 
     def delivered(self, streams: int, published_at: float | None, now: float) -> None:
         """Count one message written to ``streams`` streams at ``now``.

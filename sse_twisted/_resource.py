@@ -8,12 +8,13 @@ from typing import Any
 from uuid import uuid4
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from ._bodies import BodyLimits, BoundedBodyRequest, ConnectionRequests
 from ._channel import limited_channel_protocol
 from ._framing import comment_frame, id_frame, retry_frame
 from ._metrics import Metrics
@@ -29,7 +30,7 @@ _PATH_PARTS = ("topic", "userid", "nonce")
 _access = Logger(namespace="sse_twisted.access")
 
 
-class TrackedRequest(Request):
+class TrackedRequest(BoundedBodyRequest):
     """A request with the correlation id and start time its log lines carry."""
 
     correlation_id: str = ""
@@ -59,17 +60,34 @@ class EventStreamSite(Site):
         resource: Resource,
         reactor: IReactorTime,
         max_header_bytes: int = 8192,
-        header_timeout: float = 10.0,
+        request_timeout: float = 10.0,
+        max_body_bytes: int = 1024,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__(resource, requestFactory=TrackedRequest)
         self._clock = reactor
         self._max_header_bytes = max_header_bytes
-        self._header_timeout = header_timeout
+        self._request_timeout = request_timeout
+        self._max_body_bytes = max_body_bytes
+        self._metrics = metrics if metrics is not None else Metrics()
 
     def protocol(self) -> Any:
-        """Each connection's channel: HTTP/1.1 request heads get 431 past the size limit
-        and 408 past the deadline (L{Factory.buildProtocol} calls this)."""
-        return limited_channel_protocol(self._max_header_bytes, self._header_timeout)
+        """Each connection's channel: HTTP/1.1 request heads get 431 past the size limit,
+        bodies 413, requests 408 past the deadline (L{Factory.buildProtocol} calls this)."""
+        return limited_channel_protocol(
+            self._max_header_bytes, self._request_timeout, self._max_body_bytes, self._metrics
+        )
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        """A connection whose requests share one L{BodyLimits}: an HTTP/2 connection logs
+        its first refused stream, not each one."""
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            limits = BodyLimits(
+                self._max_body_bytes, self._request_timeout, self._clock, self._metrics
+            )
+            protocol.requestFactory = ConnectionRequests(TrackedRequest, limits)
+        return protocol
 
     def getResourceFor(self, request: Request) -> Resource:
         """Stamp ``request`` with a correlation id and its start time, then route it."""

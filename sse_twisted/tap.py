@@ -88,6 +88,7 @@ class SSEService(MultiService):
     auth_cache: CachingAuthenticator | None = None
     revocations: RevocationListener | None = None
     server_tls: ReloadableServerTLS
+    metrics: Metrics
 
     def __init__(
         self,
@@ -222,7 +223,9 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
         root,
         reactor,
         max_header_bytes=config.max_header_bytes,
-        header_timeout=config.header_timeout_seconds,
+        request_timeout=config.header_timeout_seconds,
+        max_body_bytes=config.max_body_bytes,
+        metrics=metrics,
     )
     # HTTP/2 drops every stream of a connection idle for Site.timeOut: heartbeats must
     # come well within it.
@@ -241,6 +244,7 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     listener.listening.addErrback(lambda reason: on_fatal(f"cannot listen: {reason.value}"))
     service = SSEService(registry, listener, authenticator, consumer, observer, config)
     service.auth_cache = auth_cache
+    service.metrics = metrics
     service.revocations = revocations
     service.server_tls = server_tls
     revocations.setServiceParent(service)

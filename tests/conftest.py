@@ -7,11 +7,12 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import cast
 
 import psycopg2
 import pytest
 import pytest_twisted
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 
 from sse_twisted._logging import JSONLogObserver
 from tests.backends import Pki, PostgresServer, RabbitMQServer
@@ -137,3 +138,13 @@ async def browser(pki: Pki) -> AsyncIterator[Browser]:
     client = Browser(pki.ca_certificate)
     yield client
     await client.close_all()
+
+
+@pytest.fixture
+def log_events() -> Iterator[list[LogEvent]]:
+    """Every log event emitted during the test."""
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    yield events
+    globalLogPublisher.removeObserver(observer)

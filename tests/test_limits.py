@@ -15,9 +15,9 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import h2.connection
 import h2.exceptions
@@ -25,7 +25,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
-from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel, formatEvent
 from twisted.protocols.policies import ProtocolWrapper
 
 from tests.backends import Pki, PostgresServer, RabbitMQServer
@@ -291,16 +291,6 @@ async def test_an_http2_flood_of_streams_is_bounded_and_others_are_still_served(
         assert json.loads((await tab.next_event())["data"]) == found_contract(userid)
     finally:
         await server.stop()
-
-
-@pytest.fixture
-def log_events() -> Iterator[list[LogEvent]]:
-    """Every log event emitted during the test."""
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    yield events
-    globalLogPublisher.removeObserver(observer)
 
 
 def _failures(events: list[LogEvent]) -> list[str]:
