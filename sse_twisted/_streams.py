@@ -33,7 +33,9 @@ class EventStream:
     browser that reads, and one that does not holds a transport buffer, not the replay.
     Live events written meanwhile queue behind it, in order, and are what counts towards
     ``max_unsent_bytes`` (the replay is what the browser asked for, not a sign that it
-    stopped reading).
+    stopped reading). A stream whose transport took nothing for a heartbeat interval while
+    more than ``max_unsent_bytes`` waited for it is dropped too (L{keep_alive}): it would
+    otherwise keep frames the window has let go.
 
     @ivar resume_after: the offset the browser already has; older live events are
         skipped (it may have got them from another instance that is ahead of this one).
@@ -45,6 +47,7 @@ class EventStream:
         "_backlog",
         "_backlog_bytes",
         "_replay_bytes",
+        "_stalled_heartbeats",
         "correlation_id",
         "coverage_unknown",
         "max_unsent_bytes",
@@ -83,6 +86,8 @@ class EventStream:
         self._backlog: deque[bytes] = deque()
         self._backlog_bytes = 0
         self._replay_bytes = 0
+        # Heartbeats met with a backlog since the transport last asked for more.
+        self._stalled_heartbeats = 0
 
     def __repr__(self) -> str:
         return f"<EventStream {self.userid} {self.topic} {self.correlation_id}>"
@@ -110,6 +115,18 @@ class EventStream:
             self._drop_slow_client()
         elif not self._backlog:
             self.request.write(frame)
+
+    def keep_alive(self, frame: bytes) -> None:
+        """Write the heartbeat ``frame``, or drop the stream if its client took nothing of
+        a backlog over ``max_unsent_bytes`` for the last two heartbeats."""
+        if self._backlog:
+            # Heartbeats are spread over their interval, in an order that may change from
+            # one round to the next: only two of them apart are a whole interval apart.
+            if self._stalled_heartbeats >= 2 and self._backlog_bytes > self.max_unsent_bytes:
+                self._drop_slow_client()
+                return
+            self._stalled_heartbeats += 1
+        self.write(frame)
 
     def send_first(self, frames: Iterable[bytes]) -> None:
         """Write ``frames`` (the response's head and the replay) as fast as the transport
@@ -174,6 +191,7 @@ class EventStream:
     def resumeProducing(self) -> None:
         """The transport drained its buffer: write the backlog, if any, until it is full."""
         self.paused = False
+        self._stalled_heartbeats = 0
         self.unsent_bytes = self._backlog_bytes - self._replay_bytes
         self._write_backlog()
 

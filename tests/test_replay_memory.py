@@ -10,17 +10,21 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import Clock
+from twisted.internet import reactor
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.web.test.requesthelper import DummyRequest
 
 from sse_twisted._framing import event_frame
+from sse_twisted._heartbeat import HeartbeatService
+from sse_twisted._metrics import Metrics
 from sse_twisted._replay import ReplayWindow
-from sse_twisted._streams import EventStream
+from sse_twisted._streams import EventStream, StreamRegistry
 from tests.backends import Pki, free_port
 from tests.harness import (
     Browser,
+    RunningServer,
     add_local_subscriber,
     bounded,
     found_contract,
@@ -110,9 +114,11 @@ class _PacedRequest(DummyRequest):
         self.producer.resumeProducing()
 
 
-def _paced_stream(room: int, cap: int) -> tuple[EventStream, _PacedRequest]:
+def _paced_stream(
+    room: int, cap: int, metrics: Metrics | None = None
+) -> tuple[EventStream, _PacedRequest]:
     request = _PacedRequest(room)
-    stream = EventStream(ALICE, NEWS, request, "c", max_unsent_bytes=cap)
+    stream = EventStream(ALICE, NEWS, request, "c", max_unsent_bytes=cap, metrics=metrics)
     request.registerProducer(stream, True)
     return stream, request
 
@@ -150,6 +156,61 @@ def test_live_events_queued_behind_a_replay_past_the_cap_drop_a_client_that_does
     stream.write(_frame(202))
     assert request.channel.transport.disconnecting
     assert len(request.written) == written
+
+
+def _heartbeats(streams: list[EventStream], clock: Clock) -> HeartbeatService:
+    registry = StreamRegistry()
+    for stream in streams:
+        registry.add(stream)
+    service = HeartbeatService(registry, interval_seconds=15, clock=clock)
+    service.startService()
+    return service
+
+
+def test_a_resumer_that_takes_nothing_of_a_replay_over_the_cap_for_a_heartbeat_interval_goes() -> (
+    None
+):
+    clock = Clock()
+    metrics = Metrics()
+    not_reading, not_reading_request = _paced_stream(room=4096, cap=3000, metrics=metrics)
+    small, small_request = _paced_stream(room=4096, cap=3000, metrics=metrics)
+    reading, reading_request = _paced_stream(room=4096, cap=3000, metrics=metrics)
+    not_reading.send_first([_frame(offset) for offset in range(200)])
+    # What waits for this one is within the cap: as for live events, it may wait.
+    small.send_first([_frame(offset) for offset in range(6)])
+    reading.send_first([_frame(offset) for offset in range(200)])
+    service = _heartbeats([not_reading, small, reading], clock)
+    # Each stream's heartbeats are 15 s apart, the first within 15 s: the third finds
+    # nothing taken since the first.
+    for _ in range(46):
+        clock.advance(1)
+        reading_request.drain()
+    service.stopService()
+    assert not_reading_request.channel.transport.disconnecting
+    assert metrics.slow_client_disconnects._value.get() == 1
+    assert not small_request.channel.transport.disconnecting
+    assert not reading_request.channel.transport.disconnecting
+
+
+def test_a_resumer_is_not_dropped_before_a_whole_heartbeat_interval_without_progress() -> None:
+    clock = Clock()
+    stream, request = _paced_stream(room=4096, cap=3000)
+    # 2 MB: a drain lets about 70 KB more go.
+    stream.send_first([_frame(offset) for offset in range(2000)])
+    # A lone stream's heartbeat is in the last slice: at 14.9 s, then every 15 s.
+    service = _heartbeats([stream], clock)
+    for _ in range(10):
+        # Reads a little every 10 s: each heartbeat sees progress since the one before.
+        clock.advance(10)
+        request.drain()
+    assert not request.channel.transport.disconnecting
+    # The last read was at 100 s; the heartbeats at 104.9 and 119.9 s find nothing taken
+    # since, and the one at 134.9 s drops it.
+    clock.advance(34)
+    assert not request.channel.transport.disconnecting
+    clock.advance(1)
+    service.stopService()
+    assert request.channel.transport.disconnecting
 
 
 def _resume_request(topic: str, userid: str, token: str, last_event_id: str) -> bytes:
@@ -213,6 +274,42 @@ async def test_a_resume_older_than_the_byte_bound_gets_reset_then_the_retained_t
         await server.stop()
 
 
+async def _fill_window(
+    server: RunningServer, browser: Browser, userid: str, token: str, count: int
+) -> tuple[str, list[dict[str, Any]]]:
+    """Publish a small event for the user, then ``count`` of 100 KB; return the first's id
+    and the others, once they are all in the replay window."""
+    queue = server.config.rabbitmq_queue_name
+    _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
+    await publish(server.config.rabbitmq_port, queue, found_contract(userid, n="first"))
+    first_id = (await tab.next_event())["id"]
+    # The tab is not there for the big ones: it could be a slow client of a small cap.
+    tab.close()
+    registry = server.service.registry
+    await wait_for(lambda: registry.count_of(userid) == 0, "tab not closed")
+    sent = [found_contract(userid, n=n, pad="p" * 100_000) for n in range(count)]
+    await publish(server.config.rabbitmq_port, queue, *sent)
+    consumer = server.service.consumer
+    await wait_for(lambda: consumer.last_offset == int(first_id) + count, "not consumed")
+    return first_id, sent
+
+
+async def _resume_without_reading(
+    pki: Pki, server: RunningServer, userid: str, token: str, last_event_id: str, count: int
+) -> list[ssl.SSLSocket]:
+    """``count`` HTTP/1.1 TLS connections of ``userid`` resuming after ``last_event_id``,
+    with a 4 KiB receive buffer, that never read."""
+    connections = []
+    for _ in range(count):
+        connection = await bounded(
+            deferToThread(_raw_connection, pki, server.port, receive_buffer=4096)
+        )
+        connections.append(connection)
+        request = _resume_request(new_uuid(), userid, token, last_event_id)
+        await bounded(deferToThread(connection.sendall, request))
+    return connections
+
+
 _NOT_READING = 16
 _CAP = 64 * 1024
 # A stream holds at most what the transport took before it paused the stream (its 64 KiB
@@ -236,29 +333,14 @@ async def test_resumers_that_do_not_read_hold_a_transport_buffer_not_the_replay_
     connections: list[ssl.SSLSocket] = []
     try:
         userid, token = add_local_subscriber(plaintext_environ["SSE_POSTGRES_DB_NAME"])
-        queue = server.config.rabbitmq_queue_name
-        _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
-        await publish(server.config.rabbitmq_port, queue, found_contract(userid, n="first"))
-        first_id = (await tab.next_event())["id"]
-        # A replay of about 4 MB after it: 40 events of 100 KB (the tab is not there for
-        # them: it would be a slow client of the 64 KiB cap).
-        tab.close()
-        await wait_for(lambda: registry.count_of(userid) == 0, "tab not closed")
-        sent = [found_contract(userid, n=n, pad="p" * 100_000) for n in range(40)]
-        await publish(server.config.rabbitmq_port, queue, *sent)
-        consumer = server.service.consumer
-        await wait_for(lambda: consumer.last_offset == int(first_id) + 40, "replay not consumed")
-
-        for _ in range(_NOT_READING):
-            connection = await bounded(
-                deferToThread(_raw_connection, pki, server.port, receive_buffer=4096)
-            )
-            connections.append(connection)
-            request = _resume_request(new_uuid(), userid, token, first_id)
-            await bounded(deferToThread(connection.sendall, request))
-        await wait_for(lambda: registry.count_of(userid) == _NOT_READING, "resumers not all open")
+        # A replay of about 4 MB.
+        first_id, sent = await _fill_window(server, browser, userid, token, 40)
+        connections += await _resume_without_reading(
+            pki, server, userid, token, first_id, _NOT_READING
+        )
+        await wait_for(lambda: registry.count_of(userid) == _NOT_READING, "not all open")
         not_reading = registry.streams_of(userid)
-        await wait_for(lambda: all(s.paused for s in not_reading), "resumers not all paused")
+        await wait_for(lambda: all(s.paused for s in not_reading), "not all paused")
         held = [_held_for(stream) for stream in not_reading]
         assert max(held) <= _MOST_HELD_PER_STREAM, held
 
@@ -279,6 +361,43 @@ async def test_resumers_that_do_not_read_hold_a_transport_buffer_not_the_replay_
         metrics = await scrape(metrics_port)
         assert metrics[("sse_slow_client_disconnects_total", ())] == _NOT_READING
         assert [json.loads((await reader.next_event())["data"]) for _ in more] == more
+    finally:
+        for connection in connections:
+            connection.close()
+        await browser.close_all()
+        await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_resumers_that_take_nothing_of_their_replay_are_dropped_without_new_events(
+    plaintext_environ: dict[str, str], pki: Pki, browser: Browser
+) -> None:
+    server = await start_server(
+        {**plaintext_environ, "SSE_MAX_BUFFER_BYTES": str(_CAP), "SSE_HEARTBEAT_SECONDS": "0.3"}
+    )
+    registry = server.service.registry
+    connections: list[ssl.SSLSocket] = []
+    try:
+        database = plaintext_environ["SSE_POSTGRES_DB_NAME"]
+        userid, token = add_local_subscriber(database)
+        other, other_token = add_local_subscriber(database)
+        _, others_tab = await browser.open(server.subscribe_url(new_uuid(), other, other_token))
+        # 6 MB: more than the kernel's send buffers take for each (4 MB at most here).
+        first_id, _ = await _fill_window(server, browser, userid, token, 60)
+        connections += await _resume_without_reading(pki, server, userid, token, first_id, 2)
+        # Within three heartbeats of their pause: no resume, more than the cap waiting.
+        metrics_port = int(plaintext_environ["SSE_METRICS_PORT"])
+        dropped = ("sse_slow_client_disconnects_total", ())
+        for _ in range(20):
+            metrics = await scrape(metrics_port)
+            if metrics[dropped] == 2:
+                break
+            await deferLater(reactor, 0.3, lambda: None)
+        assert metrics[dropped] == 2
+        assert registry.count_of(userid) == 0
+        # A stream with nothing waiting gets its heartbeats and stays.
+        assert registry.count_of(other) == 1
+        assert others_tab.parser.comments.count("keep-alive") >= 3
     finally:
         for connection in connections:
             connection.close()
