@@ -18,7 +18,8 @@ from sse_twisted._replay import ReplayWindow
 
 
 def main(events: int) -> None:
-    """Fill a window with ``events`` events of 1,000 users; print bytes per event."""
+    """Fill a window with ``events`` events of 1,000 users; print bytes per event, and
+    what the window counts towards its byte bound (the frames only)."""
     users = [str(uuid.uuid4()) for _ in range(1000)]
     messages = [
         parse_message(
@@ -34,7 +35,7 @@ def main(events: int) -> None:
         )
         for number in range(events)
     ]
-    window = ReplayWindow(Clock(), max_age_seconds=300, max_events=events)
+    window = ReplayWindow(Clock(), max_age_seconds=300, max_events=events, max_bytes=2**62)
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     for offset, message in enumerate(messages):
@@ -46,6 +47,7 @@ def main(events: int) -> None:
                 "events": events,
                 "bytes_per_event": round(total / events),
                 "frame_bytes": len(event_frame(messages[0].data, 0)),
+                "window_bytes": window.bytes,
             }
         )
     )

@@ -59,7 +59,7 @@ class HeartbeatService(Service):
             for stream in self._round[start : self._position * size // _SLICES]:
                 # The snapshot may hold streams that closed since it was taken.
                 if stream.is_open:
-                    stream.write(_HEARTBEAT)
+                    stream.keep_alive(_HEARTBEAT)
             if self._position == _SLICES:
                 self._position = 0
                 self._round = []

@@ -173,9 +173,12 @@ class Metrics:
         authenticator: _Authenticator,
         auth_cache: _AuthCache | None = None,
         server_tls: _ServerTLS | None = None,
+        replay_window: _ReplayWindow | None = None,
     ) -> None:
         """Report the state of these live objects on each scrape."""
-        self.registry.register(_LiveState(streams, consumer, authenticator, auth_cache, server_tls))
+        self.registry.register(
+            _LiveState(streams, consumer, authenticator, auth_cache, server_tls, replay_window)
+        )
 
 
 class _Stream(Protocol):
@@ -205,6 +208,13 @@ class _ServerTLS(Protocol):
     reloads: dict[str, int]
 
 
+class _ReplayWindow(Protocol):
+    bytes: int
+    max_bytes: int
+
+    def __len__(self) -> int: ...
+
+
 class _LiveState(Collector):
     """Gauges (and the auth cache's own hit count) computed when Prometheus scrapes."""
 
@@ -215,8 +225,10 @@ class _LiveState(Collector):
         authenticator: _Authenticator,
         auth_cache: _AuthCache | None,
         server_tls: _ServerTLS | None,
+        replay_window: _ReplayWindow | None = None,
     ) -> None:
         self._streams = streams
+        self._replay_window = replay_window
         self._consumer = consumer
         self._authenticator = authenticator
         self._auth_cache = auth_cache
@@ -267,6 +279,24 @@ class _LiveState(Collector):
             for outcome, count in self._server_tls.reloads.items():
                 reloads.add_metric([outcome], count)
             yield reloads
+        if self._replay_window is not None:
+            yield from _replay_window_gauges(self._replay_window)
+
+
+def _replay_window_gauges(window: _ReplayWindow) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "sse_replay_window_events", "Events kept for replay.", value=len(window)
+    )
+    yield GaugeMetricFamily(
+        "sse_replay_window_bytes",
+        "Bytes of the event frames kept for replay.",
+        value=window.bytes,
+    )
+    yield GaugeMetricFamily(
+        "sse_replay_window_max_bytes",
+        "The bound on sse_replay_window_bytes (SSE_REPLAY_MAX_BYTES).",
+        value=window.max_bytes,
+    )
 
 
 class _MetricsPage(Resource):

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from ._framing import event_frame
 
-__all__ = ["Replay", "ReplayWindow", "reset_frame"]
+__all__ = ["DEFAULT_MAX_BYTES", "Replay", "ReplayWindow", "reset_frame"]
 
 
 class _Retained(NamedTuple):
@@ -54,17 +54,33 @@ def reset_frame(requested: str, resume_from: int | None) -> bytes:
     return event_frame(data, event_id, event="reset")
 
 
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+"""The default of ``SSE_REPLAY_MAX_BYTES``."""
+
+
 class ReplayWindow:
-    """Every event of the last ``max_age_seconds`` (at most ``max_events``), by user.
+    """Every event of the last ``max_age_seconds`` (at most ``max_events`` events and
+    ``max_bytes`` bytes of frames), by user; the oldest go first, whichever bound is hit.
 
     ``covered_from`` is the lowest offset from which the window holds every event: the
     first one consumed since start, then one past the last evicted.
+
+    @ivar bytes: the bytes of the retained frames (not Python's overhead for each event,
+        about 250 bytes more: C{bench.replay_memory}).
     """
 
-    def __init__(self, clock: IReactorTime, max_age_seconds: float, max_events: int) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        max_age_seconds: float,
+        max_events: int,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
         self._clock = clock
         self._max_age = max_age_seconds
         self._max_events = max_events
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._arrivals: deque[_Arrival] = deque()
         self._by_user: dict[str, deque[_Retained]] = {}
         self.covered_from: int | None = None
@@ -88,13 +104,16 @@ class ReplayWindow:
         if events is None:
             events = self._by_user[userid] = deque()
         events.append(_Retained(offset, topic, frame))
+        self.bytes += len(frame)
         self._evict(now)
 
     def _evict(self, now: float) -> None:
         oldest_allowed = now - self._max_age
         arrivals = self._arrivals
         while arrivals and (
-            len(arrivals) > self._max_events or arrivals[0].received_at < oldest_allowed
+            len(arrivals) > self._max_events
+            or self.bytes > self.max_bytes
+            or arrivals[0].received_at < oldest_allowed
         ):
             userid = arrivals.popleft().userid
             events = self._by_user[userid]
@@ -102,6 +121,7 @@ class ReplayWindow:
             evicted = events.popleft()
             if not events:
                 del self._by_user[userid]
+            self.bytes -= len(evicted.frame)
             self.covered_from = evicted.offset + 1
 
     def replay(self, userid: str, topic: str, last_event_id: str) -> Replay:

@@ -330,7 +330,7 @@ class SubscribeResource(Resource):
         request.registerProducer(stream, True)
         self._registry.add(stream)
         finished.addBoth(self._closed, stream)
-        request.write(b"".join(head))
+        stream.send_first(head)
         self.log.info(
             "stream opened for {userid} on {topic}",
             userid=userid,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -13,6 +14,11 @@ from ._metrics import Metrics
 
 __all__ = ["EventStream", "StreamRegistry"]
 
+# What one write of the backlog joins (frames are sent whole, so a larger one goes alone).
+# Above the 64,000 bytes TLS holds back until the reactor's next turn, so the transport's
+# pause comes during the write that filled it, before the next one.
+_BATCH_BYTES = 65536
+
 
 @implementer(IPushProducer)
 class EventStream:
@@ -22,6 +28,15 @@ class EventStream:
     a stream that still gets more than ``max_unsent_bytes`` while paused is dropped
     rather than buffered without bound. The browser comes back with its Last-Event-ID.
 
+    Its first frames (the head and the replay, L{send_first}) are a backlog that goes to
+    the transport only as fast as the transport drains: a replay of any size reaches a
+    browser that reads, and one that does not holds a transport buffer, not the replay.
+    Live events written meanwhile queue behind it, in order, and are what counts towards
+    ``max_unsent_bytes`` (the replay is what the browser asked for, not a sign that it
+    stopped reading). A stream whose transport took nothing for a heartbeat interval while
+    more than ``max_unsent_bytes`` waited for it is dropped too (L{keep_alive}): it would
+    otherwise keep frames the window has let go.
+
     @ivar resume_after: the offset the browser already has; older live events are
         skipped (it may have got them from another instance that is ahead of this one).
     @ivar coverage_unknown: the stream resumed before this process consumed anything,
@@ -29,6 +44,10 @@ class EventStream:
     """
 
     __slots__ = (
+        "_backlog",
+        "_backlog_bytes",
+        "_replay_bytes",
+        "_stalled_heartbeats",
         "correlation_id",
         "coverage_unknown",
         "max_unsent_bytes",
@@ -62,6 +81,13 @@ class EventStream:
         self.coverage_unknown = False
         self.paused = False
         self.unsent_bytes = 0
+        # Frames not yet handed to the transport: references to the window's shared
+        # bytes, never copies. The first _replay_bytes of it are the replay.
+        self._backlog: deque[bytes] = deque()
+        self._backlog_bytes = 0
+        self._replay_bytes = 0
+        # Heartbeats met with a backlog since the transport last asked for more.
+        self._stalled_heartbeats = 0
 
     def __repr__(self) -> str:
         return f"<EventStream {self.userid} {self.topic} {self.correlation_id}>"
@@ -78,16 +104,63 @@ class EventStream:
 
     def write(self, frame: bytes) -> None:
         """Queue bytes on the connection; drop the connection of a client that stopped reading."""
-        if self.paused:
+        if self._backlog:
+            self._backlog.append(frame)
+            self._backlog_bytes += len(frame)
+            # What is queued behind the replay, unlike the replay, is over what was asked.
+            self.unsent_bytes = self._backlog_bytes - self._replay_bytes
+        elif self.paused:
             self.unsent_bytes += len(frame)
-            if self.unsent_bytes > self.max_unsent_bytes:
+        if self.unsent_bytes > self.max_unsent_bytes:
+            self._drop_slow_client()
+        elif not self._backlog:
+            self.request.write(frame)
+
+    def keep_alive(self, frame: bytes) -> None:
+        """Write the heartbeat ``frame``, or drop the stream if its client took nothing of
+        a backlog over ``max_unsent_bytes`` for the last two heartbeats."""
+        if self._backlog:
+            # Heartbeats are spread over their interval, in an order that may change from
+            # one round to the next: only two of them apart are a whole interval apart.
+            if self._stalled_heartbeats >= 2 and self._backlog_bytes > self.max_unsent_bytes:
                 self._drop_slow_client()
                 return
-        self.request.write(frame)
+            self._stalled_heartbeats += 1
+        self.write(frame)
+
+    def send_first(self, frames: Iterable[bytes]) -> None:
+        """Write ``frames`` (the response's head and the replay) as fast as the transport
+        takes them; what L{write} gets meanwhile follows them."""
+        for frame in frames:
+            self._backlog.append(frame)
+            self._backlog_bytes += len(frame)
+        self._replay_bytes = self._backlog_bytes
+        self._write_backlog()
+
+    def _write_backlog(self) -> None:
+        """Hand the backlog to the transport, a batch at a time, until it pauses us."""
+        backlog = self._backlog
+        while backlog and not self.paused and not self.request.finished:
+            batch = [backlog.popleft()]
+            size = len(batch[0])
+            while backlog and size + len(backlog[0]) <= _BATCH_BYTES:
+                frame = backlog.popleft()
+                batch.append(frame)
+                size += len(frame)
+            self._backlog_bytes -= size
+            self._replay_bytes = max(0, self._replay_bytes - size)
+            self.unsent_bytes = self._backlog_bytes - self._replay_bytes
+            # Joined: one chunk on the wire per batch, and one copy of at most a batch.
+            self.request.write(b"".join(batch))
+
+    def _forget_backlog(self) -> None:
+        self._backlog.clear()
+        self._backlog_bytes = self._replay_bytes = 0
 
     def close(self, last_words: bytes = b"") -> None:
         """Write ``last_words`` (e.g. a new retry delay), then end the response; the
         browser reconnects after its retry delay."""
+        self._forget_backlog()
         if self.is_open:
             if last_words:
                 self.request.write(last_words)
@@ -95,6 +168,7 @@ class EventStream:
             self.request.finish()
 
     def _drop_slow_client(self) -> None:
+        self._forget_backlog()
         if self.metrics is not None:
             self.metrics.slow_client_disconnects.inc()
         self.log.warn(
@@ -115,12 +189,15 @@ class EventStream:
         self.paused = True
 
     def resumeProducing(self) -> None:
-        """The transport drained its buffer."""
+        """The transport drained its buffer: write the backlog, if any, until it is full."""
         self.paused = False
-        self.unsent_bytes = 0
+        self._stalled_heartbeats = 0
+        self.unsent_bytes = self._backlog_bytes - self._replay_bytes
+        self._write_backlog()
 
     def stopProducing(self) -> None:
         """The connection is gone; the registry forgets the stream on the request's finish."""
+        self._forget_backlog()
 
 
 class StreamRegistry:

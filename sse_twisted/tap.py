@@ -183,7 +183,9 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
         )
     metrics = Metrics()
     registry = StreamRegistry()
-    window = ReplayWindow(reactor, config.replay_seconds, config.replay_max_events)
+    window = ReplayWindow(
+        reactor, config.replay_seconds, config.replay_max_events, config.replay_max_bytes
+    )
     authenticator = PostgresAuthenticator(config, reactor)
     auth_cache = CachingAuthenticator(
         authenticator, reactor, config.auth_cache_seconds, config.auth_cache_size
@@ -249,7 +251,7 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     service.server_tls = server_tls
     revocations.setServiceParent(service)
     HeartbeatService(registry, config.heartbeat_seconds, reactor).setServiceParent(service)
-    metrics.watch(registry, consumer, authenticator, auth_cache, server_tls)
+    metrics.watch(registry, consumer, authenticator, auth_cache, server_tls, replay_window=window)
     if config.metrics_port:
         metrics_listener = MetricsListenerService(
             metrics_endpoint(reactor, config.metrics_address, config.metrics_port),
