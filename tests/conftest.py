@@ -17,7 +17,14 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from sse_twisted._logging import JSONLogObserver
 from tests.backends import Pki, PostgresServer, RabbitMQServer
 from tests.conftest_backends import pki, postgres_tls, rabbitmq_tls
-from tests.harness import LOGGED_TEXT, USED_SECRETS, Browser, leaked_secrets, new_uuid
+from tests.harness import (
+    LOGGED_TEXT,
+    USED_SECRETS,
+    Browser,
+    delete_queue,
+    leaked_secrets,
+    new_uuid,
+)
 
 SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
 
@@ -96,9 +103,12 @@ def certs_dir(tmp_path: Path, pki: Pki) -> Path:
 
 
 @pytest.fixture
-def plaintext_environ(tmp_path: Path, pki: Pki, local_database: dict[str, str]) -> dict[str, str]:
-    """The settings `make run` uses: plaintext to the machine's PostgreSQL and RabbitMQ."""
-    return {
+def plaintext_environ(
+    tmp_path: Path, pki: Pki, local_database: dict[str, str]
+) -> Iterator[dict[str, str]]:
+    """The settings `make run` uses: plaintext to the machine's PostgreSQL and RabbitMQ; the
+    stream queue is deleted after the test."""
+    environ = {
         **local_database,
         "SSE_APP_ENV": "dev",
         "SSE_PORT": "0",
@@ -110,14 +120,17 @@ def plaintext_environ(tmp_path: Path, pki: Pki, local_database: dict[str, str]) 
         "SSE_RABBITMQ_HOST": "127.0.0.1",
         "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
     }
+    yield environ
+    delete_queue(5672, environ["SSE_RABBITMQ_QUEUE_NAME"])
 
 
 @pytest.fixture
 def tls_environ(
     pki: Pki, postgres_tls: PostgresServer, rabbitmq_tls: RabbitMQServer
-) -> dict[str, str]:
-    """Settings for TLS to both private backends, and a fresh stream queue."""
-    return {
+) -> Iterator[dict[str, str]]:
+    """Settings for TLS to both private backends, and a fresh stream queue (deleted after
+    the test)."""
+    environ = {
         "SSE_CERTS_DIR": str(pki.directory),
         "SSE_POSTGRES_HOST": postgres_tls.host,
         "SSE_POSTGRES_PORT": str(postgres_tls.port),
@@ -130,6 +143,8 @@ def tls_environ(
         "SSE_RETRY_MILLISECONDS": "500",
         "SSE_METRICS_PORT": "0",
     }
+    yield environ
+    delete_queue(rabbitmq_tls.amqp_port, environ["SSE_RABBITMQ_QUEUE_NAME"])
 
 
 @pytest_twisted.async_yield_fixture

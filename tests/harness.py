@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,17 @@ def found_contract(userid: str, **extra: Any) -> dict[str, Any]:
         "type": "foundcontract",
         **extra,
     }
+
+
+def delete_queue(port: int, queue: str) -> None:
+    """Delete ``queue`` from the broker's plain AMQP ``port``, if it is there: each stream
+    queue holds files open in the broker, whose descriptors are few (1,024 by default)."""
+    with suppress(pika.exceptions.AMQPError):
+        connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", port))
+        try:
+            connection.channel().queue_delete(queue)
+        finally:
+            connection.close()
 
 
 def _publish_blocking(

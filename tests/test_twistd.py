@@ -22,6 +22,7 @@ from tests.harness import (
     Browser,
     add_local_subscriber,
     bounded,
+    delete_queue,
     found_contract,
     new_uuid,
     publish,
@@ -156,15 +157,7 @@ async def test_twistd_serves_a_stream_with_the_local_plaintext_backends_and_stop
     log_file = (tmp_path / "logs" / "sse.log").read_bytes()
     assert log_file.count(b"\n") == len(process.lines)
     assert token.encode() not in log_file
-    _delete_queue(queue)
-
-
-def _delete_queue(queue: str) -> None:
-    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
-    try:
-        connection.channel().queue_delete(queue)
-    finally:
-        connection.close()
+    delete_queue(5672, queue)
 
 
 @pytest_twisted.ensureDeferred
@@ -179,7 +172,7 @@ async def test_a_queue_that_exists_as_a_classic_queue_stops_start_up(
         process, _transport = spawn_twistd(plaintext_environ, tmp_path)
         exit_code, _ = await bounded(process.ended, 60)
     finally:
-        _delete_queue(queue)
+        delete_queue(5672, queue)
     assert exit_code == 1
     critical = [line for line in process.lines if line["@level"] == "critical"]
     assert len(critical) == 1
@@ -250,4 +243,4 @@ async def test_prod_with_plaintext_backends_starts_with_the_opt_out_and_warns(
     assert any("RabbitMQ link is plaintext" in message for message in warnings)
     assert any("PostgreSQL link is not verify-full" in message for message in warnings)
     assert all(line["env"] == "prod" for line in process.lines)
-    _delete_queue(environ["SSE_RABBITMQ_QUEUE_NAME"])
+    delete_queue(5672, environ["SSE_RABBITMQ_QUEUE_NAME"])
