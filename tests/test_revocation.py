@@ -4,6 +4,7 @@ end to end when its user's row goes."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import select
 import time
@@ -25,7 +26,16 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from sse_twisted._config import Config, load_config
 from sse_twisted._revocation import CHANNEL, RevocationListener
 from tests.backends import PostgresServer
-from tests.harness import Browser, RunningServer, new_token, new_uuid, start_server
+from tests.harness import (
+    Browser,
+    RunningServer,
+    add_local_subscriber,
+    found_contract,
+    new_token,
+    new_uuid,
+    publish,
+    start_server,
+)
 
 SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
 WAIT_SECONDS = 10.0
@@ -127,7 +137,7 @@ def test_the_schema_file_can_be_applied_again(database: str) -> None:
         cursor.execute(
             "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'users'::regclass AND NOT tgisinternal"
         )
-        assert cursor.fetchone() == (1,)
+        assert cursor.fetchone() == (2,)  # the row trigger and the TRUNCATE one
     userid, _ = new_user(database)
     assert notifications_of(database, ("DELETE FROM users WHERE uuid = %s", (userid,))) == [userid]
 
@@ -412,3 +422,138 @@ async def test_a_new_token_closes_the_stream_and_only_the_new_token_gets_back_in
     response, resumed = await browser.open(server.subscribe_url(topic, userid, replacement))
     assert response.code == 200
     await wait_for(lambda: "connected" in resumed.parser.comments, "the new stream to open")
+
+
+# --- nothing closed on a notification's word alone; nothing missed while LISTEN was down ---
+# A server in this process on the machine's PostgreSQL and RabbitMQ, with a database of its
+# own: these tests truncate it and shut it to new connections.
+
+
+@pytest.fixture
+def own_database() -> Iterator[str]:
+    name = f"sse_test_{secrets.token_hex(6)}"
+    sql("postgres", f'CREATE DATABASE "{name}"')
+    try:
+        sql(name, SCHEMA.read_text())
+        yield name
+    finally:
+        sql("postgres", f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest_twisted.async_yield_fixture
+async def own_server(
+    plaintext_environ: dict[str, str], own_database: str
+) -> AsyncIterator[RunningServer]:
+    running = await start_server({**plaintext_environ, "SSE_POSTGRES_DB_NAME": own_database})
+    revocations = running.service.revocations
+    assert revocations is not None
+    await wait_for(lambda: revocations.listening, "the server to LISTEN for revocations")
+    yield running
+    await running.stop()
+
+
+async def open_tab(server: RunningServer, browser: Browser, userid: str, token: str) -> Any:
+    """A stream of ``userid``, once the server has it open."""
+    _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
+    await wait_for(lambda: "connected" in tab.parser.comments, "the stream to open")
+    return tab
+
+
+def logged(events: list[LogEvent], text: str) -> list[str]:
+    return [line for line in map(formatEvent, events) if text in line]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forged_notification_closes_nothing_while_a_real_delete_still_closes(
+    own_server: RunningServer,
+    own_database: str,
+    browser: Browser,
+    plaintext_environ: dict[str, str],
+    log_events: list[LogEvent],
+) -> None:
+    alice, alice_token = add_local_subscriber(own_database)
+    bob, bob_token = add_local_subscriber(own_database)
+    alices_tab = await open_tab(own_server, browser, alice, alice_token)
+    bobs_tab = await open_tab(own_server, browser, bob, bob_token)
+
+    # Any role may NOTIFY the channel: Alice's row is still there.
+    sql(own_database, "SELECT pg_notify(%s, %s)", (CHANNEL, alice))
+    sql(own_database, "DELETE FROM users WHERE uuid = %s", (bob,))
+
+    # Notifications are handled in order: once Bob's stream is closed, Alice's notice was
+    # checked too.
+    await bobs_tab.closed.addTimeout(REVOCATION_SECONDS, reactor)
+    assert not alices_tab.closed.called
+    assert logged(log_events, "revocation notice for") == [
+        f"revocation notice for {alice}: the database still grants its 1 open streams here,"
+        " none closed"
+    ]
+    assert logged(log_events, "access revoked") == [
+        f"access revoked for {bob}: 1 open streams closed"
+    ]
+    # Alice's stream still works.
+    await publish(5672, plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"], found_contract(alice))
+    event = await alices_tab.next_event()
+    assert json.loads(event["data"])["userid"] == alice
+    text = "\n".join(f"{formatEvent(event)} {event!r}" for event in log_events)
+    assert alice_token not in text and bob_token not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_truncating_users_closes_every_open_stream(
+    own_server: RunningServer, own_database: str, browser: Browser, log_events: list[LogEvent]
+) -> None:
+    tabs = []
+    for _ in range(3):
+        userid, token = add_local_subscriber(own_database)
+        tabs.append(await open_tab(own_server, browser, userid, token))
+
+    sql(own_database, "TRUNCATE users")
+
+    for tab in tabs:
+        await tab.closed.addTimeout(REVOCATION_SECONDS, reactor)
+    assert len(own_server.service.registry) == 0
+    assert logged(log_events, "re-checked") == [
+        "re-checked 3 open streams against PostgreSQL: 3 closed"
+    ]
+
+
+def allow_connections(database: str, allowed: bool) -> None:
+    sql("postgres", f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_revocation_missed_while_listen_was_down_is_enforced_after_it_reconnects(
+    own_server: RunningServer, own_database: str, browser: Browser, log_events: list[LogEvent]
+) -> None:
+    alice, alice_token = add_local_subscriber(own_database)
+    bob, bob_token = add_local_subscriber(own_database)
+    alices_tab = await open_tab(own_server, browser, alice, alice_token)
+    bobs_tab = await open_tab(own_server, browser, bob, bob_token)
+    revocations = own_server.service.revocations
+    assert revocations is not None
+    [backend] = listener_backends(own_database)
+
+    # The miss made certain: the LISTEN connection is killed and cannot come back (the
+    # server's pool stays connected) until Alice's row is deleted.
+    with closing(connect(own_database)) as held:
+        allow_connections(own_database, False)
+        try:
+            held.cursor().execute("SELECT pg_terminate_backend(%s)", (backend,))
+            await wait_for(
+                lambda: bool(logged(log_events, "cannot connect to PostgreSQL")),
+                "a refused reconnection",
+            )
+            assert not revocations.listening
+            held.cursor().execute("DELETE FROM users WHERE uuid = %s", (alice,))
+        finally:
+            allow_connections(own_database, True)
+
+    await alices_tab.closed.addTimeout(WAIT_SECONDS, reactor)
+    assert not bobs_tab.closed.called
+    assert logged(log_events, "access revoked") == [
+        f"access revoked for {alice}: 1 open streams closed"
+    ]
+    response = await browser.get(own_server.subscribe_url(new_uuid(), alice, alice_token))
+    assert response.code == 403
+    await browser.read_body(response)
