@@ -9,7 +9,7 @@ import secrets
 import select
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -19,12 +19,16 @@ import psycopg2.extensions
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredQueue
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.web.test.requesthelper import DummyRequest
 
+from sse_twisted._auth_cache import CachingAuthenticator
 from sse_twisted._config import Config, load_config
-from sse_twisted._revocation import CHANNEL, RevocationListener
+from sse_twisted._revocation import CHANNEL, RevocationEnforcer, RevocationListener
+from sse_twisted._streams import EventStream, StreamRegistry
+from sse_twisted.interfaces import BackendUnavailable
 from tests.backends import PostgresServer
 from tests.harness import (
     Browser,
@@ -36,6 +40,7 @@ from tests.harness import (
     publish,
     start_server,
 )
+from tests.test_auth_cache import ImmediateAuthenticator
 
 SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
 WAIT_SECONDS = 10.0
@@ -128,6 +133,11 @@ def test_inserts_and_updates_that_change_nothing_notify_nothing(database: str) -
         ("DELETE FROM users WHERE uuid = %s", (str(uuid.uuid4()),)),  # no such row
     )
     assert payloads == []
+
+
+def test_truncating_users_notifies_a_star_for_everyone(own_database: str) -> None:
+    new_user(own_database)
+    assert notifications_of(own_database, ("TRUNCATE users", ())) == ["*"]
 
 
 def test_the_schema_file_can_be_applied_again(database: str) -> None:
@@ -290,6 +300,17 @@ async def test_a_payload_that_is_not_a_uuid_is_ignored_with_a_warning(
         "ignored a revocation whose payload is not a user id: ''",
     ]
     assert tracebacks(log_events) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_star_asks_to_resynchronise_everything(
+    start: Starter, database: str, tmp_path: Path
+) -> None:
+    listener, recorder = start(config_for(database, tmp_path))
+    await listening(listener)
+    sql(database, "SELECT pg_notify(%s, %s)", (CHANNEL, "*"))
+    await wait_for(lambda: recorder.resynchronised == 2, "the resynchronisation")
+    assert recorder.nothing_pending()
 
 
 @pytest_twisted.ensureDeferred
@@ -557,3 +578,84 @@ async def test_a_revocation_missed_while_listen_was_down_is_enforced_after_it_re
     response = await browser.get(own_server.subscribe_url(new_uuid(), alice, alice_token))
     assert response.code == 403
     await browser.read_body(response)
+
+
+# --- the enforcer, unit level: outages, floods and batches on a Clock ---
+
+
+class ScriptedGrants:
+    """The database's answers to grant queries, given by the test one query at a time."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[list[tuple[str, str]], Deferred[set[tuple[str, str]]]]] = []
+
+    def __call__(self, pairs: Sequence[tuple[str, str]]) -> Deferred[set[tuple[str, str]]]:
+        answer: Deferred[set[tuple[str, str]]] = Deferred()
+        self.asked.append((list(pairs), answer))
+        return answer
+
+    def answer(self, granted: set[tuple[str, str]] | Exception) -> None:
+        """Answer the latest query."""
+        _, pending = self.asked[-1]
+        if isinstance(granted, Exception):
+            pending.errback(granted)
+        else:
+            pending.callback(granted)
+
+
+def enforcer_with_streams(
+    pairs: list[tuple[str, str]], batch_pairs: int = 500
+) -> tuple[RevocationEnforcer, ScriptedGrants, Clock, list[EventStream]]:
+    clock, registry, grants = Clock(), StreamRegistry(), ScriptedGrants()
+    cache = CachingAuthenticator(ImmediateAuthenticator(), clock, 10, 100)
+    enforcer = RevocationEnforcer(cache, registry, grants, clock, batch_pairs=batch_pairs)
+    enforcer.startService()
+    streams = []
+    for userid, nonce in pairs:
+        request = DummyRequest([b""])
+        request._disconnected = False
+        stream = EventStream(userid, new_uuid(), request, "c", 1000, nonce=nonce)
+        registry.add(stream)
+        request.notifyFinish().addBoth(lambda _, stream=stream: registry.remove(stream))
+        streams.append(stream)
+    return enforcer, grants, clock, streams
+
+
+def test_a_database_outage_keeps_the_streams_open_and_the_check_is_retried_later(
+    log_events: list[LogEvent],
+) -> None:
+    alice = (new_uuid(), new_token())
+    enforcer, grants, clock, [stream] = enforcer_with_streams([alice])
+    enforcer.revoke(alice[0])
+    grants.answer(BackendUnavailable("no live connection to PostgreSQL (reconnecting)"))
+    assert not stream.request.finished and len(grants.asked) == 1
+    assert any("they stay open; retrying in 1.0 s" in line for line in warnings_logged(log_events))
+    clock.advance(1)
+    assert len(grants.asked) == 2  # asked again
+    grants.answer(set())
+    assert stream.request.finished and enforcer.idle
+
+
+def test_a_flood_of_notifications_for_one_user_costs_one_more_query() -> None:
+    alice = (new_uuid(), new_token())
+    enforcer, grants, _, [stream] = enforcer_with_streams([alice])
+    for _ in range(1000):
+        enforcer.revoke(alice[0])
+    enforcer.revoke(new_uuid())  # a user with no stream here costs no query
+    assert enforcer.queries == 1
+    grants.answer({alice})
+    # Notifications that came while it was out may postdate its answer: one more check.
+    assert enforcer.queries == 2
+    grants.answer({alice})
+    assert enforcer.queries == 2 and enforcer.idle and not stream.request.finished
+
+
+def test_every_stream_is_checked_in_batches_and_only_the_ungranted_are_closed() -> None:
+    pairs = [(new_uuid(), new_token()) for _ in range(5)]
+    enforcer, grants, _, streams = enforcer_with_streams(pairs, batch_pairs=2)
+    enforcer.resynchronise()
+    for _ in range(3):
+        batch = grants.asked[-1][0]
+        grants.answer({pair for pair in batch if pair != pairs[3]})
+    assert [len(batch) for batch, _ in grants.asked] == [2, 2, 1]
+    assert [stream.request.finished for stream in streams] == [0, 0, 0, 1, 0]
