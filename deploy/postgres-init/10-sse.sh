@@ -1,7 +1,7 @@
 #!/bin/sh
 # Runs once, when the postgres container initialises an empty data volume (the image runs
 # every script in /docker-entrypoint-initdb.d): every schema file (the users table, the
-# revocation trigger), a login role for the server that may only read, and the demo user.
+# revocation triggers), a login role for the server that may only read, and the demo user.
 # Without its execute bit the image sources it instead: hence no exit and no `set -u`.
 set -e
 
