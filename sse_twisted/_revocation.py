@@ -299,7 +299,11 @@ class RevocationEnforcer(Service):
                 closed=sum(closed.values()),
             )
             return
+        checked = {stream.userid for stream in streams}
         for userid in users - closed.keys():
+            if userid not in checked:
+                self.log.info("revocation notice for {userid}: no open stream here", userid=userid)
+                continue
             # A forged NOTIFY, or another of the user's tokens changed.
             self.log.info(
                 "revocation notice for {userid}: the database still grants its {kept}"

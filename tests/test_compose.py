@@ -431,6 +431,12 @@ def test_the_postgres_init_script_creates_the_schema_a_read_only_role_and_the_de
         assert rows == [(settings["DEMO_USERID"], settings["DEMO_TOKEN"])]
         with pytest.raises(psycopg2.errors.InsufficientPrivilege):
             run_sql(scratch_database, "INSERT INTO users VALUES ('a', 'b')", role=role)
+        triggers = run_sql(
+            scratch_database,
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'users'::regclass"
+            " AND NOT tgisinternal ORDER BY tgname",
+        )
+        assert triggers == [("users_sse_revocation",), ("users_sse_truncation",)]
     finally:
         run_sql(scratch_database, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')
 
