@@ -242,13 +242,18 @@ class RevocationEnforcer(Service):
                 streams = list(self._registry)
             else:
                 streams = [stream for user in users for stream in self._registry.streams_of(user)]
+            closed: dict[str, int] = {}
             try:
-                closed = await self._check(streams)
-            except BackendUnavailable as error:
-                # A notification that came meanwhile has joined the pending ones: the
-                # retry covers it and these.
+                await self._check(streams, closed)
+            except BaseException as error:
+                # Asked again: by the retry below, or (after an unexpected error, logged
+                # by _rounds_over) with the next notification. One that came meanwhile
+                # has joined the pending ones.
                 self._everyone_pending |= everyone
                 self._pending_users |= users
+                self._report_closed(closed)
+                if not isinstance(error, BackendUnavailable):
+                    raise
                 self.log.warn(
                     "cannot re-check {count} open streams against PostgreSQL, they stay open;"
                     " retrying in {seconds} s: {reason}",
@@ -262,13 +267,12 @@ class RevocationEnforcer(Service):
             retry_seconds = _FIRST_RETRY_SECONDS
             self._report(everyone, users, streams, closed)
 
-    async def _check(self, streams: list[EventStream]) -> dict[str, int]:
-        """Close the streams whose pair is not granted; how many were closed, by user."""
+    async def _check(self, streams: list[EventStream], closed: dict[str, int]) -> None:
+        """Close the streams whose pair is not granted, counting them by user in ``closed``."""
         by_pair: dict[_Pair, list[EventStream]] = {}
         for stream in streams:
             by_pair.setdefault((stream.userid, stream.nonce), []).append(stream)
         pairs = list(by_pair)
-        closed: dict[str, int] = {}
         for start in range(0, len(pairs), self._batch_pairs):
             batch = pairs[start : start + self._batch_pairs]
             self.queries += 1
@@ -281,17 +285,19 @@ class RevocationEnforcer(Service):
                     if stream.is_open:
                         stream.close()
                         closed[pair[0]] = closed.get(pair[0], 0) + 1
-        return closed
 
-    def _report(
-        self, everyone: bool, users: set[str], streams: list[EventStream], closed: dict[str, int]
-    ) -> None:
+    def _report_closed(self, closed: dict[str, int]) -> None:
         for userid, count in closed.items():
             self.log.info(
                 "access revoked for {userid}: {closed} open streams closed",
                 userid=userid,
                 closed=count,
             )
+
+    def _report(
+        self, everyone: bool, users: set[str], streams: list[EventStream], closed: dict[str, int]
+    ) -> None:
+        self._report_closed(closed)
         if everyone:
             self.log.info(
                 "re-checked {checked} open streams against PostgreSQL: {closed} closed",

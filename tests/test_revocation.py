@@ -659,3 +659,21 @@ def test_every_stream_is_checked_in_batches_and_only_the_ungranted_are_closed() 
         grants.answer({pair for pair in batch if pair != pairs[3]})
     assert [len(batch) for batch, _ in grants.asked] == [2, 2, 1]
     assert [stream.request.finished for stream in streams] == [0, 0, 0, 1, 0]
+
+
+def test_an_outage_in_the_middle_of_a_round_keeps_what_was_closed_and_retries_the_rest(
+    log_events: list[LogEvent],
+) -> None:
+    alice, bob = (new_uuid(), new_token()), (new_uuid(), new_token())
+    enforcer, grants, clock, [alices, bobs] = enforcer_with_streams([alice, bob], batch_pairs=1)
+    enforcer.resynchronise()
+    grants.answer(set())  # Alice's pair is gone
+    grants.answer(BackendUnavailable("no answer within 2.0 seconds"))
+    assert alices.request.finished and not bobs.request.finished
+    assert [line for line in map(formatEvent, log_events) if "access revoked" in line] == [
+        f"access revoked for {alice[0]}: 1 open streams closed"
+    ]
+    clock.advance(1)
+    assert grants.asked[-1][0] == [bob]  # only what is still open
+    grants.answer({bob})
+    assert enforcer.idle and not bobs.request.finished
