@@ -18,7 +18,7 @@ object per case:
 For the code before, run this file from an export of the old tree (the schema is read next
 to the imported package)::
 
-    git archive main | tar -x -C /tmp/before && cp bench/revocation.py /tmp/before/bench/
+    git archive <old commit> | tar -x -C /tmp/before && cp bench/revocation.py /tmp/before/bench/
     (cd /tmp/before && /path/to/.venv/bin/python -m bench.revocation)
 """
 
