@@ -1,5 +1,7 @@
 """The maximum stream lifetime: streams end spread over the last tenth of it, with a jittered
-retry, and a browser that resumes with its Last-Event-ID loses nothing."""
+retry, and a browser that resumes with its Last-Event-ID loses nothing.
+
+End to end on a server in this process and the test PostgreSQL and RabbitMQ servers."""
 
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from twisted.web.test.requesthelper import DummyRequest
 from sse_twisted._lifetime import StreamLifetimeService, stream_lifetime
 from sse_twisted._replay import ReplayWindow
 from sse_twisted._streams import EventStream, StreamRegistry
+from tests.backends import PostgresServer, RabbitMQServer
 from tests.harness import (
     Browser,
     EventCollector,
     RunningServer,
-    add_local_subscriber,
+    add_subscriber,
     found_contract,
     new_uuid,
     publish,
@@ -121,15 +124,15 @@ def test_a_stream_closed_before_its_expiry_is_forgotten() -> None:
     service.stopService()
 
 
-# --- end to end: a server in this process, the machine's PostgreSQL and RabbitMQ ---
+# --- end to end: a server in this process, the test PostgreSQL and RabbitMQ servers ---
 
 
 @pytest_twisted.async_yield_fixture
-async def short_lived(plaintext_environ: dict[str, str]) -> AsyncIterator[RunningServer]:
+async def short_lived(tls_environ: dict[str, str]) -> AsyncIterator[RunningServer]:
     """A server whose streams live about 2 s."""
     running = await start_server(
         {
-            **plaintext_environ,
+            **tls_environ,
             "SSE_MAX_STREAM_SECONDS": "2",
             "SSE_RETRY_MILLISECONDS": str(RETRY_MILLISECONDS),
             "SSE_RECONNECT_JITTER_MILLISECONDS": str(JITTER_MILLISECONDS),
@@ -154,18 +157,21 @@ def sequence(events: list[dict[str, str]]) -> list[int]:
 
 @pytest_twisted.ensureDeferred
 async def test_an_expired_stream_closes_with_a_jittered_retry_and_its_resume_loses_nothing(
-    short_lived: RunningServer, browser: Browser, plaintext_environ: dict[str, str]
+    short_lived: RunningServer,
+    browser: Browser,
+    postgres_tls: PostgresServer,
+    rabbitmq_tls: RabbitMQServer,
 ) -> None:
-    queue = plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"]
-    alice, alice_token = add_local_subscriber(plaintext_environ["SSE_POSTGRES_DB_NAME"])
-    bob, bob_token = add_local_subscriber(plaintext_environ["SSE_POSTGRES_DB_NAME"])
+    queue = short_lived.config.rabbitmq_queue_name
+    alice, alice_token = add_subscriber(postgres_tls)
+    bob, bob_token = add_subscriber(postgres_tls)
     url = short_lived.subscribe_url(new_uuid(), alice, alice_token)
     opened_at = reactor.seconds()
     tabs = [(await browser.open(url))[1] for _ in range(4)]
     _, bobs_tab = await browser.open(short_lived.subscribe_url(new_uuid(), bob, bob_token))
     # An event for someone else while Alice's streams are open: hers get none before
     # they expire, yet must resume after it.
-    await publish(5672, queue, found_contract(bob, seq=-1))
+    await publish(rabbitmq_tls.amqp_port, queue, found_contract(bob, seq=-1))
     bobs_event = await bobs_tab.next_event()
 
     for tab in tabs:
@@ -182,19 +188,26 @@ async def test_an_expired_stream_closes_with_a_jittered_retry_and_its_resume_los
     assert len(set(retries)) > 1, retries
 
     # Published while no stream of Alice is open, then after she is back.
-    await publish(5672, queue, *(found_contract(alice, seq=seq) for seq in range(5)))
+    await publish(
+        rabbitmq_tls.amqp_port, queue, *(found_contract(alice, seq=seq) for seq in range(5))
+    )
     resumed = await resume(browser, url, tabs[0])
-    await publish(5672, queue, *(found_contract(alice, seq=seq) for seq in range(5, 10)))
+    await publish(
+        rabbitmq_tls.amqp_port, queue, *(found_contract(alice, seq=seq) for seq in range(5, 10))
+    )
     got = [await resumed.next_event() for _ in range(10)]
     assert sequence(got) == list(range(10))
 
 
 @pytest_twisted.ensureDeferred
 async def test_events_published_all_through_an_expiry_arrive_once_each(
-    short_lived: RunningServer, browser: Browser, plaintext_environ: dict[str, str]
+    short_lived: RunningServer,
+    browser: Browser,
+    postgres_tls: PostgresServer,
+    rabbitmq_tls: RabbitMQServer,
 ) -> None:
-    queue = plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"]
-    alice, token = add_local_subscriber(plaintext_environ["SSE_POSTGRES_DB_NAME"])
+    queue = short_lived.config.rabbitmq_queue_name
+    alice, token = add_subscriber(postgres_tls)
     url = short_lived.subscribe_url(new_uuid(), alice, token)
     _, first = await browser.open(url)
     tabs = [first]
@@ -220,7 +233,7 @@ async def test_events_published_all_through_an_expiry_arrive_once_each(
 
     async def publish_next() -> None:
         nonlocal published
-        await publish(5672, queue, found_contract(alice, seq=published))
+        await publish(rabbitmq_tls.amqp_port, queue, found_contract(alice, seq=published))
         published += 1
 
     # One message at a time, from before the first expiry until 5 after the reconnection.

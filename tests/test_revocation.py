@@ -29,7 +29,7 @@ from sse_twisted._config import Config, load_config
 from sse_twisted._revocation import CHANNEL, RevocationEnforcer, RevocationListener
 from sse_twisted._streams import EventStream, StreamRegistry
 from sse_twisted.interfaces import BackendUnavailable
-from tests.backends import PostgresServer
+from tests.backends import PostgresServer, RabbitMQServer
 from tests.harness import (
     Browser,
     RunningServer,
@@ -446,8 +446,8 @@ async def test_a_new_token_closes_the_stream_and_only_the_new_token_gets_back_in
 
 
 # --- nothing closed on a notification's word alone; nothing missed while LISTEN was down ---
-# A server in this process on the machine's PostgreSQL and RabbitMQ, with a database of its
-# own: these tests truncate it and shut it to new connections.
+# A server in this process on the test RabbitMQ and the machine's PostgreSQL, with a database
+# of its own: these tests truncate it and shut it to new connections.
 
 
 @pytest.fixture
@@ -463,9 +463,11 @@ def own_database() -> Iterator[str]:
 
 @pytest_twisted.async_yield_fixture
 async def own_server(
-    plaintext_environ: dict[str, str], own_database: str
+    tls_environ: dict[str, str], local_database: dict[str, str], own_database: str
 ) -> AsyncIterator[RunningServer]:
-    running = await start_server({**plaintext_environ, "SSE_POSTGRES_DB_NAME": own_database})
+    running = await start_server(
+        {**tls_environ, **local_database, "SSE_POSTGRES_DB_NAME": own_database}
+    )
     revocations = running.service.revocations
     assert revocations is not None
     await wait_for(lambda: revocations.listening, "the server to LISTEN for revocations")
@@ -489,7 +491,7 @@ async def test_a_forged_notification_closes_nothing_while_a_real_delete_still_cl
     own_server: RunningServer,
     own_database: str,
     browser: Browser,
-    plaintext_environ: dict[str, str],
+    rabbitmq_tls: RabbitMQServer,
     log_events: list[LogEvent],
 ) -> None:
     alice, alice_token = add_local_subscriber(own_database)
@@ -513,7 +515,8 @@ async def test_a_forged_notification_closes_nothing_while_a_real_delete_still_cl
         f"access revoked for {bob}: 1 open streams closed"
     ]
     # Alice's stream still works.
-    await publish(5672, plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"], found_contract(alice))
+    queue = own_server.config.rabbitmq_queue_name
+    await publish(rabbitmq_tls.amqp_port, queue, found_contract(alice))
     event = await alices_tab.next_event()
     assert json.loads(event["data"])["userid"] == alice
     text = "\n".join(f"{formatEvent(event)} {event!r}" for event in log_events)
