@@ -35,10 +35,12 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import pika
 import psycopg2
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import deferLater, react
+from twisted.internet.threads import deferToThread
 
 import sse_twisted
 from tests.backends import Pki
@@ -65,6 +67,11 @@ def listen_backends(database: str) -> list[int]:
             (database,),
         )
         return [pid for (pid,) in cursor.fetchall()]
+
+
+def delete_queue(name: str) -> None:
+    with closing(pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))) as broker:
+        broker.channel().queue_delete(name)
 
 
 async def until(condition: Callable[[], bool], seconds: float) -> float | None:
@@ -127,6 +134,8 @@ class Case:
         await self.browser.close_all()
         await self.server.stop()
         run_sql("postgres", f'DROP DATABASE "{self.database}" WITH (FORCE)')
+        # A stream queue keeps files open in the broker: leave none behind.
+        await deferToThread(delete_queue, self.queue)
 
 
 async def forged(pki: Pki, count: int) -> dict[str, Any]:
