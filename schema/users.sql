@@ -7,8 +7,9 @@ CREATE TABLE IF NOT EXISTS users (
 CREATE INDEX IF NOT EXISTS users_uuid_sse_token ON users (uuid, sse_token);
 
 -- Revocation: deleting a row, or changing its uuid or sse_token, tells every sse-twisted
--- instance (LISTEN sse_revocations) to close the user's open streams and forget its cached
--- grants. The payload is the old uuid, never the token. Needs PostgreSQL 14+ (OR REPLACE).
+-- instance (LISTEN sse_revocations) to forget the user's cached grants and re-check its open
+-- streams against this table, closing those no longer granted. The payload is the old uuid,
+-- never the token. Needs PostgreSQL 14+ (OR REPLACE).
 CREATE OR REPLACE FUNCTION sse_notify_revocation() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -25,3 +26,16 @@ $$;
 CREATE OR REPLACE TRIGGER users_sse_revocation
     AFTER UPDATE OF uuid, sse_token OR DELETE ON users
     FOR EACH ROW EXECUTE FUNCTION sse_notify_revocation();
+
+-- TRUNCATE fires no row trigger: it sends '*', and every instance re-checks all its open
+-- streams against the table.
+CREATE OR REPLACE FUNCTION sse_notify_truncation() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('sse_revocations', '*');
+    RETURN NULL;
+END
+$$;
+CREATE OR REPLACE TRIGGER users_sse_truncation
+    AFTER TRUNCATE ON users
+    FOR EACH STATEMENT EXECUTE FUNCTION sse_notify_truncation();

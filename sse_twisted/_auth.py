@@ -9,7 +9,7 @@ query cancellation cannot be used from a timeout.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -34,6 +34,11 @@ from .interfaces import BackendUnavailable, IAuthenticator
 __all__ = ["PostgresAuthenticator"]
 
 _SUBSCRIBER_QUERY = "SELECT 1 FROM users WHERE uuid = %s AND sse_token = %s"
+# The pairs come as two arrays, zipped by unnest: one statement for any number of pairs.
+_GRANTED_QUERY = (
+    "SELECT uuid, sse_token FROM users WHERE (uuid, sse_token) IN "
+    "(SELECT * FROM unnest(%s::varchar[], %s::varchar[]))"
+)
 _VERIFYING_SSLMODES = ("verify-ca", "verify-full")
 _MASK = "****"
 
@@ -291,4 +296,35 @@ class PostgresAuthenticator(Service):
             )
         else:
             self.log.failure("cannot check subscriber {userid}", failure, userid=userid)
+        raise BackendUnavailable(reason)
+
+    def granted(self, pairs: Sequence[tuple[str, str]]) -> Deferred[set[tuple[str, str]]]:
+        """Fire with those of the (userid, nonce) ``pairs`` that are in ``users``, asked in
+        one query; fail with L{BackendUnavailable} when PostgreSQL cannot answer."""
+        query = self._pool.runQuery(
+            _GRANTED_QUERY, ([userid for userid, _ in pairs], [nonce for _, nonce in pairs])
+        )
+        # A Deferred without canceller between, as in is_subscriber.
+        answer: Deferred[Any] = Deferred()
+        query.chainDeferred(answer)
+        answer.addTimeout(self._config.postgres_timeout_seconds, self._reactor)
+        return answer.addCallbacks(
+            lambda rows: {(userid, nonce) for userid, nonce in rows},
+            self._granted_unanswered,
+            errbackArgs=(pairs,),
+        )
+
+    def _granted_unanswered(self, failure: Failure, pairs: Sequence[tuple[str, str]]) -> Failure:
+        if failure.check(ConnectionDead):
+            reason = "no live connection to PostgreSQL (reconnecting)"
+        elif failure.check(DeferredTimeoutError):
+            reason = f"no answer within {self._config.postgres_timeout_seconds} seconds"
+        elif failure.check(psycopg2.Error, *_OUTAGES):
+            # A server message can quote a parameter.
+            reason = _describe(failure.value)
+            for _, nonce in pairs:
+                if nonce:
+                    reason = reason.replace(nonce, _MASK)
+        else:
+            return failure
         raise BackendUnavailable(reason)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import re
 
-__all__ = ["comment_frame", "event_frame", "id_frame", "retry_frame"]
+__all__ = ["comment_frame", "event_frame", "id_frame", "jittered_retry_frame", "retry_frame"]
 
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
@@ -40,6 +41,13 @@ def id_frame(event_id: int) -> bytes:
 def retry_frame(milliseconds: int) -> bytes:
     """Set the browser's reconnection delay."""
     return b"retry: %d\n\n" % milliseconds
+
+
+def jittered_retry_frame(milliseconds: int, jitter_milliseconds: int) -> bytes:
+    """A reconnection delay of ``milliseconds`` plus up to ``jitter_milliseconds`` drawn at
+    random, so that thousands of browsers closed together do not all come back in the
+    same millisecond."""
+    return retry_frame(milliseconds + random.randint(0, jitter_milliseconds))
 
 
 def _one_line(text: bytes) -> bytes:

@@ -17,6 +17,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from ._bodies import BodyLimits, BoundedBodyRequest, ConnectionRequests
 from ._channel import limited_channel_protocol
 from ._framing import comment_frame, id_frame, retry_frame
+from ._lifetime import stream_lifetime
 from ._metrics import Metrics
 from ._paths import MASK, is_v4_uuid, loggable_path
 from ._replay import ReplayWindow
@@ -186,6 +187,7 @@ class SubscribeResource(Resource):
         metrics: Metrics | None = None,
         max_streams_per_user: int = 16,
         max_streams: int = 50000,
+        max_stream_seconds: float = math.inf,
     ) -> None:
         super().__init__()
         self._metrics = metrics if metrics is not None else Metrics()
@@ -198,6 +200,7 @@ class SubscribeResource(Resource):
         self._max_buffer_bytes = max_buffer_bytes
         self._max_streams_per_user = max_streams_per_user
         self._max_streams = max_streams
+        self._max_stream_seconds = max_stream_seconds
 
     def render(self, request: Request) -> bytes | int:
         """Dispatch by method; anything but GET and OPTIONS is 405."""
@@ -246,7 +249,7 @@ class SubscribeResource(Resource):
         checking.addCallbacks(
             self._checked,
             self._unavailable,
-            callbackArgs=(request, topic, userid, finished),
+            callbackArgs=(request, topic, userid, nonce, finished),
             errbackArgs=(request,),
         )
         checking.addErrback(self._unexpected, request)
@@ -287,7 +290,13 @@ class SubscribeResource(Resource):
         return None
 
     def _checked(
-        self, allowed: bool, request: Request, topic: str, userid: str, finished: Deferred[None]
+        self,
+        allowed: bool,
+        request: Request,
+        topic: str,
+        userid: str,
+        nonce: str,
+        finished: Deferred[None],
     ) -> None:
         if not allowed:
             self._metrics.subscribed("forbidden")
@@ -308,6 +317,8 @@ class SubscribeResource(Resource):
             correlation_id=getattr(request, "correlation_id", ""),
             max_unsent_bytes=self._max_buffer_bytes,
             metrics=self._metrics,
+            nonce=nonce,
+            expires_at=self._clock.seconds() + stream_lifetime(self._max_stream_seconds),
         )
         self._metrics.subscribed("ok")
         # Sent at once, so that proxies and the browser see the stream open.

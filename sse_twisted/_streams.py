@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -41,6 +43,10 @@ class EventStream:
         skipped (it may have got them from another instance that is ahead of this one).
     @ivar coverage_unknown: the stream resumed before this process consumed anything,
         so whether events were missed is decided when the first one arrives.
+    @ivar nonce: the token the stream was let in with, kept (in memory only, never logged)
+        to re-check the grant when a revocation may have been missed.
+    @ivar expires_at: when (reactor seconds) the stream is closed for the browser to come
+        back re-authenticated; infinite for no limit.
     """
 
     __slots__ = (
@@ -50,8 +56,10 @@ class EventStream:
         "_stalled_heartbeats",
         "correlation_id",
         "coverage_unknown",
+        "expires_at",
         "max_unsent_bytes",
         "metrics",
+        "nonce",
         "paused",
         "request",
         "resume_after",
@@ -70,9 +78,13 @@ class EventStream:
         max_unsent_bytes: int,
         resume_after: int = -1,
         metrics: Metrics | None = None,
+        nonce: str = "",
+        expires_at: float = math.inf,
     ) -> None:
         self.metrics = metrics
         self.userid = userid
+        self.nonce = nonce
+        self.expires_at = expires_at
         self.topic = topic
         self.request = request
         self.correlation_id = correlation_id
@@ -201,12 +213,16 @@ class EventStream:
 
 
 class StreamRegistry:
-    """The open streams of this process, by userid then topic."""
+    """The open streams of this process, by userid then topic, and by expiry second."""
 
     def __init__(self) -> None:
         self._by_user: dict[str, dict[str, set[EventStream]]] = {}
         self._uncovered: set[EventStream] = set()
         self._count = 0
+        # Streams by the whole second they expire in, and those seconds in a heap: taking
+        # the expired costs O(expired), removing a stream O(1).
+        self._expiring: dict[int, set[EventStream]] = {}
+        self._expiry_seconds: list[int] = []
 
     def __len__(self) -> int:
         return self._count
@@ -218,6 +234,13 @@ class StreamRegistry:
         self._count += 1
         if stream.coverage_unknown:
             self._uncovered.add(stream)
+        if not math.isinf(stream.expires_at):
+            second = math.ceil(stream.expires_at)
+            expiring = self._expiring.get(second)
+            if expiring is None:
+                expiring = self._expiring[second] = set()
+                heapq.heappush(self._expiry_seconds, second)
+            expiring.add(stream)
 
     def remove(self, stream: EventStream) -> None:
         """Stop routing to ``stream``; removing an unknown stream does nothing."""
@@ -230,6 +253,9 @@ class StreamRegistry:
         streams.discard(stream)
         self._uncovered.discard(stream)
         self._count -= 1
+        if not math.isinf(stream.expires_at):
+            # An emptied second stays until take_expired reaches it.
+            self._expiring.get(math.ceil(stream.expires_at), set()).discard(stream)
         if not streams:
             del topics[stream.topic]
             if not topics:
@@ -253,6 +279,13 @@ class StreamRegistry:
             [stream for topics in self._by_user.values() for s in topics.values() for stream in s]
         )
 
+    def take_expired(self, now: float) -> list[EventStream]:
+        """The streams whose lifetime is over at ``now``, each returned once."""
+        expired: list[EventStream] = []
+        while self._expiry_seconds and self._expiry_seconds[0] <= now:
+            expired.extend(self._expiring.pop(heapq.heappop(self._expiry_seconds)))
+        return expired
+
     def take_uncovered(self) -> list[EventStream]:
         """The streams still waiting to learn whether they missed events, now settled."""
         streams = list(self._uncovered)
@@ -271,10 +304,3 @@ class StreamRegistry:
                 stream.write(frame)
                 delivered += 1
         return delivered
-
-    def close_user(self, userid: str) -> int:
-        """Close every stream of ``userid``; return how many."""
-        streams = self.streams_of(userid)
-        for stream in streams:
-            stream.close()
-        return len(streams)

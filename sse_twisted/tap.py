@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,9 +19,10 @@ from ._auth_cache import CachingAuthenticator
 from ._config import SETTINGS, Config, ConfigError, Setting, load_config
 from ._consumer import StreamConsumerService
 from ._demo import DemoPage
-from ._framing import retry_frame
+from ._framing import jittered_retry_frame
 from ._health import ConsumerCheck, LivenessResource, PostgresCheck, ReadinessResource
 from ._heartbeat import HeartbeatService
+from ._lifetime import StreamLifetimeService
 from ._listener import ListenerService
 from ._logging import JSONLogObserver, bridge_standard_logging
 from ._metrics import Metrics, MetricsListenerService, metrics_endpoint, metrics_site
@@ -121,10 +121,7 @@ class SSEService(MultiService):
         streams = list(self.registry)
         self.log.info("draining {count} streams", count=len(streams))
         for stream in streams:
-            # Spread the reconnections, so that thousands of browsers do not all come
-            # back in the same millisecond.
-            delay = self._retry_milliseconds + random.randint(0, self._jitter_milliseconds)
-            stream.close(retry_frame(delay))
+            stream.close(jittered_retry_frame(self._retry_milliseconds, self._jitter_milliseconds))
         await self.listener.close_connections(self._drain_seconds)
         await super().stopService()
 
@@ -190,7 +187,7 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     auth_cache = CachingAuthenticator(
         authenticator, reactor, config.auth_cache_seconds, config.auth_cache_size
     )
-    enforcer = RevocationEnforcer(auth_cache, registry)
+    enforcer = RevocationEnforcer(auth_cache, registry, authenticator.granted, reactor)
     revocations = RevocationListener(
         config, reactor, enforcer.revoke, on_resynchronised=enforcer.resynchronise
     )
@@ -212,6 +209,7 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
         metrics=metrics,
         max_streams_per_user=config.max_streams_per_user,
         max_streams=config.max_streams,
+        max_stream_seconds=config.max_stream_seconds,
     )
     root = root_resource(subscribe)
     root.putChild(b"healthz", LivenessResource())
@@ -249,7 +247,15 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     service.metrics = metrics
     service.revocations = revocations
     service.server_tls = server_tls
+    enforcer.setServiceParent(service)
     revocations.setServiceParent(service)
+    StreamLifetimeService(
+        registry,
+        window,
+        reactor,
+        config.retry_milliseconds,
+        config.reconnect_jitter_milliseconds,
+    ).setServiceParent(service)
     HeartbeatService(registry, config.heartbeat_seconds, reactor).setServiceParent(service)
     metrics.watch(registry, consumer, authenticator, auth_cache, server_tls, replay_window=window)
     if config.metrics_port:

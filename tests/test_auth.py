@@ -557,3 +557,40 @@ async def test_started_while_the_database_is_down_connects_once_it_is_up(
     await wait_for(lambda: authenticator.connected, "the first connection", seconds=30)
     assert await check(authenticator, *tls_subscriber) is True
     assert tracebacks(log_events) == []
+
+
+# --- the batched grant query (revocation re-checks) ---
+
+
+@pytest_twisted.ensureDeferred
+async def test_granted_tells_which_of_many_pairs_are_in_users_in_one_query(
+    start: Starter, plain_database: str, tmp_path: Path
+) -> None:
+    authenticator = await connected(start(plain_config(tmp_path, plain_database)))
+    crossed = (ALICE[0], BOB[1])
+    strangers = [(str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(300)]
+    before = authenticator.queries
+    granted = await bounded(authenticator.granted([ALICE, crossed, *strangers, BOB]))
+    assert granted == {ALICE, BOB}
+    assert authenticator.queries == before + 1
+    assert await bounded(authenticator.granted([(ALICE[0], "' OR '1'='1")])) == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_granted_without_a_users_table_is_unavailable_and_quotes_no_token(
+    start: Starter, tableless_database: str, tmp_path: Path
+) -> None:
+    authenticator = await connected(start(plain_config(tmp_path, tableless_database)))
+    with pytest.raises(BackendUnavailable) as raised:
+        await bounded(authenticator.granted([ALICE]))
+    assert str(raised.value) == 'relation "users" does not exist'
+
+
+@pytest_twisted.ensureDeferred
+async def test_granted_while_the_database_is_unreachable_is_unavailable(
+    start: Starter, tmp_path: Path
+) -> None:
+    authenticator = start(plain_config(tmp_path, "sse", **{"postgres-port": str(free_port())}))
+    with pytest.raises(BackendUnavailable) as raised:
+        await bounded(authenticator.granted([ALICE]))
+    assert str(raised.value) == "no live connection to PostgreSQL (reconnecting)"

@@ -527,6 +527,12 @@ def test_the_postgres_init_script_creates_the_schema_a_read_only_role_and_the_de
         assert verifier.startswith("SCRAM-SHA-256$")
         assert scram_matches(verifier, password_file.read_text().rstrip("\n"))
         assert not scram_matches(verifier, password_file.read_text())
+        triggers = run_sql(
+            scratch_database,
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'users'::regclass"
+            " AND NOT tgisinternal ORDER BY tgname",
+        )
+        assert triggers == [("users_sse_revocation",), ("users_sse_truncation",)]
     finally:
         run_sql(scratch_database, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')
 

@@ -4,11 +4,12 @@ end to end when its user's row goes."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import select
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,28 @@ import psycopg2.extensions
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredQueue
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.web.test.requesthelper import DummyRequest
 
+from sse_twisted._auth_cache import CachingAuthenticator
 from sse_twisted._config import Config, load_config
-from sse_twisted._revocation import CHANNEL, RevocationListener
-from tests.backends import PostgresServer
-from tests.harness import Browser, RunningServer, new_token, new_uuid, start_server
+from sse_twisted._revocation import CHANNEL, RevocationEnforcer, RevocationListener
+from sse_twisted._streams import EventStream, StreamRegistry
+from sse_twisted.interfaces import BackendUnavailable
+from tests.backends import PostgresServer, RabbitMQServer
+from tests.harness import (
+    Browser,
+    RunningServer,
+    add_local_subscriber,
+    found_contract,
+    new_token,
+    new_uuid,
+    publish,
+    start_server,
+)
+from tests.test_auth_cache import ImmediateAuthenticator
 
 SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
 WAIT_SECONDS = 10.0
@@ -120,6 +135,11 @@ def test_inserts_and_updates_that_change_nothing_notify_nothing(database: str) -
     assert payloads == []
 
 
+def test_truncating_users_notifies_a_star_for_everyone(own_database: str) -> None:
+    new_user(own_database)
+    assert notifications_of(own_database, ("TRUNCATE users", ())) == ["*"]
+
+
 def test_the_schema_file_can_be_applied_again(database: str) -> None:
     sql(database, SCHEMA.read_text())
     sql(database, SCHEMA.read_text())
@@ -127,7 +147,7 @@ def test_the_schema_file_can_be_applied_again(database: str) -> None:
         cursor.execute(
             "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'users'::regclass AND NOT tgisinternal"
         )
-        assert cursor.fetchone() == (1,)
+        assert cursor.fetchone() == (2,)  # the row trigger and the TRUNCATE one
     userid, _ = new_user(database)
     assert notifications_of(database, ("DELETE FROM users WHERE uuid = %s", (userid,))) == [userid]
 
@@ -283,6 +303,17 @@ async def test_a_payload_that_is_not_a_uuid_is_ignored_with_a_warning(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_star_asks_to_resynchronise_everything(
+    start: Starter, database: str, tmp_path: Path
+) -> None:
+    listener, recorder = start(config_for(database, tmp_path))
+    await listening(listener)
+    sql(database, "SELECT pg_notify(%s, %s)", (CHANNEL, "*"))
+    await wait_for(lambda: recorder.resynchronised == 2, "the resynchronisation")
+    assert recorder.nothing_pending()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_killed_connection_listens_again_and_still_delivers(
     start: Starter, database: str, tmp_path: Path, log_events: list[LogEvent]
 ) -> None:
@@ -412,3 +443,246 @@ async def test_a_new_token_closes_the_stream_and_only_the_new_token_gets_back_in
     response, resumed = await browser.open(server.subscribe_url(topic, userid, replacement))
     assert response.code == 200
     await wait_for(lambda: "connected" in resumed.parser.comments, "the new stream to open")
+
+
+# --- nothing closed on a notification's word alone; nothing missed while LISTEN was down ---
+# A server in this process on the test RabbitMQ and the machine's PostgreSQL, with a database
+# of its own: these tests truncate it and shut it to new connections.
+
+
+@pytest.fixture
+def own_database() -> Iterator[str]:
+    name = f"sse_test_{secrets.token_hex(6)}"
+    sql("postgres", f'CREATE DATABASE "{name}"')
+    try:
+        sql(name, SCHEMA.read_text())
+        yield name
+    finally:
+        sql("postgres", f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest_twisted.async_yield_fixture
+async def own_server(
+    tls_environ: dict[str, str], local_database: dict[str, str], own_database: str
+) -> AsyncIterator[RunningServer]:
+    # The machine's PostgreSQL is plaintext, which prod refuses without the opt-out.
+    running = await start_server(
+        {
+            **tls_environ,
+            **local_database,
+            "SSE_POSTGRES_DB_NAME": own_database,
+            "SSE_ALLOW_INSECURE_BACKENDS": "true",
+        }
+    )
+    revocations = running.service.revocations
+    assert revocations is not None
+    await wait_for(lambda: revocations.listening, "the server to LISTEN for revocations")
+    yield running
+    await running.stop()
+
+
+async def open_tab(server: RunningServer, browser: Browser, userid: str, token: str) -> Any:
+    """A stream of ``userid``, once the server has it open."""
+    _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
+    await wait_for(lambda: "connected" in tab.parser.comments, "the stream to open")
+    return tab
+
+
+def logged(events: list[LogEvent], text: str) -> list[str]:
+    return [line for line in map(formatEvent, events) if text in line]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forged_notification_closes_nothing_while_a_real_delete_still_closes(
+    own_server: RunningServer,
+    own_database: str,
+    browser: Browser,
+    rabbitmq_tls: RabbitMQServer,
+    log_events: list[LogEvent],
+) -> None:
+    alice, alice_token = add_local_subscriber(own_database)
+    bob, bob_token = add_local_subscriber(own_database)
+    alices_tab = await open_tab(own_server, browser, alice, alice_token)
+    bobs_tab = await open_tab(own_server, browser, bob, bob_token)
+
+    # Any role may NOTIFY the channel: Alice's row is still there.
+    sql(own_database, "SELECT pg_notify(%s, %s)", (CHANNEL, alice))
+    sql(own_database, "DELETE FROM users WHERE uuid = %s", (bob,))
+
+    # Notifications are handled in order: once Bob's stream is closed, Alice's notice was
+    # checked too.
+    await bobs_tab.closed.addTimeout(REVOCATION_SECONDS, reactor)
+    assert not alices_tab.closed.called
+    assert logged(log_events, "revocation notice for") == [
+        f"revocation notice for {alice}: the database still grants its 1 open streams here,"
+        " none closed"
+    ]
+    assert logged(log_events, "access revoked") == [
+        f"access revoked for {bob}: 1 open streams closed"
+    ]
+    # Alice's stream still works.
+    queue = own_server.config.rabbitmq_queue_name
+    await publish(rabbitmq_tls.amqp_port, queue, found_contract(alice))
+    event = await alices_tab.next_event()
+    assert json.loads(event["data"])["userid"] == alice
+    text = "\n".join(f"{formatEvent(event)} {event!r}" for event in log_events)
+    assert alice_token not in text and bob_token not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_truncating_users_closes_every_open_stream(
+    own_server: RunningServer, own_database: str, browser: Browser, log_events: list[LogEvent]
+) -> None:
+    tabs = []
+    for _ in range(3):
+        userid, token = add_local_subscriber(own_database)
+        tabs.append(await open_tab(own_server, browser, userid, token))
+
+    sql(own_database, "TRUNCATE users")
+
+    for tab in tabs:
+        await tab.closed.addTimeout(REVOCATION_SECONDS, reactor)
+    assert len(own_server.service.registry) == 0
+    assert logged(log_events, "re-checked") == [
+        "re-checked 3 open streams against PostgreSQL: 3 closed"
+    ]
+
+
+def allow_connections(database: str, allowed: bool) -> None:
+    sql("postgres", f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_revocation_missed_while_listen_was_down_is_enforced_after_it_reconnects(
+    own_server: RunningServer, own_database: str, browser: Browser, log_events: list[LogEvent]
+) -> None:
+    alice, alice_token = add_local_subscriber(own_database)
+    bob, bob_token = add_local_subscriber(own_database)
+    alices_tab = await open_tab(own_server, browser, alice, alice_token)
+    bobs_tab = await open_tab(own_server, browser, bob, bob_token)
+    revocations = own_server.service.revocations
+    assert revocations is not None
+    [backend] = listener_backends(own_database)
+
+    # The miss made certain: the LISTEN connection is killed and cannot come back (the
+    # server's pool stays connected) until Alice's row is deleted.
+    with closing(connect(own_database)) as held:
+        allow_connections(own_database, False)
+        try:
+            held.cursor().execute("SELECT pg_terminate_backend(%s)", (backend,))
+            await wait_for(
+                lambda: bool(logged(log_events, "cannot connect to PostgreSQL")),
+                "a refused reconnection",
+            )
+            assert not revocations.listening
+            held.cursor().execute("DELETE FROM users WHERE uuid = %s", (alice,))
+        finally:
+            allow_connections(own_database, True)
+
+    await alices_tab.closed.addTimeout(WAIT_SECONDS, reactor)
+    assert not bobs_tab.closed.called
+    assert logged(log_events, "access revoked") == [
+        f"access revoked for {alice}: 1 open streams closed"
+    ]
+    response = await browser.get(own_server.subscribe_url(new_uuid(), alice, alice_token))
+    assert response.code == 403
+    await browser.read_body(response)
+
+
+# --- the enforcer, unit level: outages, floods and batches on a Clock ---
+
+
+class ScriptedGrants:
+    """The database's answers to grant queries, given by the test one query at a time."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[list[tuple[str, str]], Deferred[set[tuple[str, str]]]]] = []
+
+    def __call__(self, pairs: Sequence[tuple[str, str]]) -> Deferred[set[tuple[str, str]]]:
+        answer: Deferred[set[tuple[str, str]]] = Deferred()
+        self.asked.append((list(pairs), answer))
+        return answer
+
+    def answer(self, granted: set[tuple[str, str]] | Exception) -> None:
+        """Answer the latest query."""
+        _, pending = self.asked[-1]
+        if isinstance(granted, Exception):
+            pending.errback(granted)
+        else:
+            pending.callback(granted)
+
+
+def enforcer_with_streams(
+    pairs: list[tuple[str, str]], batch_pairs: int = 500
+) -> tuple[RevocationEnforcer, ScriptedGrants, Clock, list[EventStream]]:
+    clock, registry, grants = Clock(), StreamRegistry(), ScriptedGrants()
+    cache = CachingAuthenticator(ImmediateAuthenticator(), clock, 10, 100)
+    enforcer = RevocationEnforcer(cache, registry, grants, clock, batch_pairs=batch_pairs)
+    enforcer.startService()
+    streams = []
+    for userid, nonce in pairs:
+        request = DummyRequest([b""])
+        request._disconnected = False
+        stream = EventStream(userid, new_uuid(), request, "c", 1000, nonce=nonce)
+        registry.add(stream)
+        request.notifyFinish().addBoth(lambda _, stream=stream: registry.remove(stream))
+        streams.append(stream)
+    return enforcer, grants, clock, streams
+
+
+def test_a_database_outage_keeps_the_streams_open_and_the_check_is_retried_later(
+    log_events: list[LogEvent],
+) -> None:
+    alice = (new_uuid(), new_token())
+    enforcer, grants, clock, [stream] = enforcer_with_streams([alice])
+    enforcer.revoke(alice[0])
+    grants.answer(BackendUnavailable("no live connection to PostgreSQL (reconnecting)"))
+    assert not stream.request.finished and len(grants.asked) == 1
+    assert any("they stay open; retrying in 1.0 s" in line for line in warnings_logged(log_events))
+    clock.advance(1)
+    assert len(grants.asked) == 2  # asked again
+    grants.answer(set())
+    assert stream.request.finished and enforcer.idle
+
+
+def test_a_flood_of_notifications_for_one_user_costs_one_more_query() -> None:
+    alice = (new_uuid(), new_token())
+    enforcer, grants, _, [stream] = enforcer_with_streams([alice])
+    for _ in range(1000):
+        enforcer.revoke(alice[0])
+    enforcer.revoke(new_uuid())  # a user with no stream here costs no query
+    assert enforcer.queries == 1
+    grants.answer({alice})
+    # Notifications that came while it was out may postdate its answer: one more check.
+    assert enforcer.queries == 2
+    grants.answer({alice})
+    assert enforcer.queries == 2 and enforcer.idle and not stream.request.finished
+
+
+def test_every_stream_is_checked_in_batches_and_only_the_ungranted_are_closed() -> None:
+    pairs = [(new_uuid(), new_token()) for _ in range(5)]
+    enforcer, grants, _, streams = enforcer_with_streams(pairs, batch_pairs=2)
+    enforcer.resynchronise()
+    for _ in range(3):
+        batch = grants.asked[-1][0]
+        grants.answer({pair for pair in batch if pair != pairs[3]})
+    assert [len(batch) for batch, _ in grants.asked] == [2, 2, 1]
+    assert [stream.request.finished for stream in streams] == [0, 0, 0, 1, 0]
+
+
+def test_an_outage_in_the_middle_of_a_round_keeps_what_was_closed_and_retries_the_rest(
+    log_events: list[LogEvent],
+) -> None:
+    alice, bob = (new_uuid(), new_token()), (new_uuid(), new_token())
+    enforcer, grants, clock, [alices, bobs] = enforcer_with_streams([alice, bob], batch_pairs=1)
+    enforcer.resynchronise()
+    grants.answer(set())  # Alice's pair is gone
+    grants.answer(BackendUnavailable("no answer within 2.0 seconds"))
+    assert alices.request.finished and not bobs.request.finished
+    assert [line for line in map(formatEvent, log_events) if "access revoked" in line] == [
+        f"access revoked for {alice[0]}: 1 open streams closed"
+    ]
+    clock.advance(1)
+    assert grants.asked[-1][0] == [bob]  # only what is still open
+    grants.answer({bob})
+    assert enforcer.idle and not bobs.request.finished

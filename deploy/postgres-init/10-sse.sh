@@ -1,7 +1,7 @@
 #!/bin/sh
 # Runs once, when the postgres container initialises an empty data volume (the image runs
 # every script in /docker-entrypoint-initdb.d): every schema file (the users table, the
-# revocation trigger) and a login role APP_DB_USER for the server that may only read. Its
+# revocation triggers) and a login role APP_DB_USER for the server that may only read. Its
 # password is the file APP_DB_PASSWORD_FILE names, without trailing newlines (as the
 # server reads it), and reaches psql through the environment, never its arguments (which
 # `ps` shows). With DEMO_USERID and DEMO_TOKEN set, also that subscriber (the compose
