@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from .interfaces import BackendUnavailable, IAuthenticator
+from .interfaces import BackendUnavailable
 
 __all__ = [
     "ConsumerCheck",
@@ -29,9 +29,6 @@ __all__ = [
     "PostgresCheck",
     "ReadinessResource",
 ]
-
-# A pair no subscriber has: the probe runs the subscribe query itself, whatever it answers.
-_PROBE_USERID = _PROBE_NONCE = "00000000-0000-0000-0000-000000000000"
 
 
 @dataclass(frozen=True)
@@ -49,6 +46,13 @@ class ReadinessCheck(Protocol):
     name: str
 
     def check(self) -> Deferred[DependencyState]: ...
+
+
+class _Probed(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    def probe(self) -> Deferred[bool]: ...
 
 
 class _ConsumerState(Protocol):
@@ -79,14 +83,16 @@ class PostgresCheck:
     Probes share one query while it runs, and an answer serves every probe for
     ``fresh_seconds``: however many probers there are (and the port is public), PostgreSQL
     sees at most about one probe query per ``fresh_seconds``. With no live connection the
-    answer is immediate and costs no query.
+    answer is immediate and costs no query. The probe goes ahead of the subscriber checks
+    waiting for a connection (L{PostgresAuthenticator.probe}), so that a flood of them does
+    not make a PostgreSQL that answers look down.
     """
 
     name = "postgres"
 
     def __init__(
         self,
-        authenticator: IAuthenticator,
+        authenticator: _Probed,
         clock: IReactorTime,
         timeout_seconds: float = 1.0,
         fresh_seconds: float = 1.0,
@@ -115,7 +121,7 @@ class PostgresCheck:
         return answer
 
     def _probe(self) -> None:
-        query = self._authenticator.is_subscriber(_PROBE_USERID, _PROBE_NONCE)
+        query = self._authenticator.probe()
         query.addTimeout(self._timeout_seconds, self._clock)
         states = query.addCallbacks(lambda _: DependencyState(True, "answering"), self._failed)
         states.addCallback(self._answered)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import re
 from typing import Any
 from uuid import uuid4
@@ -14,13 +15,15 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from ._admission import ChecksPerClient, RefusalLog
 from ._channel import limited_channel_protocol
+from ._client_address import Networks, client_address
 from ._framing import comment_frame, id_frame, retry_frame
 from ._logging import mask_subscribe_path
 from ._metrics import Metrics
 from ._replay import ReplayWindow
 from ._streams import EventStream, StreamRegistry
-from .interfaces import BackendUnavailable, IAuthenticator
+from .interfaces import BackendBusy, BackendUnavailable, IAuthenticator
 
 __all__ = ["EventStreamSite", "SubscribeResource", "TrackedRequest", "root_resource"]
 
@@ -31,10 +34,12 @@ _access = Logger(namespace="sse_twisted.access")
 
 
 class TrackedRequest(Request):
-    """A request with the correlation id and start time its log lines carry."""
+    """A request with the correlation id, start time and client address its log lines
+    carry."""
 
     correlation_id: str = ""
     started_at: float = 0.0
+    client: str = ""
 
 
 class EventStreamSite(Site):
@@ -52,9 +57,11 @@ class EventStreamSite(Site):
         reactor: IReactorTime,
         max_header_bytes: int = 8192,
         header_timeout: float = 10.0,
+        trusted_proxies: Networks = (),
     ) -> None:
         super().__init__(resource, requestFactory=TrackedRequest)
         self._clock = reactor
+        self._trusted_proxies = trusted_proxies
         self._max_header_bytes = max_header_bytes
         self._header_timeout = header_timeout
 
@@ -64,8 +71,10 @@ class EventStreamSite(Site):
         return limited_channel_protocol(self._max_header_bytes, self._header_timeout)
 
     def getResourceFor(self, request: Request) -> Resource:
-        """Stamp ``request`` with a correlation id and its start time, then route it."""
+        """Stamp ``request`` with a correlation id, its start time and its client address,
+        then route it."""
         assert isinstance(request, TrackedRequest)
+        request.client = client_address(request, self._trusted_proxies)
         given = request.getHeader(b"x-request-id")
         if given is not None and _REQUEST_ID.match(given):
             request.correlation_id = given.decode("ascii")
@@ -93,9 +102,14 @@ def access_log(clock: IReactorTime, request: Request, outcome: str) -> None:
         duration_ms=round((clock.seconds() - started_at) * 1000, 1),
         bytes=request.sentLength,
         protocol=request.clientproto.decode("latin-1"),
-        client=getattr(request.getClientAddress(), "host", None),
+        client=_client_of(request),
         correlation_id=correlation_id,
     )
+
+
+def _client_of(request: Request) -> str:
+    """The real client address stamped by L{EventStreamSite}, else the TCP peer."""
+    return getattr(request, "client", "") or str(getattr(request.getClientAddress(), "host", ""))
 
 
 def _plain(request: Request, status: int, reason: str) -> bytes:
@@ -159,6 +173,8 @@ class SubscribeResource(Resource):
         metrics: Metrics | None = None,
         max_streams_per_user: int = 16,
         max_streams: int = 50000,
+        max_checks_per_client: int = 4,
+        retry_jitter_milliseconds: int = 0,
     ) -> None:
         super().__init__()
         self._metrics = metrics if metrics is not None else Metrics()
@@ -171,6 +187,9 @@ class SubscribeResource(Resource):
         self._max_buffer_bytes = max_buffer_bytes
         self._max_streams_per_user = max_streams_per_user
         self._max_streams = max_streams
+        self._checks_per_client = ChecksPerClient(max_checks_per_client)
+        self._retry_jitter_milliseconds = retry_jitter_milliseconds
+        self._refusals = RefusalLog(reactor)
 
     def render(self, request: Request) -> bytes | int:
         """Dispatch by method; anything but GET and OPTIONS is 405."""
@@ -213,7 +232,17 @@ class SubscribeResource(Resource):
         # once it answered: other streams may have opened meanwhile.
         if self._refused_for_limits(request, userid):
             return NOT_DONE_YET
+        client = _client_of(request)
+        # A cached grant costs no query: only checks that may reach PostgreSQL are limited.
+        counted = not self._authenticator.is_cached(userid, nonce)
+        if counted and not self._checks_per_client.take(client):
+            self._come_back_later(
+                request, "too_many_checks", "too many subscriber checks from this address"
+            )
+            return NOT_DONE_YET
         checking = self._authenticator.is_subscriber(userid, nonce)
+        if counted:
+            checking.addBoth(self._check_over, client)
         finished = request.notifyFinish()
         finished.addErrback(self._client_left, checking)
         checking.addCallbacks(
@@ -247,6 +276,10 @@ class SubscribeResource(Resource):
         request.write(_plain(request, 429, reason))
         request.finish()
         return True
+
+    def _check_over(self, result: object, client: str) -> object:
+        self._checks_per_client.give_back(client)
+        return result
 
     def _client_left(self, reason: Failure, checking: Deferred[bool]) -> Failure | None:
         if checking.called:
@@ -318,20 +351,34 @@ class SubscribeResource(Resource):
 
     def _unavailable(self, reason: Failure, request: Request) -> None:
         reason.trap(BackendUnavailable)
+        if reason.check(BackendBusy):
+            self._come_back_later(request, "auth_queue_full", reason.getErrorMessage())
+            return
         self._metrics.subscribed("backend_unavailable")
         self.log.warn(
             "subscriber check unavailable, client asked to retry: {reason}",
             reason=reason.getErrorMessage(),
             correlation_id=getattr(request, "correlation_id", None),
         )
+        self._retry_later(request, "backend unavailable, retry", self._retry_milliseconds)
+
+    def _come_back_later(self, request: Request, outcome: str, reason: str) -> None:
+        """Refuse for load: counted as ``outcome``, logged as a summary, retried later."""
+        self._metrics.subscribed(outcome)
+        self._refusals.refused(
+            outcome, reason, _client_of(request), getattr(request, "correlation_id", None)
+        )
+        # The jitter spreads the comebacks of everyone refused in the same moment.
+        delay = self._retry_milliseconds + random.randint(0, self._retry_jitter_milliseconds)
+        self._retry_later(request, "server busy, retry", delay)
+
+    def _retry_later(self, request: Request, comment: str, delay_milliseconds: int) -> None:
         # EventSource never retries a non-200 answer; a 200 stream that ends at once
         # makes it come back after the retry delay.
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
-        request.write(
-            retry_frame(self._retry_milliseconds) + comment_frame("backend unavailable, retry")
-        )
+        request.write(retry_frame(delay_milliseconds) + comment_frame(comment))
         request.finish()
 
     def _unexpected(self, reason: Failure, request: Request) -> None:

@@ -165,6 +165,8 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
         metrics=metrics,
         max_streams_per_user=config.max_streams_per_user,
         max_streams=config.max_streams,
+        max_checks_per_client=config.max_auth_checks_per_client,
+        retry_jitter_milliseconds=config.reconnect_jitter_milliseconds,
     )
     root = root_resource(subscribe)
     root.putChild(b"healthz", LivenessResource())
@@ -179,6 +181,7 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
         reactor,
         max_header_bytes=config.max_header_bytes,
         header_timeout=config.header_timeout_seconds,
+        trusted_proxies=config.trusted_proxies,
     )
     # HTTP/2 drops every stream of a connection idle for Site.timeOut: heartbeats must
     # come well within it.

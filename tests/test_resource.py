@@ -44,6 +44,9 @@ class ScriptedAuthenticator:
             return fail(answer)
         return succeed(answer)
 
+    def is_cached(self, userid: str, nonce: str) -> bool:
+        return False
+
 
 def make_resource(
     authenticator: ScriptedAuthenticator, origins: tuple[str, ...] = ("*",)
