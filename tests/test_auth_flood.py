@@ -1,0 +1,252 @@
+"""A flood of made-up credentials against a real twistd, PostgreSQL and RabbitMQ.
+
+One client sends 5,000 subscribes with random credentials as fast as it can, 100 at once on
+each HTTP/2 connection, and abandons those not answered at once by dropping the connection,
+while 50 real users connect from other loopback addresses. Run with ``-s`` to see the measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h2.connection
+import h2.events
+import psycopg2
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+
+from tests.backends import Pki
+from tests.harness import (
+    Browser,
+    EventCollector,
+    add_local_subscriber,
+    bounded,
+    new_uuid,
+    spawn_twistd,
+    wait_for,
+)
+
+FLOOD = 5000
+REAL_USERS = 50
+POOL_SIZE = 4
+# "Within a few seconds", on a shared two-core machine.
+STREAMING_WITHIN_SECONDS = 5.0
+# Subscribes sent at once on one connection: the server allows 100 streams at once.
+BATCH = 100
+
+
+@dataclass
+class FloodReport:
+    """What the flooding client saw."""
+
+    sent: int = 0
+    answered: int = 0
+    seconds: float = 0.0
+    terminated: bool = False
+
+
+def _flood(port: int, ca: Path, total: int, under_way: Callable[[], None]) -> FloodReport:
+    """Send ``total`` subscribes with random credentials, ``BATCH`` at once on each HTTP/2
+    connection; once the server has read a batch (it answers a PING sent after it), drop
+    the connection: every check of the batch still waiting is abandoned."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2"])
+    report = FloodReport()
+    began = time.monotonic()
+    for first in range(0, total, BATCH):
+        raw = socket.create_connection(("127.0.0.1", port))
+        with context.wrap_socket(raw, server_hostname="localhost") as connection:
+            client = h2.connection.H2Connection()
+            client.initiate_connection()
+            batch = range(first, min(total, first + BATCH))
+            for number in batch:
+                path = f"/subscribe/{new_uuid()}/{new_uuid()}/{new_uuid()}"
+                headers = [
+                    (":method", "GET"),
+                    (":path", path),
+                    (":scheme", "https"),
+                    (":authority", "localhost"),
+                ]
+                client.send_headers(2 * number + 1, headers, end_stream=True)
+            client.ping(b"batchend")
+            connection.sendall(client.data_to_send())
+            connection.settimeout(30)
+            _read_until_ping_answered(connection, client, report)
+            report.sent += len(batch)
+        if report.terminated:
+            break
+        if first == 10 * BATCH:
+            under_way()
+    report.seconds = time.monotonic() - began
+    return report
+
+
+def _read_until_ping_answered(
+    connection: ssl.SSLSocket, client: h2.connection.H2Connection, report: FloodReport
+) -> None:
+    while True:
+        data = connection.recv(65536)
+        if not data:
+            report.terminated = True
+            return
+        for event in client.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                report.answered += 1
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                report.terminated = True
+                return
+            elif isinstance(event, h2.events.PingAckReceived):
+                return
+        connection.sendall(client.data_to_send())
+
+
+@dataclass
+class QueryWatch:
+    """The most queries PostgreSQL ran at once for one database, sampled from another
+    connection until stopped."""
+
+    database: str
+    most: int = 0
+    samples: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        connection = psycopg2.connect(host="127.0.0.1", user="postgres", dbname=self.database)
+        connection.autocommit = True
+        try:
+            with connection.cursor() as cursor:
+                while not self.stop.wait(0.002):
+                    cursor.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                        " AND state = 'active' AND pid <> pg_backend_pid()",
+                        (self.database,),
+                    )
+                    self.most = max(self.most, cursor.fetchone()[0])
+                    self.samples += 1
+        finally:
+            connection.close()
+
+
+def _queries_run(database: str) -> int:
+    """Transactions committed in ``database`` (each subscriber query is one)."""
+    with (
+        psycopg2.connect(host="127.0.0.1", user="postgres", dbname=database) as connection,
+        connection.cursor() as cursor,
+    ):
+        cursor.execute("SELECT pg_stat_force_next_flush()")
+        cursor.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (database,))
+        return int(cursor.fetchone()[0])
+
+
+async def _readiness(browser: Browser, url: str, done: Deferred[None]) -> list[tuple[int, float]]:
+    """Poll ``url`` until ``done`` fires: each status and how long it took."""
+    answers = []
+    while not done.called:
+        started = reactor.seconds()
+        response = await browser.get(url)
+        await browser.read_body(response)
+        answers.append((response.code, reactor.seconds() - started))
+        await deferLater(reactor, 0.1, lambda: None)
+    return answers
+
+
+async def _real_user(pki: Pki, number: int, url: str) -> tuple[float, Browser, EventCollector]:
+    """Connect from 127.0.0.<number + 2>; seconds until the stream is open (inf if the
+    server ended it instead)."""
+    browser = Browser(pki.ca_certificate, source_address=f"127.0.0.{number + 2}")
+    started = reactor.seconds()
+    response, tab = await browser.open(url)
+    assert response.code == 200
+    await wait_for(lambda: "connected" in tab.parser.comments or tab.closed.called, url)
+    streaming = "connected" in tab.parser.comments
+    return (reactor.seconds() - started if streaming else float("inf")), browser, tab
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_of_random_credentials_leaves_real_users_streaming_and_readiness_up(
+    tmp_path: Path,
+    plaintext_environ: dict[str, str],
+    local_database: dict[str, str],
+    pki: Pki,
+    browser: Browser,
+) -> None:
+    database = local_database["SSE_POSTGRES_DB_NAME"]
+    users = [add_local_subscriber(database) for _ in range(REAL_USERS)]
+    environ = {**plaintext_environ, "SSE_POSTGRES_POOL_SIZE": str(POOL_SIZE)}
+    process, transport = spawn_twistd(environ, tmp_path)
+    users_in: list[tuple[float, Browser, EventCollector]] = []
+    try:
+        port = await bounded(process.port, 30)
+        await bounded(process.consuming, 30)
+        base = f"https://localhost:{port}"
+        watch = QueryWatch(database)
+        watching = deferToThread(watch.run)
+        queries_before = await deferToThread(_queries_run, database)
+        flood_done: Deferred[None] = Deferred()
+        polling = Deferred.fromCoroutine(_readiness(browser, f"{base}/readyz", flood_done))
+        under_way: Deferred[None] = Deferred()
+        flooding = deferToThread(
+            _flood,
+            port,
+            pki.ca_certificate,
+            FLOOD,
+            lambda: reactor.callFromThread(under_way.callback, None),
+        )
+        await bounded(under_way, 60)
+        topic = new_uuid()
+        users_in = await bounded(
+            gatherResults(
+                [
+                    Deferred.fromCoroutine(
+                        _real_user(pki, number, f"{base}/subscribe/{topic}/{userid}/{token}")
+                    )
+                    for number, (userid, token) in enumerate(users)
+                ]
+            ),
+            60,
+        )
+        report = await bounded(flooding, 120)
+        flood_done.callback(None)
+        readiness = await bounded(polling, 30)
+        watch.stop.set()
+        await bounded(watching, 10)
+        queries = await deferToThread(_queries_run, database) - queries_before
+    finally:
+        transport.signalProcess("TERM")
+        await bounded(process.ended, 30)
+        for _, user_browser, _ in users_in:
+            await user_browser.close_all()
+    waits = sorted(seconds for seconds, _, _ in users_in)
+    print(
+        json.dumps(
+            {
+                "flood_sent": report.sent,
+                "flood_answered_at_once": report.answered,
+                "flood_seconds": round(report.seconds, 2),
+                "queries_run": queries,
+                "most_concurrent_queries": watch.most,
+                "query_samples": watch.samples,
+                "real_users_streaming_within_seconds": {
+                    "median": waits[len(waits) // 2],
+                    "max": waits[-1],
+                },
+                "readyz": [code for code, _ in readiness].count(200),
+                "readyz_not_200": [code for code, _ in readiness if code != 200],
+                "readyz_slowest_seconds": round(max(seconds for _, seconds in readiness), 2),
+            }
+        )
+    )
+    assert report.sent == FLOOD and not report.terminated
+    assert waits[-1] <= STREAMING_WITHIN_SECONDS
+    assert readiness and all(code == 200 for code, _ in readiness)
+    assert watch.samples > 0 and watch.most <= POOL_SIZE
