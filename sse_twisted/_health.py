@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -122,12 +121,18 @@ class PostgresCheck:
 
     def _probe(self) -> None:
         query = self._authenticator.probe()
-        query.addTimeout(self._timeout_seconds, self._clock)
+        # A reactor busy with a burst of requests may read an answer that came in time
+        # only after the deadline has passed: it gets one more turn, which reads whatever
+        # arrived, before the probe counts as unanswered.
+        deadline = self._clock.callLater(
+            self._timeout_seconds, self._clock.callLater, 0, _give_up, query
+        )
+        query.addBoth(_stop, deadline)
         states = query.addCallbacks(lambda _: DependencyState(True, "answering"), self._failed)
         states.addCallback(self._answered)
 
     def _failed(self, reason: Failure) -> DependencyState:
-        if reason.check(DeferredTimeoutError):
+        if reason.check(CancelledError):
             return DependencyState(
                 False, "not answering", f"no answer within {self._timeout_seconds} seconds"
             )
@@ -140,6 +145,17 @@ class PostgresCheck:
         waiting, self._waiting = self._waiting or [], None
         for answer in waiting:
             answer.callback(state)
+
+
+def _give_up(query: Deferred[bool]) -> None:
+    if not query.called:
+        query.cancel()
+
+
+def _stop(result: object, deadline: IDelayedCall) -> object:
+    if deadline.active():
+        deadline.cancel()
+    return result
 
 
 def _no_store(request: Request, status: int, content_type: bytes) -> None:

@@ -40,6 +40,8 @@ class TrackedRequest(Request):
     correlation_id: str = ""
     started_at: float = 0.0
     client: str = ""
+    # False for a refusal under load: those are summarised, not logged one by one.
+    access_logged: bool = True
 
 
 class EventStreamSite(Site):
@@ -86,7 +88,8 @@ class EventStreamSite(Site):
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         """One access-log line per finished request; the token in the path is masked."""
-        access_log(self._clock, request, "request finished")
+        if getattr(request, "access_logged", True):
+            access_log(self._clock, request, "request finished")
 
 
 def access_log(clock: IReactorTime, request: Request, outcome: str) -> None:
@@ -363,8 +366,11 @@ class SubscribeResource(Resource):
         self._retry_later(request, "backend unavailable, retry", self._retry_milliseconds)
 
     def _come_back_later(self, request: Request, outcome: str, reason: str) -> None:
-        """Refuse for load: counted as ``outcome``, logged as a summary, retried later."""
+        """Refuse for load: counted as ``outcome``, logged as a summary (no access line: a
+        flood would flood the log), retried later."""
         self._metrics.subscribed(outcome)
+        if isinstance(request, TrackedRequest):
+            request.access_logged = False
         self._refusals.refused(
             outcome, reason, _client_of(request), getattr(request, "correlation_id", None)
         )

@@ -13,8 +13,10 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h2.connection
 import h2.events
@@ -39,8 +41,9 @@ from tests.harness import (
 FLOOD = 5000
 REAL_USERS = 50
 POOL_SIZE = 4
-# "Within a few seconds", on a shared two-core machine.
-STREAMING_WITHIN_SECONDS = 5.0
+# "Within a few seconds": the server spends about 1.5 s of CPU on the burst of refusals
+# (mostly Twisted's HTTP/2 code) on an idle two-core machine, up to 5 s on a busy shared one.
+STREAMING_WITHIN_SECONDS = 8.0
 # Subscribes sent at once on one connection: the server allows 100 streams at once.
 BATCH = 100
 
@@ -113,10 +116,21 @@ def _read_until_ping_answered(
         connection.sendall(client.data_to_send())
 
 
+def _sessions(cursor: Any, database: str) -> frozenset[int]:
+    """The server processes of the sessions open in ``database``."""
+    cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,))
+    return frozenset(pid for (pid,) in cursor.fetchall())
+
+
+def _sessions_now(database: str) -> frozenset[int]:
+    with closing(psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")) as db:
+        return _sessions(db.cursor(), database)
+
+
 @dataclass
 class QueryWatch:
-    """The most queries PostgreSQL ran at once for one database, sampled from another
-    connection until stopped."""
+    """The most queries PostgreSQL ran at once for one database, sampled until stopped
+    from a connection to another database (so that its own queries are not counted)."""
 
     database: str
     most: int = 0
@@ -124,7 +138,7 @@ class QueryWatch:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
-        connection = psycopg2.connect(host="127.0.0.1", user="postgres", dbname=self.database)
+        connection = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
         connection.autocommit = True
         try:
             with connection.cursor() as cursor:
@@ -140,25 +154,37 @@ class QueryWatch:
             connection.close()
 
 
-def _queries_run(database: str) -> int:
-    """Transactions committed in ``database`` (each subscriber query is one)."""
-    with (
-        psycopg2.connect(host="127.0.0.1", user="postgres", dbname=database) as connection,
-        connection.cursor() as cursor,
-    ):
-        cursor.execute("SELECT pg_stat_force_next_flush()")
-        cursor.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (database,))
-        return int(cursor.fetchone()[0])
+def _queries_run(database: str, sessions_before: frozenset[int]) -> int:
+    """Transactions committed in ``database`` (each subscriber query is one), once only
+    the sessions of ``sessions_before`` are left: a session's counts are published when
+    it ends."""
+    connection = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if _sessions(cursor, database) <= sessions_before:
+                    break
+                time.sleep(0.02)
+            cursor.execute(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (database,)
+            )
+            return int(cursor.fetchone()[0])
+    finally:
+        connection.close()
 
 
-async def _readiness(browser: Browser, url: str, done: Deferred[None]) -> list[tuple[int, float]]:
-    """Poll ``url`` until ``done`` fires: each status and how long it took."""
+async def _readiness(
+    browser: Browser, url: str, done: Deferred[None]
+) -> list[tuple[int, float, bytes]]:
+    """Poll ``url`` until ``done`` fires: each status, how long it took and the body."""
     answers = []
     while not done.called:
         started = reactor.seconds()
         response = await browser.get(url)
-        await browser.read_body(response)
-        answers.append((response.code, reactor.seconds() - started))
+        body = await browser.read_body(response)
+        answers.append((response.code, reactor.seconds() - started, body))
         await deferLater(reactor, 0.1, lambda: None)
     return answers
 
@@ -185,16 +211,17 @@ async def test_a_flood_of_random_credentials_leaves_real_users_streaming_and_rea
 ) -> None:
     database = local_database["SSE_POSTGRES_DB_NAME"]
     users = [add_local_subscriber(database) for _ in range(REAL_USERS)]
+    sessions_before = await deferToThread(_sessions_now, database)
+    queries_before = await deferToThread(_queries_run, database, sessions_before)
     environ = {**plaintext_environ, "SSE_POSTGRES_POOL_SIZE": str(POOL_SIZE)}
     process, transport = spawn_twistd(environ, tmp_path)
+    watch = QueryWatch(database)
+    watching = deferToThread(watch.run)
     users_in: list[tuple[float, Browser, EventCollector]] = []
     try:
         port = await bounded(process.port, 30)
         await bounded(process.consuming, 30)
         base = f"https://localhost:{port}"
-        watch = QueryWatch(database)
-        watching = deferToThread(watch.run)
-        queries_before = await deferToThread(_queries_run, database)
         flood_done: Deferred[None] = Deferred()
         polling = Deferred.fromCoroutine(_readiness(browser, f"{base}/readyz", flood_done))
         under_way: Deferred[None] = Deferred()
@@ -221,14 +248,14 @@ async def test_a_flood_of_random_credentials_leaves_real_users_streaming_and_rea
         report = await bounded(flooding, 120)
         flood_done.callback(None)
         readiness = await bounded(polling, 30)
+    finally:
         watch.stop.set()
         await bounded(watching, 10)
-        queries = await deferToThread(_queries_run, database) - queries_before
-    finally:
         transport.signalProcess("TERM")
         await bounded(process.ended, 30)
         for _, user_browser, _ in users_in:
             await user_browser.close_all()
+    queries = await deferToThread(_queries_run, database, sessions_before) - queries_before
     waits = sorted(seconds for seconds, _, _ in users_in)
     print(
         json.dumps(
@@ -239,16 +266,19 @@ async def test_a_flood_of_random_credentials_leaves_real_users_streaming_and_rea
                 "most_concurrent_queries": watch.most,
                 "query_samples": watch.samples,
                 "real_users_streaming_within_seconds": {
-                    "median": waits[len(waits) // 2],
-                    "max": waits[-1],
+                    "median": round(waits[len(waits) // 2], 2),
+                    "max": round(waits[-1], 2),
                 },
-                "readyz": [code for code, _ in readiness].count(200),
-                "readyz_not_200": [code for code, _ in readiness if code != 200],
-                "readyz_slowest_seconds": round(max(seconds for _, seconds in readiness), 2),
+                "readyz_200": [code for code, _, _ in readiness].count(200),
+                "readyz_not_200": [body.decode() for code, _, body in readiness if code != 200],
+                "readyz_slowest_seconds": round(max(seconds for _, seconds, _ in readiness), 2),
             }
         )
     )
     assert report.sent == FLOOD and not report.terminated
     assert waits[-1] <= STREAMING_WITHIN_SECONDS
-    assert readiness and all(code == 200 for code, _ in readiness)
+    assert readiness and all(code == 200 for code, _, _ in readiness)
     assert watch.samples > 0 and watch.most <= POOL_SIZE
+    # Abandoned checks never reach PostgreSQL: what the flood costs is a few checks per
+    # connection (those admitted before it dropped), not one per subscribe.
+    assert queries < FLOOD // 5
