@@ -39,7 +39,8 @@ class TrackedRequest(Request):
 
     correlation_id: str = ""
     started_at: float = 0.0
-    client: str = ""
+    # The real client address (Request.client is Twisted's peer address).
+    client_host: str = ""
     # False for a refusal under load: those are summarised, not logged one by one.
     access_logged: bool = True
 
@@ -76,7 +77,7 @@ class EventStreamSite(Site):
         """Stamp ``request`` with a correlation id, its start time and its client address,
         then route it."""
         assert isinstance(request, TrackedRequest)
-        request.client = client_address(request, self._trusted_proxies)
+        request.client_host = client_address(request, self._trusted_proxies)
         given = request.getHeader(b"x-request-id")
         if given is not None and _REQUEST_ID.match(given):
             request.correlation_id = given.decode("ascii")
@@ -112,7 +113,9 @@ def access_log(clock: IReactorTime, request: Request, outcome: str) -> None:
 
 def _client_of(request: Request) -> str:
     """The real client address stamped by L{EventStreamSite}, else the TCP peer."""
-    return getattr(request, "client", "") or str(getattr(request.getClientAddress(), "host", ""))
+    return getattr(request, "client_host", "") or str(
+        getattr(request.getClientAddress(), "host", "")
+    )
 
 
 def _plain(request: Request, status: int, reason: str) -> bytes:
