@@ -291,6 +291,11 @@ class PostgresAuthenticator(Service):
         return self._pool.alive
 
     @property
+    def live_connections(self) -> int:
+        """How many pool connections are alive."""
+        return sum(connection.alive for connection in self._connections)
+
+    @property
     def waiting(self) -> int:
         """How many subscriber checks wait for a free connection now."""
         return len(self._pool.line)
