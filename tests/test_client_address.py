@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterator
+from typing import cast
 
 import pytest
+import pytest_twisted
 from twisted.internet.address import IPv4Address
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.web.test.requesthelper import DummyRequest
 
 from sse_twisted._client_address import client_address, forwarded_client
+from tests.harness import Browser, start_server
 
 PROXIES = (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("fd00::/64"))
 
@@ -62,3 +67,34 @@ def test_the_client_is_the_right_most_untrusted_forwarded_address(
     peer: str, x_forwarded_for: list[bytes] | None, forwarded: list[bytes] | None, client: str
 ) -> None:
     assert forwarded_client(peer, x_forwarded_for, forwarded, PROXIES) == client
+
+
+@pytest.fixture
+def log_events() -> Iterator[list[LogEvent]]:
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    yield events
+    globalLogPublisher.removeObserver(observer)
+
+
+@pytest.mark.parametrize(
+    ("trusted_proxies", "client"), [("127.0.0.0/8", "203.0.113.9"), ("", "127.0.0.1")]
+)
+@pytest_twisted.ensureDeferred
+async def test_the_access_log_names_the_forwarded_client_only_behind_a_trusted_proxy(
+    plaintext_environ: dict[str, str],
+    browser: Browser,
+    log_events: list[LogEvent],
+    trusted_proxies: str,
+    client: str,
+) -> None:
+    server = await start_server({**plaintext_environ, "SSE_TRUSTED_PROXIES": trusted_proxies})
+    try:
+        forwarded = {b"x-forwarded-for": [b"198.51.100.1, 203.0.113.9"]}
+        response = await browser.get(f"{server.base_url}/subscribe/not-a-topic", forwarded)
+        await browser.read_body(response)
+    finally:
+        await server.stop()
+    access = [event for event in log_events if event["log_namespace"] == "sse_twisted.access"]
+    assert [(event["status"], event["client"]) for event in access] == [(400, client)]
