@@ -12,6 +12,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -24,8 +25,10 @@ import psycopg2
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.protocols import portforward
 
 from tests.backends import Pki
 from tests.harness import (
@@ -46,6 +49,48 @@ POOL_SIZE = 4
 STREAMING_WITHIN_SECONDS = 8.0
 # Subscribes sent at once on one connection: the server allows 100 streams at once.
 BATCH = 100
+# PostgreSQL is reached through a proxy adding this much each way: a database on another
+# host (a 4 ms round trip), instead of one on the same machine answering in microseconds.
+LINK_DELAY_SECONDS = 0.002
+
+
+class _LaggingLink:
+    """Forwards one direction of a TCP link after ``LINK_DELAY_SECONDS``, in order."""
+
+    def __init__(self) -> None:
+        self._due: deque[tuple[float, bytes]] = deque()
+        self._timer: Any = None
+
+    def forward(self, transport: Any, data: bytes) -> None:
+        self._due.append((reactor.seconds() + LINK_DELAY_SECONDS, data))
+        if self._timer is None:
+            self._timer = reactor.callLater(LINK_DELAY_SECONDS, self._flush, transport)
+
+    def _flush(self, transport: Any) -> None:
+        self._timer = None
+        now = reactor.seconds()
+        while self._due and self._due[0][0] <= now:
+            transport.write(self._due.popleft()[1])
+        if self._due:
+            self._timer = reactor.callLater(self._due[0][0] - now, self._flush, transport)
+
+
+class _LaggingClient(portforward.ProxyClient):
+    def dataReceived(self, data: bytes) -> None:
+        self.link = getattr(self, "link", None) or _LaggingLink()
+        self.link.forward(self.peer.transport, data)
+
+
+class _LaggingClientFactory(portforward.ProxyClientFactory):
+    protocol = _LaggingClient
+
+
+class _LaggingServer(portforward.ProxyServer):
+    clientProtocolFactory = _LaggingClientFactory
+
+    def dataReceived(self, data: bytes) -> None:
+        self.link = getattr(self, "link", None) or _LaggingLink()
+        self.link.forward(self.peer.transport, data)
 
 
 @dataclass
@@ -213,7 +258,14 @@ async def test_a_flood_of_random_credentials_leaves_real_users_streaming_and_rea
     users = [add_local_subscriber(database) for _ in range(REAL_USERS)]
     sessions_before = await deferToThread(_sessions_now, database)
     queries_before = await deferToThread(_queries_run, database, sessions_before)
-    environ = {**plaintext_environ, "SSE_POSTGRES_POOL_SIZE": str(POOL_SIZE)}
+    factory = portforward.ProxyFactory("127.0.0.1", int(local_database["SSE_POSTGRES_PORT"]))
+    factory.protocol = _LaggingServer
+    link = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    environ = {
+        **plaintext_environ,
+        "SSE_POSTGRES_PORT": str(link.getHost().port),
+        "SSE_POSTGRES_POOL_SIZE": str(POOL_SIZE),
+    }
     process, transport = spawn_twistd(environ, tmp_path)
     watch = QueryWatch(database)
     watching = deferToThread(watch.run)
@@ -255,6 +307,7 @@ async def test_a_flood_of_random_credentials_leaves_real_users_streaming_and_rea
         await bounded(process.ended, 30)
         for _, user_browser, _ in users_in:
             await user_browser.close_all()
+        await link.stopListening()
     queries = await deferToThread(_queries_run, database, sessions_before) - queries_before
     waits = sorted(seconds for seconds, _, _ in users_in)
     print(
