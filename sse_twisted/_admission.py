@@ -20,10 +20,6 @@ class ChecksPerClient:
         """How many addresses have a check in flight."""
         return len(self._in_flight)
 
-    def in_flight(self, client: str) -> int:
-        """How many checks ``client`` has in flight."""
-        return self._in_flight.get(client, 0)
-
     def take(self, client: str) -> bool:
         """Count one more check for ``client``; False (and nothing counted) at the limit."""
         count = self._in_flight.get(client, 0)
