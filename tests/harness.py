@@ -303,6 +303,16 @@ def add_local_subscriber(database: str) -> tuple[str, str]:
     return userid, token
 
 
+def delete_local_queue(queue: str) -> None:
+    """Delete ``queue`` from the machine's own RabbitMQ: every stream queue holds open files,
+    and a broker out of them stops for every test on the machine."""
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
+    try:
+        connection.channel().queue_delete(queue)
+    finally:
+        connection.close()
+
+
 def found_contract(userid: str, **extra: Any) -> dict[str, Any]:
     """The example message of the issue, for ``userid``."""
     return {

@@ -36,6 +36,7 @@ from tests.harness import (
     EventCollector,
     add_local_subscriber,
     bounded,
+    delete_local_queue,
     new_uuid,
     spawn_twistd,
     wait_for,
@@ -308,6 +309,7 @@ async def test_a_flood_of_random_credentials_leaves_real_users_streaming_and_rea
         for _, user_browser, _ in users_in:
             await user_browser.close_all()
         await link.stopListening()
+        await deferToThread(delete_local_queue, plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"])
     queries = await deferToThread(_queries_run, database, sessions_before) - queries_before
     waits = sorted(seconds for seconds, _, _ in users_in)
     print(

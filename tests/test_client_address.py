@@ -9,11 +9,12 @@ from typing import cast
 import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address
+from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.web.test.requesthelper import DummyRequest
 
 from sse_twisted._client_address import client_address, forwarded_client
-from tests.harness import Browser, start_server
+from tests.harness import Browser, delete_local_queue, start_server
 
 PROXIES = (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("fd00::/64"))
 
@@ -96,5 +97,6 @@ async def test_the_access_log_names_the_forwarded_client_only_behind_a_trusted_p
         await browser.read_body(response)
     finally:
         await server.stop()
+        await deferToThread(delete_local_queue, plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"])
     access = [event for event in log_events if event["log_namespace"] == "sse_twisted.access"]
     assert [(event["status"], event["client"]) for event in access] == [(400, client)]

@@ -21,6 +21,7 @@ from tests.harness import (
     Browser,
     add_local_subscriber,
     bounded,
+    delete_local_queue,
     found_contract,
     new_uuid,
     publish,
@@ -155,15 +156,7 @@ async def test_twistd_serves_a_stream_with_the_local_plaintext_backends_and_stop
     log_file = (tmp_path / "logs" / "sse.log").read_bytes()
     assert log_file.count(b"\n") == len(process.lines)
     assert token.encode() not in log_file
-    _delete_queue(queue)
-
-
-def _delete_queue(queue: str) -> None:
-    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
-    try:
-        connection.channel().queue_delete(queue)
-    finally:
-        connection.close()
+    delete_local_queue(queue)
 
 
 @pytest_twisted.ensureDeferred
@@ -178,7 +171,7 @@ async def test_a_queue_that_exists_as_a_classic_queue_stops_start_up(
         process, _transport = spawn_twistd(plaintext_environ, tmp_path)
         exit_code, _ = await bounded(process.ended, 60)
     finally:
-        _delete_queue(queue)
+        delete_local_queue(queue)
     assert exit_code == 1
     critical = [line for line in process.lines if line["@level"] == "critical"]
     assert len(critical) == 1
