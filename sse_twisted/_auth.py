@@ -27,9 +27,10 @@ from txpostgres.retrying import simpleBackoffIterator
 from txpostgres.txpostgres import Connection, ConnectionPool
 from zope.interface import implementer
 
+from ._check_line import CheckLine
 from ._config import Config
 from ._tls import POSTGRES_CA_FILE
-from .interfaces import BackendUnavailable, IAuthenticator
+from .interfaces import BackendBusy, BackendUnavailable, IAuthenticator
 
 __all__ = ["PostgresAuthenticator"]
 
@@ -39,6 +40,8 @@ _GRANTED_QUERY = (
     "SELECT uuid, sse_token FROM users WHERE (uuid, sse_token) IN "
     "(SELECT * FROM unnest(%s::varchar[], %s::varchar[]))"
 )
+# A pair no subscriber has: the readiness probe runs the subscribe query, whatever it answers.
+_PROBE_USERID = _PROBE_NONCE = "00000000-0000-0000-0000-000000000000"
 _VERIFYING_SSLMODES = ("verify-ca", "verify-full")
 _MASK = "****"
 
@@ -186,9 +189,12 @@ class _ReconnectingConnection(Connection):
 
 
 class _LiveConnectionPool(ConnectionPool):
-    """A txpostgres pool of reconnecting connections that queries only live ones."""
+    """A txpostgres pool of reconnecting connections that queries only live ones, through
+    a bounded L{CheckLine} instead of txpostgres's unbounded queue."""
 
-    def __init__(self, reactor: Any, size: int, connect_timeout_seconds: float) -> None:
+    def __init__(
+        self, reactor: Any, size: int, connect_timeout_seconds: float, max_waiting: int
+    ) -> None:
         # Both set before ConnectionPool.__init__, which builds the connections, and imports the
         # global reactor when it has none.
         self.reactor = reactor
@@ -196,18 +202,70 @@ class _LiveConnectionPool(ConnectionPool):
             _ReconnectingConnection, connect_timeout_seconds=connect_timeout_seconds
         )
         super().__init__(None, min=size)
+        # txpostgres's own set holds only the idle connections.
+        self.all_connections: list[_ReconnectingConnection] = list(self.connections)
+        self.line: CheckLine[_ReconnectingConnection] = CheckLine(max_waiting)
         self.queries_sent = 0
+        self._dispatching = False
 
-    def _runQuery(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        # txpostgres takes any idle connection, but a dead one fails the query, and one still
-        # connecting fails it too and makes the detector restart the connect.
-        connection = next((each for each in self.connections if each.alive), None)
-        if connection is None:
+    @property
+    def alive(self) -> bool:
+        """True while at least one connection is alive."""
+        return any(connection.alive for connection in self.all_connections)
+
+    def run_query(
+        self, query: str, parameters: tuple[Any, ...], first: bool = False
+    ) -> Deferred[Any]:
+        """Send ``query`` on an idle live connection, or once one is free.
+
+        Fails at once with L{ConnectionDead} when no connection is alive, and with
+        L{BackendBusy} when the line is full (``first`` jumps the line, see L{CheckLine}).
+        Cancelling a query still waiting withdraws it; cancelling one sent only stops the
+        wait, and its result is dropped.
+        """
+        if not self.alive:
             return fail(ConnectionDead())
+        turn = self.line.wait(first)
+        turn.addCallback(self._send, query, parameters)
+        self._dispatch()
+        return turn
+
+    def _send(
+        self, connection: _ReconnectingConnection, query: str, parameters: tuple[Any, ...]
+    ) -> Deferred[Any]:
         self.connections.remove(connection)
         self.queries_sent += 1
-        query: Deferred[Any] = connection.runQuery(*args, **kwargs)
-        return query.addBoth(self._putBackAndPassthrough, connection)
+        sent: Deferred[Any] = connection.runQuery(query, parameters)
+        sent.addBoth(self._returned, connection)
+        # Waiting happens on a Deferred without canceller, which swallows the query's late
+        # result: cancelling the query itself raises txpostgres's _CancelInProgress out of
+        # Deferred.cancel() and blocks the reactor in libpq's PQcancel.
+        answer: Deferred[Any] = Deferred()
+        sent.chainDeferred(answer)
+        return answer
+
+    def _returned(self, result: object, connection: _ReconnectingConnection) -> object:
+        self.connections.add(connection)
+        self._dispatch()
+        return result
+
+    def _dispatch(self) -> None:
+        """Hand idle live connections to the waiting checks, oldest first."""
+        if self._dispatching:
+            return  # a query that failed at once re-enters from _returned: the loop goes on
+        self._dispatching = True
+        try:
+            while self.line:
+                # txpostgres takes any idle connection, but a dead one fails the query, and
+                # one still connecting fails it too and makes the detector restart the connect.
+                idle = next((each for each in self.connections if each.alive), None)
+                if idle is None:
+                    if not self.alive:
+                        self.line.fail_all(ConnectionDead())
+                    break
+                self.line.hand_over(idle)
+        finally:
+            self._dispatching = False
 
 
 @implementer(IAuthenticator)
@@ -225,15 +283,27 @@ class PostgresAuthenticator(Service):
         self._config = config
         self._reactor = reactor
         self._pool = _LiveConnectionPool(
-            reactor, config.postgres_pool_size, config.postgres_timeout_seconds
+            reactor,
+            config.postgres_pool_size,
+            config.postgres_timeout_seconds,
+            config.max_pending_auth_checks,
         )
-        # The pool's own set holds only idle connections.
-        self._connections: list[_ReconnectingConnection] = list(self._pool.connections)
+        self._connections = self._pool.all_connections
 
     @property
     def connected(self) -> bool:
         """True while at least one pool connection is alive."""
-        return any(connection.alive for connection in self._connections)
+        return self._pool.alive
+
+    @property
+    def live_connections(self) -> int:
+        """How many pool connections are alive."""
+        return sum(connection.alive for connection in self._connections)
+
+    @property
+    def waiting(self) -> int:
+        """How many subscriber checks wait for a free connection now."""
+        return len(self._pool.line)
 
     @property
     def queries(self) -> int:
@@ -255,23 +325,33 @@ class PostgresAuthenticator(Service):
         return succeed(None)
 
     def is_subscriber(self, userid: str, nonce: str) -> Deferred[bool]:
-        """Fire with whether the pair is in ``users``, or fail with L{BackendUnavailable}.
+        """Fire with whether the pair is in ``users``, or fail with L{BackendUnavailable}
+        (L{BackendBusy} when ``max_pending_auth_checks`` checks wait already).
 
-        Cancelling stops the wait with L{CancelledError}; the query, if sent, finishes in the
-        background and its result is dropped.
+        The wait for a free connection and the query together last at most
+        ``postgres_timeout_seconds``. Cancelling (or that timeout) withdraws a check still
+        waiting; a query already sent finishes in the background and its result is dropped.
         """
-        query = self._pool.runQuery(_SUBSCRIBER_QUERY, (userid, nonce))
-        # Waiting happens on a Deferred without canceller, which swallows the query's late
-        # result: cancelling the query itself raises txpostgres's _CancelInProgress out of
-        # Deferred.cancel() and blocks the reactor in libpq's PQcancel.
-        answer: Deferred[Any] = Deferred()
-        query.chainDeferred(answer)
+        return self._ask(userid, nonce, first=False)
+
+    def is_cached(self, userid: str, nonce: str) -> bool:
+        """Never: every check asks PostgreSQL."""
+        return False
+
+    def probe(self) -> Deferred[bool]:
+        """Run the subscribe query (for a pair no subscriber has) ahead of every waiting
+        check: readiness asks whether PostgreSQL answers, not how long the line is."""
+        return self._ask(_PROBE_USERID, _PROBE_NONCE, first=True)
+
+    def _ask(self, userid: str, nonce: str, first: bool) -> Deferred[bool]:
+        answer = self._pool.run_query(_SUBSCRIBER_QUERY, (userid, nonce), first)
         answer.addTimeout(self._config.postgres_timeout_seconds, self._reactor)
         return answer.addCallbacks(bool, self._unanswered, errbackArgs=(userid, nonce))
 
     def _unanswered(self, failure: Failure, userid: str, nonce: str) -> bool | Failure:
-        if failure.check(CancelledError):
-            return failure  # the caller gave up: nothing went wrong
+        if failure.check(CancelledError, BackendBusy):
+            # The caller gave up, or the line is full (the caller counts and logs that).
+            return failure
         if failure.check(ValueError):
             # psycopg2 refuses text PostgreSQL cannot store (NUL, lone surrogates): no row
             # can match it.
@@ -301,12 +381,10 @@ class PostgresAuthenticator(Service):
     def granted(self, pairs: Sequence[tuple[str, str]]) -> Deferred[set[tuple[str, str]]]:
         """Fire with those of the (userid, nonce) ``pairs`` that are in ``users``, asked in
         one query; fail with L{BackendUnavailable} when PostgreSQL cannot answer."""
-        query = self._pool.runQuery(
+        # Through the same bounded line as subscriber checks (it waits its turn like one).
+        answer = self._pool.run_query(
             _GRANTED_QUERY, ([userid for userid, _ in pairs], [nonce for _, nonce in pairs])
         )
-        # A Deferred without canceller between, as in is_subscriber.
-        answer: Deferred[Any] = Deferred()
-        query.chainDeferred(answer)
         answer.addTimeout(self._config.postgres_timeout_seconds, self._reactor)
         return answer.addCallbacks(
             lambda rows: {(userid, nonce) for userid, nonce in rows},

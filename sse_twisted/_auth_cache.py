@@ -25,19 +25,25 @@ _Pair = tuple[str, str]
 class _Lookup:
     """One question to the inner authenticator, and the callers waiting for its answer."""
 
-    __slots__ = ("pair", "revoked", "waiters")
+    __slots__ = ("asking", "pair", "revoked", "waiters")
 
     def __init__(self, pair: _Pair) -> None:
         self.pair = pair
         self.waiters: list[Deferred[bool]] = []
+        # The question to the inner authenticator, withdrawn when every waiter has left.
+        self.asking: Deferred[bool] | None = None
         # The user was revoked while the question was out: a "yes" may predate it.
         self.revoked = False
 
 
 def _abandon(lookup: _Lookup, waiter: Deferred[bool]) -> None:
-    """A caller gave up: stop waiting for it alone (Deferred then fails it as cancelled)."""
+    """A caller gave up: stop waiting for it (Deferred then fails it as cancelled), and
+    withdraw the question when nobody else waits, so that it never reaches a database that
+    has not been asked yet."""
     if waiter in lookup.waiters:
         lookup.waiters.remove(waiter)
+    if not lookup.waiters and lookup.asking is not None:
+        lookup.asking.cancel()
 
 
 def _deliver(result: bool | Failure, lookup: _Lookup) -> None:
@@ -60,7 +66,7 @@ class CachingAuthenticator:
     made while one is in flight.
 
     A caller that cancels its check (the browser left) stops only its own wait; the shared
-    question runs on for the others, and its "yes" is cached for the next reconnect.
+    question runs on for the others, and is withdrawn (cancelled) when the last one leaves.
     L{invalidate} forgets a user at once, including a question already in flight: it is
     asked again, so a revocation is never outrun by an answer read before it.
     With ``ttl_seconds`` 0 nothing is cached but identical checks are still shared.
@@ -151,13 +157,20 @@ class CachingAuthenticator:
         self._granted.move_to_end(pair)
         return True
 
+    def is_cached(self, userid: str, nonce: str) -> bool:
+        """Whether the pair is granted from the cache now (counted as neither hit nor miss)."""
+        expiry = self._granted.get((userid, nonce))
+        return expiry is not None and expiry > self._clock.seconds()
+
     def _ask(self, lookup: _Lookup) -> None:
-        # The inner Deferred is never cancelled: other callers, or the next reconnect, want
-        # its answer. The inner authenticator bounds it with its own timeout.
+        # Cancelled only when every waiter has left; the inner authenticator bounds it with
+        # its own timeout.
         asking = self._inner.is_subscriber(*lookup.pair)
+        lookup.asking = asking
         asking.addBoth(self._answered, lookup)
 
     def _answered(self, result: bool | Failure, lookup: _Lookup) -> None:
+        lookup.asking = None
         if lookup.revoked and result is True:
             # Perhaps read before the revocation was committed: a question asked after it
             # decides.
@@ -182,8 +195,9 @@ class CachingAuthenticator:
             self._ask(lookup)
             return
         # A check made since the revocation is already asking: follow its answer.
-        following: Deferred[bool] = Deferred()
+        following: Deferred[bool] = Deferred(canceller=partial(_abandon, newer))
         newer.waiters.append(following)
+        lookup.asking = following
         following.addBoth(_deliver, lookup)
 
     def _remember(self, pair: _Pair) -> None:

@@ -457,7 +457,7 @@ SETTINGS: tuple[Setting, ...] = (
         "reconnect-jitter-milliseconds",
         "5000",
         _non_negative_int,
-        "on stop, each browser reconnects after the retry delay plus up to this much",
+        "on stop or refused for load, a browser comes back after the retry delay plus up to this",
     ),
     Setting(
         "max_message_bytes",

@@ -12,15 +12,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from .interfaces import BackendUnavailable, IAuthenticator
+from .interfaces import BackendUnavailable
 
 __all__ = [
     "ConsumerCheck",
@@ -29,9 +28,6 @@ __all__ = [
     "PostgresCheck",
     "ReadinessResource",
 ]
-
-# A pair no subscriber has: the probe runs the subscribe query itself, whatever it answers.
-_PROBE_USERID = _PROBE_NONCE = "00000000-0000-0000-0000-000000000000"
 
 
 @dataclass(frozen=True)
@@ -49,6 +45,13 @@ class ReadinessCheck(Protocol):
     name: str
 
     def check(self) -> Deferred[DependencyState]: ...
+
+
+class _Probed(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    def probe(self) -> Deferred[bool]: ...
 
 
 class _ConsumerState(Protocol):
@@ -79,14 +82,16 @@ class PostgresCheck:
     Probes share one query while it runs, and an answer serves every probe for
     ``fresh_seconds``: however many probers there are (and the port is public), PostgreSQL
     sees at most about one probe query per ``fresh_seconds``. With no live connection the
-    answer is immediate and costs no query.
+    answer is immediate and costs no query. The probe goes ahead of the subscriber checks
+    waiting for a connection (L{PostgresAuthenticator.probe}), so that a flood of them does
+    not make a PostgreSQL that answers look down.
     """
 
     name = "postgres"
 
     def __init__(
         self,
-        authenticator: IAuthenticator,
+        authenticator: _Probed,
         clock: IReactorTime,
         timeout_seconds: float = 1.0,
         fresh_seconds: float = 1.0,
@@ -115,13 +120,19 @@ class PostgresCheck:
         return answer
 
     def _probe(self) -> None:
-        query = self._authenticator.is_subscriber(_PROBE_USERID, _PROBE_NONCE)
-        query.addTimeout(self._timeout_seconds, self._clock)
+        query = self._authenticator.probe()
+        # A reactor busy with a burst of requests may read an answer that came in time
+        # only after the deadline has passed: it gets one more turn, which reads whatever
+        # arrived, before the probe counts as unanswered.
+        deadline = self._clock.callLater(
+            self._timeout_seconds, self._clock.callLater, 0, _give_up, query
+        )
+        query.addBoth(_stop, deadline)
         states = query.addCallbacks(lambda _: DependencyState(True, "answering"), self._failed)
         states.addCallback(self._answered)
 
     def _failed(self, reason: Failure) -> DependencyState:
-        if reason.check(DeferredTimeoutError):
+        if reason.check(CancelledError):
             return DependencyState(
                 False, "not answering", f"no answer within {self._timeout_seconds} seconds"
             )
@@ -134,6 +145,17 @@ class PostgresCheck:
         waiting, self._waiting = self._waiting or [], None
         for answer in waiting:
             answer.callback(state)
+
+
+def _give_up(query: Deferred[bool]) -> None:
+    if not query.called:
+        query.cancel()
+
+
+def _stop(result: object, deadline: IDelayedCall) -> object:
+    if deadline.active():
+        deadline.cancel()
+    return result
 
 
 def _no_store(request: Request, status: int, content_type: bytes) -> None:

@@ -82,8 +82,9 @@ class StreamLifetimeService(Service):
         words = b""
         newest = self._window.newest
         # Every event up to the newest consumed was written to this stream if it was for
-        # it (live events are delivered as they are consumed); one it already has (it
-        # resumed ahead of this process) must not move its id back.
-        if newest is not None and newest > stream.resume_after:
+        # it (live events are delivered as they are consumed), unless a backlog still held
+        # some (closing drops it: the browser resumes after the last it got); one it already
+        # has (it resumed ahead of this process) must not move its id back.
+        if newest is not None and newest > stream.resume_after and not stream.backlogged:
             words += id_frame(newest)
         return words + jittered_retry_frame(self._retry_milliseconds, self._jitter_milliseconds)

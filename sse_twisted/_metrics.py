@@ -49,13 +49,17 @@ SUBSCRIBE_OUTCOMES = (
     "origin_refused",
     "backend_unavailable",
     "too_many_streams",
+    "too_many_checks",
+    "auth_queue_full",
     "abandoned",
     "error",
 )
 """How a subscribe request ended: the values of the ``outcome`` label.
 
 ``abandoned``: the client left before its check was answered; ``origin_refused``: CORS;
-``too_many_streams``: a stream limit answered 429.
+``too_many_streams``: a stream limit answered 429; ``too_many_checks``: the client address
+had ``max_auth_checks_per_client`` checks in flight; ``auth_queue_full``:
+``max_pending_auth_checks`` checks waited for PostgreSQL (both asked to come back later).
 """
 
 SKIP_REASONS = ("too_large", *INVALID_REASONS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import re
 from typing import Any
 from uuid import uuid4
@@ -14,15 +15,17 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from ._admission import ChecksPerClient, RefusalLog
 from ._bodies import BodyLimits, BoundedBodyRequest, ConnectionRequests
 from ._channel import limited_channel_protocol
+from ._client_address import Networks, client_address
 from ._framing import comment_frame, id_frame, retry_frame
 from ._lifetime import stream_lifetime
 from ._metrics import Metrics
 from ._paths import MASK, is_v4_uuid, loggable_path
 from ._replay import ReplayWindow
 from ._streams import EventStream, StreamRegistry
-from .interfaces import BackendUnavailable, IAuthenticator
+from .interfaces import BackendBusy, BackendUnavailable, IAuthenticator
 
 __all__ = ["EventStreamSite", "SubscribeResource", "TrackedRequest", "root_resource"]
 
@@ -32,10 +35,15 @@ _access = Logger(namespace="sse_twisted.access")
 
 
 class TrackedRequest(BoundedBodyRequest):
-    """A request with the correlation id and start time its log lines carry."""
+    """A request with the correlation id, start time and client address its log lines
+    carry."""
 
     correlation_id: str = ""
     started_at: float = 0.0
+    # The real client address (Request.client is Twisted's peer address).
+    client_host: str = ""
+    # False for a refusal under load: those are summarised, not logged one by one.
+    access_logged: bool = True
     # The path's userid and token are a known pair: its userid is not a misplaced token.
     authenticated: bool = False
 
@@ -64,9 +72,11 @@ class EventStreamSite(Site):
         request_timeout: float = 10.0,
         max_body_bytes: int = 1024,
         metrics: Metrics | None = None,
+        trusted_proxies: Networks = (),
     ) -> None:
         super().__init__(resource, requestFactory=TrackedRequest)
         self._clock = reactor
+        self._trusted_proxies = trusted_proxies
         self._max_header_bytes = max_header_bytes
         self._request_timeout = request_timeout
         self._max_body_bytes = max_body_bytes
@@ -91,8 +101,10 @@ class EventStreamSite(Site):
         return protocol
 
     def getResourceFor(self, request: Request) -> Resource:
-        """Stamp ``request`` with a correlation id and its start time, then route it."""
+        """Stamp ``request`` with a correlation id, its start time and its client address,
+        then route it."""
         assert isinstance(request, TrackedRequest)
+        request.client_host = client_address(request, self._trusted_proxies)
         given = request.getHeader(b"x-request-id")
         if given is not None and _REQUEST_ID.fullmatch(given):
             request.correlation_id = given.decode("ascii")
@@ -104,7 +116,8 @@ class EventStreamSite(Site):
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         """One access-log line per finished request; the token in the path is masked."""
-        access_log(self._clock, request, "request finished")
+        if getattr(request, "access_logged", True):
+            access_log(self._clock, request, "request finished")
 
 
 def access_log(clock: IReactorTime, request: Request, outcome: str) -> None:
@@ -121,8 +134,15 @@ def access_log(clock: IReactorTime, request: Request, outcome: str) -> None:
         duration_ms=round((clock.seconds() - started_at) * 1000, 1),
         bytes=request.sentLength,
         protocol=request.clientproto.decode("latin-1"),
-        client=getattr(request.getClientAddress(), "host", None),
+        client=_client_of(request),
         correlation_id=correlation_id,
+    )
+
+
+def _client_of(request: Request) -> str:
+    """The real client address stamped by L{EventStreamSite}, else the TCP peer."""
+    return getattr(request, "client_host", "") or str(
+        getattr(request.getClientAddress(), "host", "")
     )
 
 
@@ -188,6 +208,8 @@ class SubscribeResource(Resource):
         max_streams_per_user: int = 16,
         max_streams: int = 50000,
         max_stream_seconds: float = math.inf,
+        max_checks_per_client: int = 4,
+        retry_jitter_milliseconds: int = 0,
     ) -> None:
         super().__init__()
         self._metrics = metrics if metrics is not None else Metrics()
@@ -201,6 +223,9 @@ class SubscribeResource(Resource):
         self._max_streams_per_user = max_streams_per_user
         self._max_streams = max_streams
         self._max_stream_seconds = max_stream_seconds
+        self._checks_per_client = ChecksPerClient(max_checks_per_client)
+        self._retry_jitter_milliseconds = retry_jitter_milliseconds
+        self._refusals = RefusalLog(reactor)
 
     def render(self, request: Request) -> bytes | int:
         """Dispatch by method; anything but GET and OPTIONS is 405."""
@@ -243,7 +268,17 @@ class SubscribeResource(Resource):
         # once it answered: other streams may have opened meanwhile.
         if self._refused_for_limits(request, userid):
             return NOT_DONE_YET
+        client = _client_of(request)
+        # A cached grant costs no query: only checks that may reach PostgreSQL are limited.
+        counted = not self._authenticator.is_cached(userid, nonce)
+        if counted and not self._checks_per_client.take(client):
+            self._come_back_later(
+                request, "too_many_checks", "too many subscriber checks from this address"
+            )
+            return NOT_DONE_YET
         checking = self._authenticator.is_subscriber(userid, nonce)
+        if counted:
+            checking.addBoth(self._check_over, client)
         finished = request.notifyFinish()
         finished.addErrback(self._client_left, checking)
         checking.addCallbacks(
@@ -280,6 +315,10 @@ class SubscribeResource(Resource):
         request.write(_plain(request, 429, reason))
         request.finish()
         return True
+
+    def _check_over(self, result: object, client: str) -> object:
+        self._checks_per_client.give_back(client)
+        return result
 
     def _client_left(self, reason: Failure, checking: Deferred[bool]) -> Failure | None:
         if checking.called:
@@ -360,20 +399,37 @@ class SubscribeResource(Resource):
 
     def _unavailable(self, reason: Failure, request: Request) -> None:
         reason.trap(BackendUnavailable)
+        if reason.check(BackendBusy):
+            self._come_back_later(request, "auth_queue_full", reason.getErrorMessage())
+            return
         self._metrics.subscribed("backend_unavailable")
         self.log.warn(
             "subscriber check unavailable, client asked to retry: {reason}",
             reason=reason.getErrorMessage(),
             correlation_id=getattr(request, "correlation_id", None),
         )
+        self._retry_later(request, "backend unavailable, retry", self._retry_milliseconds)
+
+    def _come_back_later(self, request: Request, outcome: str, reason: str) -> None:
+        """Refuse for load: counted as ``outcome``, logged as a summary (no access line: a
+        flood would flood the log), retried later."""
+        self._metrics.subscribed(outcome)
+        if isinstance(request, TrackedRequest):
+            request.access_logged = False
+        self._refusals.refused(
+            outcome, reason, _client_of(request), getattr(request, "correlation_id", None)
+        )
+        # The jitter spreads the comebacks of everyone refused in the same moment.
+        delay = self._retry_milliseconds + random.randint(0, self._retry_jitter_milliseconds)
+        self._retry_later(request, "server busy, retry", delay)
+
+    def _retry_later(self, request: Request, comment: str, delay_milliseconds: int) -> None:
         # EventSource never retries a non-200 answer; a 200 stream that ends at once
         # makes it come back after the retry delay.
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
-        request.write(
-            retry_frame(self._retry_milliseconds) + comment_frame("backend unavailable, retry")
-        )
+        request.write(retry_frame(delay_milliseconds) + comment_frame(comment))
         request.finish()
 
     def _unexpected(self, reason: Failure, request: Request) -> None:

@@ -110,6 +110,11 @@ class EventStream:
         return not self.request.finished and not self.request._disconnected
 
     @property
+    def backlogged(self) -> bool:
+        """Whether frames still wait to go to the transport (a replay being paced out)."""
+        return bool(self._backlog)
+
+    @property
     def protocol(self) -> str:
         """``h2`` or ``h1``: how the browser reached us."""
         return "h2" if self.request.clientproto == b"HTTP/2" else "h1"

@@ -5,11 +5,15 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-__all__ = ["BackendUnavailable", "IAuthenticator"]
+__all__ = ["BackendBusy", "BackendUnavailable", "IAuthenticator"]
 
 
 class BackendUnavailable(Exception):
     """A backend could not answer in time; the caller should ask the client to come back."""
+
+
+class BackendBusy(BackendUnavailable):
+    """Too many checks wait for the backend already: refused at once, without asking it."""
 
 
 class IAuthenticator(Interface):
@@ -19,4 +23,9 @@ class IAuthenticator(Interface):
 
     def is_subscriber(userid: str, nonce: str) -> Deferred[bool]:
         """Fire with whether the pair is known; fail with L{BackendUnavailable} when the
-        backend cannot answer (down, reconnecting, timed out)."""
+        backend cannot answer (down, reconnecting, timed out) or L{BackendBusy} when too
+        many checks wait for it already. Cancelling a check not yet sent to the backend
+        withdraws it."""
+
+    def is_cached(userid: str, nonce: str) -> bool:
+        """Whether L{is_subscriber} would grant the pair at once, without a backend query."""

@@ -210,6 +210,8 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
         max_streams_per_user=config.max_streams_per_user,
         max_streams=config.max_streams,
         max_stream_seconds=config.max_stream_seconds,
+        max_checks_per_client=config.max_auth_checks_per_client,
+        retry_jitter_milliseconds=config.reconnect_jitter_milliseconds,
     )
     root = root_resource(subscribe)
     root.putChild(b"healthz", LivenessResource())
@@ -226,6 +228,7 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
         request_timeout=config.header_timeout_seconds,
         max_body_bytes=config.max_body_bytes,
         metrics=metrics,
+        trusted_proxies=config.trusted_proxies,
     )
     # HTTP/2 drops every stream of a connection idle for Site.timeOut: heartbeats must
     # come well within it.

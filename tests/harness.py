@@ -21,12 +21,16 @@ import psycopg2
 from cryptography import x509
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.ssl import Certificate
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, Response
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, Response
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from sse_twisted._config import Config, load_config
 from sse_twisted.devcerts import (
@@ -169,20 +173,38 @@ class EventCollector(Protocol):
             self.transport.stopProducing()  # type: ignore[attr-defined]
 
 
+@implementer(IAgentEndpointFactory)
+@dataclass
+class _FromAddress:
+    """Connects to 127.0.0.1 from ``source`` (any 127.0.0.0/8 address routes to lo)."""
+
+    policy: BrowserLikePolicyForHTTPS
+    source: str
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", uri.port, bindAddress=(self.source, 0))
+        return wrapClientTLS(self.policy.creatorForNetloc(uri.host, uri.port), endpoint)
+
+
 @dataclass
 class Browser:
-    """An HTTPS client trusting the test CA, one TLS connection per stream."""
+    """An HTTPS client trusting the test CA, one TLS connection per stream; connecting from
+    ``source_address`` (another loopback address, say) when given."""
 
     ca_certificate: Path
     streams: list[EventCollector] = field(default_factory=list)
+    source_address: str | None = None
 
     def __post_init__(self) -> None:
-        trust = Certificate.loadPEM(self.ca_certificate.read_bytes())
-        self._agent = Agent(
-            reactor,
-            BrowserLikePolicyForHTTPS(trustRoot=trust),
-            pool=HTTPConnectionPool(reactor, persistent=False),
+        policy = BrowserLikePolicyForHTTPS(
+            trustRoot=Certificate.loadPEM(self.ca_certificate.read_bytes())
         )
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        if self.source_address is None:
+            self._agent = Agent(reactor, policy, pool=pool)
+        else:
+            endpoints = _FromAddress(policy, self.source_address)
+            self._agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
 
     async def get(self, url: str, headers: dict[bytes, list[bytes]] | None = None) -> Response:
         """The response to ``GET url`` (its body not read)."""

@@ -19,7 +19,7 @@ import psycopg2
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
@@ -30,7 +30,7 @@ from zope.interface.verify import verifyObject
 from sse_twisted._auth import PostgresAuthenticator
 from sse_twisted._config import Config, load_config
 from sse_twisted._tls import POSTGRES_CA_FILE
-from sse_twisted.interfaces import BackendUnavailable, IAuthenticator
+from sse_twisted.interfaces import BackendBusy, BackendUnavailable, IAuthenticator
 from tests.backends import Pki, PostgresServer, free_port
 
 SYSTEM_POSTGRES: dict[str, Any] = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
@@ -290,6 +290,99 @@ async def test_cancelling_a_check_fails_it_with_cancelled_error_and_logs_nothing
     assert await check(authenticator, *ALICE) is True
     assert warnings_logged(log_events) == []
     assert tracebacks(log_events) == []
+
+
+async def all_connected(start: Starter, config: Config) -> PostgresAuthenticator:
+    """An authenticator for ``config`` once every connection of its pool is open."""
+    authenticator = start(config)
+    size = config.postgres_pool_size
+    await wait_for(lambda: authenticator.live_connections == size, "every pool connection")
+    return authenticator
+
+
+@pytest_twisted.ensureDeferred
+async def test_checks_cancelled_while_waiting_for_a_busy_pool_are_never_sent(
+    start: Starter, plain_database: str, tmp_path: Path, log_events: list[LogEvent]
+) -> None:
+    config = plain_config(tmp_path, plain_database, **{"postgres-timeout-seconds": "5"})
+    authenticator = await all_connected(start, config)
+    with closing(psycopg2.connect(dbname=plain_database, **SYSTEM_POSTGRES)) as locker:
+        with locker.cursor() as cursor:
+            cursor.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        busy = [authenticator.is_subscriber(*ALICE) for _ in range(2)]  # both connections
+        waiting = [authenticator.is_subscriber(*ALICE) for _ in range(6)]
+        assert (authenticator.queries, authenticator.waiting) == (2, 6)
+        for leaving in waiting[:4]:
+            leaving.cancel()  # what the web resource does when the browser goes away
+        assert authenticator.waiting == 2
+        locker.rollback()
+    assert await bounded(gatherResults(busy + waiting[4:])) == [True] * 4
+    assert authenticator.queries == 4  # the four that left were never sent
+    for leaving in waiting[:4]:
+        with pytest.raises(CancelledError):
+            await leaving
+    assert warnings_logged(log_events) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_checks_whose_wait_timed_out_are_never_sent(
+    start: Starter, plain_database: str, tmp_path: Path
+) -> None:
+    config = plain_config(tmp_path, plain_database, **{"postgres-timeout-seconds": "0.5"})
+    authenticator = await all_connected(start, config)
+    with closing(psycopg2.connect(dbname=plain_database, **SYSTEM_POSTGRES)) as locker:
+        with locker.cursor() as cursor:
+            cursor.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        checks = [authenticator.is_subscriber(*ALICE) for _ in range(5)]
+        for checking in checks:
+            with pytest.raises(BackendUnavailable):
+                await bounded(checking)
+        assert authenticator.waiting == 0
+        locker.rollback()
+    # The two sent finish in the background; the three that timed out in line are gone.
+    assert await check(authenticator, *ALICE) is True
+    assert authenticator.queries == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_past_max_pending_checks_a_check_is_refused_at_once_without_a_log_line(
+    start: Starter, plain_database: str, tmp_path: Path, log_events: list[LogEvent]
+) -> None:
+    options = {"postgres-pool-size": "1", "max-pending-auth-checks": "2"}
+    authenticator = await all_connected(start, plain_config(tmp_path, plain_database, **options))
+    with closing(psycopg2.connect(dbname=plain_database, **SYSTEM_POSTGRES)) as locker:
+        with locker.cursor() as cursor:
+            cursor.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        admitted = [authenticator.is_subscriber(*ALICE) for _ in range(3)]  # 1 sent, 2 wait
+        refused = authenticator.is_subscriber(*BOB)
+        # Answered at once: the browser is asked to come back (and counted) by the resource.
+        with pytest.raises(BackendBusy, match="2 subscriber checks are waiting already"):
+            await refused
+        locker.rollback()
+    assert await bounded(gatherResults(admitted)) == [True] * 3
+    assert authenticator.queries == 3
+    assert warnings_logged(log_events) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_readiness_probe_goes_ahead_of_waiting_checks(
+    start: Starter, plain_database: str, tmp_path: Path
+) -> None:
+    options = {"postgres-pool-size": "1", "max-pending-auth-checks": "3"}
+    authenticator = await all_connected(start, plain_config(tmp_path, plain_database, **options))
+    answered: list[str] = []
+    with closing(psycopg2.connect(dbname=plain_database, **SYSTEM_POSTGRES)) as locker:
+        with locker.cursor() as cursor:
+            cursor.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        checks = [authenticator.is_subscriber(*ALICE) for _ in range(4)]  # 1 sent, a full line
+        probe = authenticator.probe()  # never refused, and first in line
+        for label, checking in [("probe", probe)] + [
+            (f"check {n}", c) for n, c in enumerate(checks)
+        ]:
+            checking.addCallback(lambda _, label=label: answered.append(label))
+        locker.rollback()
+    await bounded(gatherResults([*checks, probe]))
+    assert answered == ["check 0", "probe", "check 1", "check 2", "check 3"]
 
 
 @pytest_twisted.ensureDeferred

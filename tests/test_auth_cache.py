@@ -49,6 +49,9 @@ class ScriptedAuthenticator:
     def _cancelled(self, _: Deferred[bool]) -> None:
         self.cancelled += 1
 
+    def is_cached(self, userid: str, nonce: str) -> bool:
+        return False
+
     def answer(self, result: bool | Exception, index: int = -1) -> None:
         """Fire check ``index`` (the latest by default)."""
         _, pending = self.asked[index]
@@ -77,6 +80,9 @@ class ImmediateAuthenticator:
         answer: Deferred[bool] = Deferred()
         answer.callback((userid, nonce) in self.known)
         return answer
+
+    def is_cached(self, userid: str, nonce: str) -> bool:
+        return False
 
 
 def caching(
@@ -210,19 +216,36 @@ def test_a_waiter_that_leaves_does_not_cancel_the_question_for_the_others() -> N
     assert result_of(staying) is True
 
 
-def test_a_question_all_waiters_left_still_completes_and_is_cached() -> None:
+def test_a_question_all_waiters_left_is_withdrawn_and_the_next_check_asks_again() -> None:
     inner = ScriptedAuthenticator()
     cache, _ = caching(inner)
-    for _ in range(3):
-        leaving = cache.is_subscriber(*ALICE)
+    waiting = [cache.is_subscriber(*ALICE) for _ in range(3)]
+    for leaving in waiting[:2]:
         leaving.cancel()
         leaving.addErrback(lambda failure: failure.trap(CancelledError))
-    assert inner.cancelled == 0
-    assert len(inner.asked) == 1
+    assert inner.cancelled == 0  # one waiter is left
+    waiting[2].cancel()
+    waiting[2].addErrback(lambda failure: failure.trap(CancelledError))
+    # Nobody waits: the question leaves the database's line before it is ever sent.
+    assert inner.cancelled == 1
+    again = cache.is_subscriber(*ALICE)
+    assert len(inner.asked) == 2
     inner.answer(True)
-    # The browsers come back after their retry delay: the answer is waiting for them.
+    assert result_of(again) is True
     assert check_now(cache, ALICE) is True
-    assert len(inner.asked) == 1
+    assert len(inner.asked) == 2
+
+
+def test_is_cached_tells_a_live_grant_without_counting_a_hit() -> None:
+    inner = ImmediateAuthenticator(ALICE)
+    clock = Clock()
+    cache = CachingAuthenticator(inner, clock, ttl_seconds=TTL, max_entries=10)
+    assert not cache.is_cached(*ALICE)
+    check_now(cache, ALICE)
+    assert cache.is_cached(*ALICE)
+    assert (cache.hits, cache.misses) == (0, 1)
+    clock.advance(TTL)
+    assert not cache.is_cached(*ALICE)
 
 
 def test_a_waiter_cancelled_by_another_waiters_callback_is_not_fired_twice() -> None:

@@ -35,7 +35,7 @@ class FakeAuthenticator:
     questions: list[Deferred[bool]] = field(default_factory=list)
     refusal: str | None = None
 
-    def is_subscriber(self, userid: str, nonce: str) -> Deferred[bool]:
+    def probe(self) -> Deferred[bool]:
         if self.refusal is not None:
             return fail(BackendUnavailable(self.refusal))
         question: Deferred[bool] = Deferred()

@@ -115,6 +115,22 @@ def test_an_expiring_stream_is_given_the_newest_id_unless_it_is_already_ahead() 
     assert written(ahead).startswith(b"retry: ")
 
 
+def test_a_stream_expiring_with_replay_still_unsent_keeps_the_id_of_what_it_got() -> None:
+    clock = Clock()
+    window = ReplayWindow(clock, 300, 1000)
+    registry, service = lifetimes(clock, window)
+    stream = open_stream(registry, clock, max_seconds=10)
+    stream.pauseProducing()  # the client stopped reading: its replay waits
+    stream.send_first([b"id: 7\ndata: {}\n\n"])
+    window.consumed(41)
+    clock.advance(11)
+    service.stopService()
+    # An id of 41 would make the browser skip event 7, which it never got.
+    assert b"id: 41" not in written(stream)
+    assert b"id: 7" not in written(stream)
+    assert written(stream).startswith(b"retry: ")
+
+
 def test_a_stream_closed_before_its_expiry_is_forgotten() -> None:
     clock = Clock()
     registry, service = lifetimes(clock)

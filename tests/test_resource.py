@@ -6,7 +6,10 @@ cover each answer, including backend faults a real server cannot produce on dema
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -14,10 +17,11 @@ from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from sse_twisted._metrics import Metrics
 from sse_twisted._replay import ReplayWindow
 from sse_twisted._resource import SubscribeResource, path_problem, root_resource
 from sse_twisted._streams import StreamRegistry
-from sse_twisted.interfaces import BackendUnavailable, IAuthenticator
+from sse_twisted.interfaces import BackendBusy, BackendUnavailable, IAuthenticator
 from tests.sse_parser import EventParser
 
 TOPIC = "7a1f4c2e-9d3b-4f6a-8e2c-5b0d1a7c3e94"
@@ -34,6 +38,7 @@ class ScriptedAuthenticator:
     def __init__(self, *answers: bool | Exception | Deferred[bool]) -> None:
         self.answers = list(answers)
         self.asked: list[tuple[str, str]] = []
+        self.cached: set[tuple[str, str]] = set()
 
     def is_subscriber(self, userid: str, nonce: str) -> Deferred[bool]:
         self.asked.append((userid, nonce))
@@ -44,9 +49,12 @@ class ScriptedAuthenticator:
             return fail(answer)
         return succeed(answer)
 
+    def is_cached(self, userid: str, nonce: str) -> bool:
+        return (userid, nonce) in self.cached
+
 
 def make_resource(
-    authenticator: ScriptedAuthenticator, origins: tuple[str, ...] = ("*",)
+    authenticator: ScriptedAuthenticator, origins: tuple[str, ...] = ("*",), **options: Any
 ) -> tuple[SubscribeResource, StreamRegistry]:
     registry = StreamRegistry()
     resource = SubscribeResource(
@@ -57,6 +65,7 @@ def make_resource(
         cors_origins=origins,
         retry_milliseconds=2000,
         max_buffer_bytes=1000,
+        **options,
     )
     return resource, registry
 
@@ -73,9 +82,10 @@ class StreamingRequest(DummyRequest):
         self.producer = None
 
 
-def request_for(path: str, method: bytes = b"GET") -> DummyRequest:
+def request_for(path: str, method: bytes = b"GET", client: str = "192.0.2.1") -> DummyRequest:
     request = StreamingRequest([part.encode() for part in path.lstrip("/").split("/")[1:]])
     request.method = method
+    request.client = IPv4Address("TCP", client, 50000)
     return request
 
 
@@ -237,3 +247,93 @@ def test_a_new_stream_is_given_the_newest_offset_consumed_as_its_last_event_id()
     parser = EventParser()
     assert parser.feed(b"".join(request.written)) == []
     assert parser.last_event_id == "41"
+
+
+def subscribes(metrics: Metrics, outcome: str) -> float | None:
+    return metrics.registry.get_sample_value("sse_subscribes_total", {"outcome": outcome})
+
+
+def assert_asked_to_come_back_later(request: DummyRequest, jitter_milliseconds: int) -> None:
+    """The answer EventSource retries: a 200 event stream with a retry: that ends at once."""
+    assert request.responseCode == 200
+    assert request.responseHeaders.getRawHeaders(b"content-type") == [
+        b"text/event-stream; charset=utf-8"
+    ]
+    parser = EventParser()
+    assert parser.feed(b"".join(request.written)) == []
+    assert parser.retry is not None and 2000 <= parser.retry <= 2000 + jitter_milliseconds
+    assert parser.comments == ["server busy, retry"]
+    assert request.finished
+
+
+def test_past_four_checks_in_flight_an_address_is_asked_to_come_back_at_jittered_times() -> None:
+    pending: list[Deferred[bool]] = [Deferred() for _ in range(5)]
+    authenticator = ScriptedAuthenticator(*pending)
+    metrics = Metrics()
+    resource, _ = make_resource(
+        authenticator, metrics=metrics, max_checks_per_client=4, retry_jitter_milliseconds=1000
+    )
+    path = f"/subscribe/{TOPIC}/{USERID}/{NONCE}"
+    for _ in range(4):
+        render(resource, request_for(path, client="192.0.2.1"))
+    retries = set()
+    for _ in range(20):
+        refused = request_for(path, client="192.0.2.1")
+        render(resource, refused)
+        assert_asked_to_come_back_later(refused, jitter_milliseconds=1000)
+        parser = EventParser()
+        parser.feed(b"".join(refused.written))
+        retries.add(parser.retry)
+    assert len(authenticator.asked) == 4  # the refused ones cost no query
+    assert len(retries) > 1  # jittered: not everyone comes back at the same moment
+    assert subscribes(metrics, "too_many_checks") == 20
+    # Another address is not held back by this one.
+    render(resource, request_for(path, client="192.0.2.2"))
+    assert len(authenticator.asked) == 5
+
+
+def test_an_address_gets_its_place_back_on_every_outcome_of_its_check() -> None:
+    leaving: Deferred[bool] = Deferred()
+    authenticator = ScriptedAuthenticator(
+        True, False, BackendUnavailable("db down"), leaving, Deferred()
+    )
+    resource, _ = make_resource(authenticator, max_checks_per_client=1)
+    path = f"/subscribe/{TOPIC}/{USERID}/{NONCE}"
+    render(resource, request_for(path))  # allowed: a stream opens
+    render(resource, request_for(path))  # forbidden
+    render(resource, request_for(path))  # backend unavailable
+    gone = request_for(path)
+    render(resource, gone)  # the browser leaves during the check
+    gone.processingFailed(Failure(ConnectionError("client went away")))
+    assert leaving.called
+    waiting = request_for(path)
+    render(resource, waiting)  # in flight: holds the only place
+    assert len(authenticator.asked) == 5
+    refused = request_for(path)
+    render(resource, refused)
+    assert_asked_to_come_back_later(refused, jitter_milliseconds=0)
+    assert len(authenticator.asked) == 5
+
+
+def test_a_cached_grant_is_let_in_even_when_the_address_is_at_its_limit() -> None:
+    authenticator = ScriptedAuthenticator(Deferred(), True)
+    authenticator.cached.add((USERID, NONCE))
+    resource, registry = make_resource(authenticator, max_checks_per_client=1)
+    other_nonce = "5d3c1b2a-0f9e-4d8c-b7a6-958473625140"
+    render(resource, request_for(f"/subscribe/{TOPIC}/{USERID}/{other_nonce}"))
+    render(resource, request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}"))
+    assert [stream.userid for stream in registry] == [USERID]
+
+
+def test_a_full_line_of_checks_asks_the_browser_to_come_back_later() -> None:
+    authenticator = ScriptedAuthenticator(BackendBusy("256 subscriber checks are waiting"))
+    metrics = Metrics()
+    resource, registry = make_resource(
+        authenticator, metrics=metrics, retry_jitter_milliseconds=500
+    )
+    request = request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}")
+    render(resource, request)
+    assert_asked_to_come_back_later(request, jitter_milliseconds=500)
+    assert subscribes(metrics, "auth_queue_full") == 1
+    assert subscribes(metrics, "backend_unavailable") == 0
+    assert len(registry) == 0
