@@ -20,6 +20,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from sse_twisted._live import LiveStart
 from sse_twisted._replay import ReplayWindow
 from sse_twisted._resource import EventStreamSite, SubscribeResource, root_resource
 from sse_twisted._streams import StreamRegistry
@@ -96,11 +97,15 @@ def targets(draw: st.DrawFn) -> bytes:
 def answer_to(target: bytes) -> tuple[bytes, int]:
     """The server's answer to ``GET target``, and how many streams it opened."""
     registry = StreamRegistry()
+    window = ReplayWindow(Clock(), 60, 100)
+    live = LiveStart(registry, window, Clock(), future_id_grace_seconds=3)
+    live.tail_known(-1)  # an empty stream, read back
     resource = SubscribeResource(
         registry,
         AlwaysYes(),
         Clock(),
-        ReplayWindow(Clock(), 60, 100),
+        window,
+        live,
         cors_origins=("*",),
         retry_milliseconds=1000,
         max_buffer_bytes=10_000,
