@@ -312,12 +312,9 @@ class StreamConsumerService(Service):
                 reason=error.reply_text,
             )
             channel = await connection.channel()
+        probe = await self._attach_probe(connection)
         # Streams refuse consumers without a prefetch limit.
         await channel.basic_qos(prefetch_count=self._prefetch)
-        # Attached first: whatever it sees was published after the main consumer attached.
-        probe, probe_tag = await channel.basic_consume(
-            queue=self._queue, auto_ack=False, arguments={"x-stream-offset": "next"}
-        )
         offset = self._resume_point()
         # Streams refuse automatic acks with 540 NOT_IMPLEMENTED, closing the connection.
         messages, _ = await channel.basic_consume(
@@ -335,10 +332,27 @@ class StreamConsumerService(Service):
         )
         if not self._caught_up:
             self._wait_for_quiet()
-        probe.get().addCallbacks(
-            self._probed, lambda _: None, callbackArgs=(messages, channel, probe_tag)
-        )
+        probe.addCallbacks(self._probed, lambda _: None, callbackArgs=(messages,))
         self._read(messages)
+
+    async def _attach_probe(self, connection: _StreamConnection) -> Deferred[ReceivedMessage]:
+        # Attached before the main consumer: whatever it sees was published after that.
+        # On its own channel, closed after one delivery: cancelling a consumer makes pika
+        # reject what still arrives for it, and streams answer a reject by closing the
+        # connection.
+        channel: TwistedChannel = await connection.channel()
+        await channel.basic_qos(prefetch_count=1)
+        probe, _ = await channel.basic_consume(
+            queue=self._queue, auto_ack=False, arguments={"x-stream-offset": "next"}
+        )
+        first: Deferred[ReceivedMessage] = probe.get()
+
+        def close(message: ReceivedMessage) -> ReceivedMessage:
+            if channel.is_open:
+                channel.close()
+            return message
+
+        return first.addCallback(close)
 
     async def _queue_exists(self, connection: _StreamConnection) -> bool:
         channel: TwistedChannel = await connection.channel()
@@ -375,16 +389,8 @@ class StreamConsumerService(Service):
         # re-entered, and the callee may well stop this service.
         stopped.addCallback(lambda _: self._reactor.callLater(0, self._on_fatal, reason))
 
-    def _probed(
-        self,
-        message: ReceivedMessage,
-        messages: ClosableDeferredQueue,
-        channel: TwistedChannel,
-        probe_tag: str,
-    ) -> None:
+    def _probed(self, message: ReceivedMessage, messages: ClosableDeferredQueue) -> None:
         # One delivery tells all the probe can: the first offset published after attaching.
-        if channel.is_open:
-            channel.basic_cancel(probe_tag).addErrback(lambda _: None)
         if messages is not self._messages:
             return
         first_new: int = message.properties.headers["x-stream-offset"]
