@@ -359,7 +359,11 @@ class StreamConsumerService(Service):
         try:
             await channel.queue_declare(queue=self._queue, passive=True)
         except ChannelClosedByBroker as error:
-            if error.reply_code == _NOT_FOUND:
+            # Also 404 while a restarted broker has not yet brought a durable queue back
+            # ("home node ... is down or inaccessible"): that one is retried, not new.
+            if error.reply_code == _NOT_FOUND and error.reply_text.startswith(
+                "NOT_FOUND - no queue"
+            ):
                 return False
             raise
         channel.close()
