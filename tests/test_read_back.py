@@ -16,10 +16,11 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel
 
+from tests.backends import PostgresServer, RabbitMQServer
 from tests.harness import (
     Browser,
     EventCollector,
-    add_local_subscriber,
+    add_subscriber,
     bounded,
     found_contract,
     new_uuid,
@@ -34,10 +35,10 @@ from tests.test_no_event_lost import Instance, filenames, receive
 STREAM = {"x-queue-type": "stream", "x-max-age": "1D"}
 
 
-def _publish_quickly(queue: str, bodies: list[bytes]) -> None:
+def _publish_quickly(port: int, queue: str, bodies: list[bytes]) -> None:
     """Declare ``queue`` as a stream and publish ``bodies`` in order, with one confirm at
     the end (a broker handles a channel's messages in order): tens of thousands a second."""
-    with pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672)) as connection:
+    with pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", port)) as connection:
         channel = connection.channel()
         channel.queue_declare(queue, durable=True, arguments=STREAM)
         for body in bodies[:-1]:
@@ -76,22 +77,27 @@ def first_id(tab: EventCollector) -> str:
 @pytest_twisted.ensureDeferred
 async def test_a_restarted_instance_sends_its_read_back_only_to_streams_resuming_with_an_id(
     tmp_path: Path,
-    plaintext_environ: dict[str, str],
-    local_database: dict[str, str],
+    tls_environ: dict[str, str],
+    postgres_tls: PostgresServer,
+    rabbitmq_tls: RabbitMQServer,
     browser: Browser,
 ) -> None:
     """The issue's reproduction: 30,000 messages (40 for the user) before start; a page
     without Last-Event-ID opened as soon as the port answers gets none of them."""
-    queue = plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"]
-    userid, token = add_local_subscriber(local_database["SSE_POSTGRES_DB_NAME"])
+    queue = tls_environ["SSE_RABBITMQ_QUEUE_NAME"]
+    userid, token = add_subscriber(postgres_tls)
     someone_else = new_uuid()
     total, every = 30_000, 750
     bodies = [
         json.dumps(found_contract(userid if n % every == 0 else someone_else, filename=str(n)))
         for n in range(total)
     ]
-    await bounded(deferToThread(_publish_quickly, queue, [body.encode() for body in bodies]))
-    instance = Instance({**plaintext_environ, "SSE_LOGS_DIR": ""}, tmp_path)
+    await bounded(
+        deferToThread(
+            _publish_quickly, rabbitmq_tls.amqp_port, queue, [body.encode() for body in bodies]
+        )
+    )
+    instance = Instance({**tls_environ, "SSE_LOGS_DIR": ""}, tmp_path)
     try:
         instance.port = await bounded(instance.process.port)
         base_url = f"https://localhost:{instance.port}"
@@ -104,7 +110,7 @@ async def test_a_restarted_instance_sends_its_read_back_only_to_streams_resuming
         states = await states_until_ready(browser, base_url)
         assert "reading back" in [body["dependencies"]["rabbitmq"]["state"], *states]
 
-        await publish(5672, queue, found_contract(userid, filename="live"))
+        await publish(rabbitmq_tls.amqp_port, queue, found_contract(userid, filename="live"))
         await receive(resumed, 21)
         await receive(fresh, 1)
         assert filenames(fresh) == ["live"]
@@ -118,28 +124,33 @@ async def test_a_restarted_instance_sends_its_read_back_only_to_streams_resuming
 
 @pytest_twisted.ensureDeferred
 async def test_a_queue_deleted_while_consumed_resets_open_streams_and_loses_nothing_new(
-    plaintext_environ: dict[str, str],
-    local_database: dict[str, str],
+    tls_environ: dict[str, str],
+    postgres_tls: PostgresServer,
+    rabbitmq_tls: RabbitMQServer,
     browser: Browser,
     logs: LogWatcher,  # noqa: F811 - the fixture
 ) -> None:
-    server = await start_server(plaintext_environ)
+    server = await start_server(tls_environ)
     queue = server.config.rabbitmq_queue_name
     try:
-        userid, token = add_local_subscriber(local_database["SSE_POSTGRES_DB_NAME"])
+        userid, token = add_subscriber(postgres_tls)
         url = server.subscribe_url(new_uuid(), userid, token)
         await states_until_ready(browser, server.base_url)
         _, tab = await browser.open(url)
         old = [f"old {n}" for n in range(3)]
-        await publish(5672, queue, *(found_contract(userid, filename=name) for name in old))
+        await publish(
+            rabbitmq_tls.amqp_port, queue, *(found_contract(userid, filename=name) for name in old)
+        )
         await receive(tab, 3)
 
-        await deferToThread(Broker(5672).delete, queue)
+        await deferToThread(Broker(rabbitmq_tls.amqp_port).delete, queue)
         [line] = await logs.wait_for("is a new stream")
         # Publishing to a stream still being created can fail: wait until it is consumed.
         await wait_for(lambda: server.service.consumer.consuming, "consuming the new stream")
         new = [f"new {n}" for n in range(5)]
-        await publish(5672, queue, *(found_contract(userid, filename=name) for name in new))
+        await publish(
+            rabbitmq_tls.amqp_port, queue, *(found_contract(userid, filename=name) for name in new)
+        )
         await receive(tab, 3 + 1 + 5)
         await states_until_ready(browser, server.base_url)
 
@@ -164,24 +175,27 @@ async def test_a_queue_deleted_while_consumed_resets_open_streams_and_loses_noth
 @pytest.mark.parametrize("published_while_away", [1, 5], ids=["shorter", "longer"])
 @pytest_twisted.ensureDeferred
 async def test_a_queue_recreated_while_disconnected_is_noticed_on_return(
-    plaintext_environ: dict[str, str],
-    local_database: dict[str, str],
+    tls_environ: dict[str, str],
+    postgres_tls: PostgresServer,
+    rabbitmq_tls: RabbitMQServer,
     browser: Browser,
     logs: LogWatcher,  # noqa: F811 - the fixture
     published_while_away: int,
 ) -> None:
     """Back on a new stream shorter than the old position, the first message published
     tells; on a longer one, the message at the old position is another."""
-    server = await start_server(plaintext_environ)
+    server = await start_server(tls_environ)
     queue = server.config.rabbitmq_queue_name
-    broker = Broker(5672)
+    broker = Broker(rabbitmq_tls.amqp_port)
     consumer = server.service.consumer
     try:
-        userid, token = add_local_subscriber(local_database["SSE_POSTGRES_DB_NAME"])
+        userid, token = add_subscriber(postgres_tls)
         await states_until_ready(browser, server.base_url)
         _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
         old = [f"old {n}" for n in range(3)]
-        await publish(5672, queue, *(found_contract(userid, filename=name) for name in old))
+        await publish(
+            rabbitmq_tls.amqp_port, queue, *(found_contract(userid, filename=name) for name in old)
+        )
         await receive(tab, 3)
 
         await consumer.stopService()
@@ -189,7 +203,7 @@ async def test_a_queue_recreated_while_disconnected_is_noticed_on_return(
         await deferToThread(broker.declare, queue, STREAM)
         new = [f"new {n}" for n in range(published_while_away + 1)]
         away = [found_contract(userid, filename=name) for name in new[:-1]]
-        await publish(5672, queue, *away)
+        await publish(rabbitmq_tls.amqp_port, queue, *away)
         consumer.startService()
         await wait_for(lambda: consumer.consuming, "consuming again")
         if published_while_away < 3:
@@ -199,7 +213,7 @@ async def test_a_queue_recreated_while_disconnected_is_noticed_on_return(
                 "checking its position after reconnecting",
                 "reading back",
             )
-        await publish(5672, queue, found_contract(userid, filename=new[-1]))
+        await publish(rabbitmq_tls.amqp_port, queue, found_contract(userid, filename=new[-1]))
         await receive(tab, 3 + 1 + len(new))
         await states_until_ready(browser, server.base_url)
 
@@ -214,16 +228,24 @@ async def test_a_queue_recreated_while_disconnected_is_noticed_on_return(
 
 @pytest_twisted.ensureDeferred
 async def test_an_id_far_past_the_stream_gets_a_reset_after_the_grace_then_live_events(
-    plaintext_environ: dict[str, str], local_database: dict[str, str], browser: Browser
+    tls_environ: dict[str, str],
+    postgres_tls: PostgresServer,
+    rabbitmq_tls: RabbitMQServer,
+    browser: Browser,
 ) -> None:
     grace = 0.5
-    server = await start_server({**plaintext_environ, "SSE_FUTURE_ID_GRACE_SECONDS": str(grace)})
+    server = await start_server({**tls_environ, "SSE_FUTURE_ID_GRACE_SECONDS": str(grace)})
     queue = server.config.rabbitmq_queue_name
     try:
-        userid, token = add_local_subscriber(local_database["SSE_POSTGRES_DB_NAME"])
+        userid, token = add_subscriber(postgres_tls)
         url = server.subscribe_url(new_uuid(), userid, token)
         await states_until_ready(browser, server.base_url)
-        await publish(5672, queue, found_contract(userid, filename="0"), found_contract(userid))
+        await publish(
+            rabbitmq_tls.amqp_port,
+            queue,
+            found_contract(userid, filename="0"),
+            found_contract(userid),
+        )
         await wait_for(lambda: server.service.consumer.last_offset == 1, "consumed")
         opened_at = reactor.seconds()
         _, tab = await browser.open(url, last_event_id="1000000")
@@ -233,7 +255,7 @@ async def test_an_id_far_past_the_stream_gets_a_reset_after_the_grace_then_live_
         assert json.loads(reset["data"]) == {"lastEventId": "1000000", "resumeFrom": 2}
         assert reset["id"] == "1"
         assert grace <= waited < grace + 5
-        await publish(5672, queue, found_contract(userid, filename="live"))
+        await publish(rabbitmq_tls.amqp_port, queue, found_contract(userid, filename="live"))
         live = await tab.next_event()
         assert (live["event"], live["id"]) == ("message", "2")
         assert filenames(tab) == ["live"]
@@ -243,30 +265,41 @@ async def test_an_id_far_past_the_stream_gets_a_reset_after_the_grace_then_live_
 
 @pytest_twisted.ensureDeferred
 async def test_an_id_just_ahead_of_this_instance_waits_for_it_without_reset_or_repeat(
-    plaintext_environ: dict[str, str], local_database: dict[str, str], browser: Browser
+    tls_environ: dict[str, str],
+    postgres_tls: PostgresServer,
+    rabbitmq_tls: RabbitMQServer,
+    browser: Browser,
 ) -> None:
     """The browser comes from an instance a little ahead: this one catches up within the
     grace, and sends only what follows the id."""
     grace = 3.0
-    server = await start_server({**plaintext_environ, "SSE_FUTURE_ID_GRACE_SECONDS": str(grace)})
+    server = await start_server({**tls_environ, "SSE_FUTURE_ID_GRACE_SECONDS": str(grace)})
     queue = server.config.rabbitmq_queue_name
     consumer = server.service.consumer
     try:
-        userid, token = add_local_subscriber(local_database["SSE_POSTGRES_DB_NAME"])
+        userid, token = add_subscriber(postgres_tls)
         url = server.subscribe_url(new_uuid(), userid, token)
         await states_until_ready(browser, server.base_url)
-        await publish(5672, queue, *(found_contract(userid, filename=str(n)) for n in range(2)))
+        await publish(
+            rabbitmq_tls.amqp_port,
+            queue,
+            *(found_contract(userid, filename=str(n)) for n in range(2)),
+        )
         await wait_for(lambda: consumer.last_offset == 1, "consumed")
         # Held back, this instance has not consumed what the browser already has.
         await consumer.stopService()
-        await publish(5672, queue, *(found_contract(userid, filename=str(n)) for n in (2, 3, 4)))
+        await publish(
+            rabbitmq_tls.amqp_port,
+            queue,
+            *(found_contract(userid, filename=str(n)) for n in (2, 3, 4)),
+        )
         opened_at = reactor.seconds()
         _, tab = await browser.open(url, last_event_id="3")
         consumer.startService()
         await receive(tab, 1)
         # Absence of a reset can only be seen once the grace is over.
         await wait_for(lambda: reactor.seconds() > opened_at + grace + 0.5, "the grace")
-        await publish(5672, queue, found_contract(userid, filename="5"))
+        await publish(rabbitmq_tls.amqp_port, queue, found_contract(userid, filename="5"))
         await receive(tab, 2)
         assert [event["event"] for event in tab.received] == ["message", "message"]
         assert filenames(tab) == ["4", "5"]
