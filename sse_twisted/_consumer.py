@@ -188,6 +188,7 @@ class StreamConsumerService(Service):
         self._verifying_at: int | None = None
         self._from_first = False
         self._messages: ClosableDeferredQueue | None = None
+        self._probe_channel: TwistedChannel | None = None
         self._quiet: DelayedCall | None = None
         self._reactor = reactor
         # pika's Twisted adapter ignores host, port and TLS here: the endpoint provides those.
@@ -341,6 +342,7 @@ class StreamConsumerService(Service):
         # reject what still arrives for it, and streams answer a reject by closing the
         # connection.
         channel: TwistedChannel = await connection.channel()
+        self._probe_channel = channel
         await channel.basic_qos(prefetch_count=1)
         probe, _ = await channel.basic_consume(
             queue=self._queue, auto_ack=False, arguments={"x-stream-offset": "next"}
@@ -466,11 +468,13 @@ class StreamConsumerService(Service):
     def _restart_at_new_stream(self, reason: str) -> None:
         self._new_stream(reason)
         self._flush_acks()
-        channel, self._channel = self._channel, None
+        channels = (self._channel, self._probe_channel)
+        self._channel = self._probe_channel = None
         self._messages = None
         self.consuming = False
-        if channel is not None and channel.is_open:
-            channel.close()
+        for channel in channels:
+            if channel is not None and channel.is_open:
+                channel.close()
         if self._connection is not None:
             self._start_consuming(self._connection)
 
