@@ -107,8 +107,10 @@ async def test_a_restarted_instance_sends_its_read_back_only_to_streams_resuming
         _, resumed = await browser.open(url, last_event_id=str(19 * every))
         code, body = await readiness(browser, base_url)
         assert code == 503, "the resumed stream opened during the read-back"
+        asked_at = reactor.seconds()
         states = await states_until_ready(browser, base_url)
         assert "reading back" in [body["dependencies"]["rabbitmq"]["state"], *states]
+        not_ready_for = reactor.seconds() - asked_at
 
         await publish(rabbitmq_tls.amqp_port, queue, found_contract(userid, filename="live"))
         await receive(resumed, 21)
@@ -118,6 +120,11 @@ async def test_a_restarted_instance_sends_its_read_back_only_to_streams_resuming
         assert filenames(resumed) == [str(n * every) for n in range(20, 40)] + ["live"]
         assert [event["event"] for event in resumed.received] == ["message"] * 21
         assert resumed.received[-1]["id"] == fresh.received[-1]["id"] == str(total)
+        print(
+            f"read-back of {total} messages: /readyz 503 for {not_ready_for:.2f} s more after"
+            f" the resume; new page got {len(filenames(fresh)) - 1} old events, first id"
+            f" {first_id(fresh)}; resumed page got {len(filenames(resumed)) - 1} missed events"
+        )
     finally:
         await instance.kill(2)
 
