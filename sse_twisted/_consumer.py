@@ -31,12 +31,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._config import Config
+from ._live import LiveStart
 from ._metrics import Metrics, amqp_timestamp_seconds
 from ._tls import rabbitmq_client_tls
 
 __all__ = ["StreamConsumerService"]
 
 _PRECONDITION_FAILED = 406
+_NOT_FOUND = 404
+# With nothing published since it attached, the read-back is over once the consumer has had
+# no delivery for this long.
+_QUIET_SECONDS = 1.0
 _HANDSHAKE_TIMEOUT_SECONDS = 30.0
 _CLOSE_TIMEOUT_SECONDS = 5.0
 
@@ -146,12 +151,20 @@ class StreamConsumerService(Service):
     Each message goes to ``on_message(body, offset)``, synchronously and in stream order;
     when it returns the number of streams written, ``metrics`` counts them.
     The first attachment starts ``config.replay_seconds`` back (or at the next message
-    published when that is 0), to fill the replay window; after a reconnection,
-    consumption resumes right after the last offset handled, so nothing the stream retained
-    during an outage is missed or repeated. ``on_fatal`` gets one line when retrying cannot
-    help (the queue exists and is not a stream), once it has stopped reconnecting.
+    published when that is 0), to fill the replay window: that read-back ends at the tail,
+    which a probe consumer attached at "next" learns (its first delivery is the first
+    offset published after attaching), or, with nothing published, once no delivery came
+    for ``_QUIET_SECONDS``; ``live`` is told the tail and when the read-back is read.
+    After a reconnection, consumption resumes at the last offset handled, so nothing the
+    stream retained during an outage is missed or repeated; that offset must come again
+    with the same body, and the probe's first offset must be past it, or the queue is a
+    new stream (deleted and re-created): it is then consumed from its first message and
+    ``live`` is told to reset the open streams. ``on_fatal`` gets one line when retrying
+    cannot help (the queue exists and is not a stream), once it has stopped reconnecting.
 
-    @ivar consuming: True only while the broker has our consumer registered (readiness).
+    @ivar consuming: True only while the broker has our consumer registered.
+    @ivar behind: why the consumer is not yet at the stream's tail (reading back, or the
+        position not yet checked after a reconnection), None when it is (readiness).
     @ivar last_offset: stream offset of the last message handed to ``on_message``.
     """
 
@@ -164,9 +177,19 @@ class StreamConsumerService(Service):
         on_message: Callable[[bytes, int], object],
         on_fatal: Callable[[str], None],
         metrics: Metrics | None = None,
+        live: LiveStart | None = None,
     ) -> None:
         self.consuming = False
         self.last_offset: int | None = None
+        self._caught_up = False
+        self._live = live
+        self._last_body = b""
+        self._tail: int | None = None
+        self._verifying_at: int | None = None
+        self._from_first = False
+        self._messages: ClosableDeferredQueue | None = None
+        self._probe_channel: TwistedChannel | None = None
+        self._quiet: DelayedCall | None = None
         self._reactor = reactor
         # pika's Twisted adapter ignores host, port and TLS here: the endpoint provides those.
         parameters = pika.ConnectionParameters(
@@ -244,14 +267,28 @@ class StreamConsumerService(Service):
             reason=reason.getErrorMessage(),
         )
 
+    @property
+    def behind(self) -> str | None:
+        """Why the consumer is not at the stream's tail yet, or None (readiness)."""
+        if self._verifying_at is not None:
+            return "checking its position after reconnecting"
+        if not self._caught_up:
+            return "reading back"
+        return None
+
     def _connection_ready(self, connection: _StreamConnection) -> None:
         self._connection = connection
+        self._start_consuming(connection)
+
+    def _start_consuming(self, connection: _StreamConnection) -> None:
         consuming = Deferred.fromCoroutine(self._consume(connection))
         consuming.addErrback(
             lambda reason: connection.abandon(f"cannot consume {self._queue}: {_describe(reason)}")
         )
 
     async def _consume(self, connection: _StreamConnection) -> None:
+        if self.last_offset is not None and not await self._queue_exists(connection):
+            self._new_stream(f"queue {self._queue} no longer exists")
         channel: TwistedChannel = await connection.channel()
         try:
             await channel.queue_declare(
@@ -276,6 +313,7 @@ class StreamConsumerService(Service):
                 reason=error.reply_text,
             )
             channel = await connection.channel()
+        probe = await self._attach_probe(connection)
         # Streams refuse consumers without a prefetch limit.
         await channel.basic_qos(prefetch_count=self._prefetch)
         offset = self._resume_point()
@@ -284,6 +322,7 @@ class StreamConsumerService(Service):
             queue=self._queue, auto_ack=False, arguments={"x-stream-offset": offset}
         )
         self._channel = channel
+        self._messages = messages
         self.consuming = True
         self._failed_attempts = 0
         self.log.info(
@@ -292,11 +331,54 @@ class StreamConsumerService(Service):
             address=self._address,
             offset=str(offset),  # may be a datetime, which JSON log lines cannot hold
         )
+        if not self._caught_up:
+            self._wait_for_quiet()
+        probe.addCallbacks(self._probed, lambda _: None, callbackArgs=(messages,))
         self._read(messages)
+
+    async def _attach_probe(self, connection: _StreamConnection) -> Deferred[ReceivedMessage]:
+        # Attached before the main consumer: whatever it sees was published after that.
+        # On its own channel, closed after one delivery: cancelling a consumer makes pika
+        # reject what still arrives for it, and streams answer a reject by closing the
+        # connection.
+        channel: TwistedChannel = await connection.channel()
+        self._probe_channel = channel
+        await channel.basic_qos(prefetch_count=1)
+        probe, _ = await channel.basic_consume(
+            queue=self._queue, auto_ack=False, arguments={"x-stream-offset": "next"}
+        )
+        first: Deferred[ReceivedMessage] = probe.get()
+
+        def close(message: ReceivedMessage) -> ReceivedMessage:
+            if channel.is_open:
+                channel.close()
+            return message
+
+        return first.addCallback(close)
+
+    async def _queue_exists(self, connection: _StreamConnection) -> bool:
+        channel: TwistedChannel = await connection.channel()
+        try:
+            await channel.queue_declare(queue=self._queue, passive=True)
+        except ChannelClosedByBroker as error:
+            # Also 404 while a restarted broker has not yet brought a durable queue back
+            # ("home node ... is down or inaccessible"): that one is retried, not new.
+            if error.reply_code == _NOT_FOUND and error.reply_text.startswith(
+                "NOT_FOUND - no queue"
+            ):
+                return False
+            raise
+        channel.close()
+        return True
 
     def _resume_point(self) -> int | str | datetime:
         if self.last_offset is not None:
-            return self.last_offset + 1
+            # Attached at the last offset handled, not after it: it must come again, the
+            # same, or the queue is another stream than the one consumed so far.
+            self._verifying_at = self.last_offset
+            return self.last_offset
+        if self._from_first:
+            return "first"
         if self._first_attached_at is None:
             # Read back the replay window, so that a fresh instance can replay it too.
             start = int(self._reactor.seconds()) - self._read_back_seconds
@@ -313,30 +395,139 @@ class StreamConsumerService(Service):
         # re-entered, and the callee may well stop this service.
         stopped.addCallback(lambda _: self._reactor.callLater(0, self._on_fatal, reason))
 
+    def _probed(self, message: ReceivedMessage, messages: ClosableDeferredQueue) -> None:
+        # One delivery tells all the probe can: the first offset published after attaching.
+        if messages is not self._messages:
+            return
+        first_new: int = message.properties.headers["x-stream-offset"]
+        if self._verifying_at is not None and first_new <= self._verifying_at:
+            self._restart_at_new_stream(
+                f"the first offset published since reconnecting, {first_new}, is not past "
+                f"the last one consumed, {self._verifying_at}"
+            )
+        elif not self._caught_up and self._tail is None:
+            self._tail_known(first_new - 1)
+
+    def _wait_for_quiet(self) -> None:
+        if self._tail is not None:
+            return  # the probe told the tail: the read-back ends there
+        if self._quiet is not None and self._quiet.active():
+            self._quiet.reset(_QUIET_SECONDS)
+        else:
+            self._quiet = self._reactor.callLater(_QUIET_SECONDS, self._quiet_passed)
+
+    def _quiet_passed(self) -> None:
+        self._quiet = None
+        if not self._caught_up and self._tail is None:
+            # Nothing published since attaching, and nothing more to read back.
+            self._tail_known(-1 if self.last_offset is None else self.last_offset)
+
+    def _cancel_quiet(self) -> None:
+        if self._quiet is not None and self._quiet.active():
+            self._quiet.cancel()
+        self._quiet = None
+
+    def _tail_known(self, tail: int) -> None:
+        self._tail = tail
+        self._cancel_quiet()
+        if self._live is not None:
+            self._live.tail_known(tail)
+        if tail < 0 or (self.last_offset is not None and self.last_offset >= tail):
+            self._finish_read_back()
+
+    def _finish_read_back(self) -> None:
+        self._caught_up = True
+        self._cancel_quiet()
+        self.log.info(
+            "read back {queue} up to offset {tail}: what follows is live",
+            queue=self._queue,
+            tail=self._tail,
+        )
+        if self._live is not None:
+            self._live.caught_up()
+
+    def _new_stream(self, reason: str) -> None:
+        self.log.error(
+            "{queue} is a new stream ({reason}): consuming it from its first message; "
+            "replay window cleared, every open stream sent a reset",
+            queue=self._queue,
+            reason=reason,
+            previous_offset=self.last_offset,
+        )
+        previous = self.last_offset
+        self.last_offset = None
+        self._last_body = b""
+        self._verifying_at = None
+        self._tail = None
+        self._caught_up = False
+        self._from_first = True
+        self._cancel_quiet()
+        if self._live is not None:
+            self._live.new_stream(previous)
+
+    def _restart_at_new_stream(self, reason: str) -> None:
+        self._new_stream(reason)
+        self._flush_acks()
+        channels = (self._channel, self._probe_channel)
+        self._channel = self._probe_channel = None
+        self._messages = None
+        self.consuming = False
+        for channel in channels:
+            if channel is not None and channel.is_open:
+                channel.close()
+        if self._connection is not None:
+            self._start_consuming(self._connection)
+
     def _read(self, messages: ClosableDeferredQueue) -> None:
         # A reader is always waiting, so pika's put() hands each delivery straight through:
         # nothing piles up in the queue and this does not recurse.
-        messages.get().addCallbacks(self._deliver, self._consumer_ended, callbackArgs=(messages,))
+        messages.get().addCallbacks(
+            self._deliver,
+            self._consumer_ended,
+            callbackArgs=(messages,),
+            errbackArgs=(messages,),
+        )
 
     def _deliver(self, message: ReceivedMessage, messages: ClosableDeferredQueue) -> None:
+        if messages is not self._messages:
+            return  # from the consumer of a stream that was replaced
         offset: int = message.properties.headers["x-stream-offset"]
+        if self._verifying_at is not None and offset >= self._verifying_at:
+            if offset != self._verifying_at or message.body != self._last_body:
+                self._restart_at_new_stream(
+                    f"offset {self._verifying_at} no longer holds the message consumed there"
+                )
+                return
+            self._verifying_at = None
         # A resumed consumer may be sent the chunk holding its start offset from the top.
-        if self.last_offset is None or offset > self.last_offset:
-            written: object = 0
-            try:
-                written = self._on_message(message.body, offset)
-            except Exception:
-                self.log.failure("on_message failed at offset {offset}", offset=offset)
-            self.last_offset = offset
-            # Once per message, however many streams it reached.
-            self._metrics.messages_consumed.inc()
-            if isinstance(written, int):
-                published_at = amqp_timestamp_seconds(message.properties.timestamp)
-                self._metrics.delivered(written, published_at, self._reactor.seconds())
+        elif self.last_offset is None or offset > self.last_offset:
+            self._handle(message, offset)
         self._acknowledge(message.method.delivery_tag)
         self._read(messages)
 
-    def _consumer_ended(self, reason: Failure) -> None:
+    def _handle(self, message: ReceivedMessage, offset: int) -> None:
+        written: object = 0
+        try:
+            written = self._on_message(message.body, offset)
+        except Exception:
+            self.log.failure("on_message failed at offset {offset}", offset=offset)
+        self.last_offset = offset
+        # A reference, not a copy: what a reconnection compares the same offset with.
+        self._last_body = message.body
+        # Once per message, however many streams it reached.
+        self._metrics.messages_consumed.inc()
+        if isinstance(written, int):
+            published_at = amqp_timestamp_seconds(message.properties.timestamp)
+            self._metrics.delivered(written, published_at, self._reactor.seconds())
+        if not self._caught_up:
+            if self._tail is not None and offset >= self._tail:
+                self._finish_read_back()
+            else:
+                self._wait_for_quiet()
+
+    def _consumer_ended(self, reason: Failure, messages: ClosableDeferredQueue) -> None:
+        if messages is not self._messages:
+            return  # the consumer of a stream that was replaced
         self.consuming = False
         if self._connection is not None:
             # A fresh connection redeclares the queue and attaches a new consumer.
@@ -368,6 +559,8 @@ class StreamConsumerService(Service):
         self.consuming = False
         self._connection = None
         self._channel = None
+        self._messages = None
+        self._cancel_quiet()  # restarted once consuming again
         self._flush_acks()  # the channel is gone: this only forgets what was pending
         if self._stopping:
             return

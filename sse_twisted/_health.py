@@ -57,9 +57,14 @@ class _Probed(Protocol):
 class _ConsumerState(Protocol):
     consuming: bool
 
+    @property
+    def behind(self) -> str | None: ...
+
 
 class ConsumerCheck:
-    """RabbitMQ is ready while the stream consumer is registered with the broker."""
+    """RabbitMQ is ready while the stream consumer is registered with the broker and has
+    reached the stream's tail: an instance still reading back the replay window after
+    start, or checking its position after a reconnection, is not ready."""
 
     name = "rabbitmq"
 
@@ -69,11 +74,16 @@ class ConsumerCheck:
 
     def check(self) -> Deferred[DependencyState]:
         """The consumer's flag: a dead link is noticed by AMQP heartbeats."""
-        if self._consumer.consuming:
-            return succeed(DependencyState(True, "consuming"))
-        return succeed(
-            DependencyState(False, "not consuming", f"not consuming {self._queue}: reconnecting")
-        )
+        if not self._consumer.consuming:
+            return succeed(
+                DependencyState(
+                    False, "not consuming", f"not consuming {self._queue}: reconnecting"
+                )
+            )
+        behind = self._consumer.behind
+        if behind is not None:
+            return succeed(DependencyState(False, behind, f"{behind} {self._queue}"))
+        return succeed(DependencyState(True, "consuming"))
 
 
 class PostgresCheck:

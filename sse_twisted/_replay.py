@@ -50,7 +50,7 @@ def reset_frame(requested: str, resume_from: int | None) -> bytes:
     later reconnection does not report the same gap again.
     """
     data = json.dumps({"lastEventId": requested, "resumeFrom": resume_from}).encode()
-    event_id = resume_from - 1 if resume_from else None
+    event_id = resume_from - 1 if resume_from is not None else None
     return event_frame(data, event_id, event="reset")
 
 
@@ -94,6 +94,14 @@ class ReplayWindow:
         if self.covered_from is None:
             self.covered_from = offset
         self.newest = offset
+
+    def clear(self) -> None:
+        """Forget every event: the stream they came from no longer exists."""
+        self._arrivals.clear()
+        self._by_user.clear()
+        self.bytes = 0
+        self.covered_from = None
+        self.newest = None
 
     def record(self, userid: str, topic: str | None, offset: int, frame: bytes) -> None:
         """Retain the event ``frame`` (already encoded, with its id) for ``userid``."""
@@ -143,6 +151,8 @@ class ReplayWindow:
 
 
 def _parse_offset(text: str) -> int | None:
+    if text == "-1":
+        return -1  # before offset 0: the id of the reset that starts a new stream
     if text.isascii() and text.isdigit() and len(text) <= 19:
         return int(text)
     return None

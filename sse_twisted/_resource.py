@@ -19,8 +19,9 @@ from ._admission import ChecksPerClient, RefusalLog
 from ._bodies import BodyLimits, BoundedBodyRequest, ConnectionRequests
 from ._channel import limited_channel_protocol
 from ._client_address import Networks, client_address
-from ._framing import comment_frame, id_frame, retry_frame
+from ._framing import comment_frame, retry_frame
 from ._lifetime import stream_lifetime
+from ._live import LiveStart
 from ._metrics import Metrics
 from ._paths import MASK, is_v4_uuid, loggable_path
 from ._replay import ReplayWindow
@@ -201,6 +202,7 @@ class SubscribeResource(Resource):
         authenticator: IAuthenticator,
         reactor: IReactorTime,
         window: ReplayWindow,
+        live: LiveStart,
         cors_origins: tuple[str, ...],
         retry_milliseconds: int,
         max_buffer_bytes: int,
@@ -217,6 +219,7 @@ class SubscribeResource(Resource):
         self._authenticator = authenticator
         self._clock = reactor
         self._window = window
+        self._live = live
         self._cors_origins = cors_origins
         self._retry_milliseconds = retry_milliseconds
         self._max_buffer_bytes = max_buffer_bytes
@@ -371,12 +374,7 @@ class SubscribeResource(Resource):
             self._metrics.replay_events_sent.inc(len(replay.frames))
             stream.resume_after = replay.resume_after
             stream.coverage_unknown = replay.coverage_unknown
-        newest = self._window.newest
-        if newest is not None and newest > stream.resume_after:
-            # Everything up to here was consumed before this stream existed: a browser
-            # that reconnects before its first event resumes from this point, not from
-            # nothing (an id with no data sets lastEventId without dispatching an event).
-            head.append(id_frame(newest))
+        head += self._live.start(stream, last_event_id)
         request.registerProducer(stream, True)
         self._registry.add(stream)
         finished.addBoth(self._closed, stream)

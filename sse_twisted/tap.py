@@ -24,6 +24,7 @@ from ._health import ConsumerCheck, LivenessResource, PostgresCheck, ReadinessRe
 from ._heartbeat import HeartbeatService
 from ._lifetime import StreamLifetimeService
 from ._listener import ListenerService
+from ._live import LiveStart
 from ._logging import JSONLogObserver, bridge_standard_logging
 from ._metrics import Metrics, MetricsListenerService, metrics_endpoint, metrics_site
 from ._replay import ReplayWindow
@@ -191,18 +192,21 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     revocations = RevocationListener(
         config, reactor, enforcer.revoke, on_resynchronised=enforcer.resynchronise
     )
+    live = LiveStart(registry, window, reactor, config.future_id_grace_seconds)
     consumer = StreamConsumerService(
         config,
         reactor,
         on_message=MessageRouter(registry, window, config.max_message_bytes, metrics),
         on_fatal=on_fatal,
         metrics=metrics,
+        live=live,
     )
     subscribe = SubscribeResource(
         registry,
         auth_cache,
         reactor,
         window,
+        live,
         cors_origins=config.cors_origins,
         retry_milliseconds=config.retry_milliseconds,
         max_buffer_bytes=config.max_buffer_bytes,

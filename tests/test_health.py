@@ -46,6 +46,7 @@ class FakeAuthenticator:
 @dataclass
 class FakeConsumer:
     consuming: bool
+    behind: str | None = None
 
 
 def state_of(check: PostgresCheck) -> DependencyState | None:

@@ -20,6 +20,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from sse_twisted._live import LiveStart
 from sse_twisted._replay import ReplayWindow
 from sse_twisted._resource import EventStreamSite, SubscribeResource, root_resource
 from sse_twisted._streams import StreamRegistry
@@ -99,11 +100,15 @@ def answer_to(
     """The server's answer to ``method target``, and how many streams it opened; every
     pair is a subscriber unless ``authenticator`` says otherwise."""
     registry = StreamRegistry()
+    window = ReplayWindow(Clock(), 60, 100)
+    live = LiveStart(registry, window, Clock(), future_id_grace_seconds=3)
+    live.tail_known(-1)  # an empty stream, read back
     resource = SubscribeResource(
         registry,
         authenticator if authenticator is not None else AlwaysYes(),
         Clock(),
-        ReplayWindow(Clock(), 60, 100),
+        window,
+        live,
         cors_origins=("*",),
         retry_milliseconds=1000,
         max_buffer_bytes=10_000,

@@ -86,6 +86,16 @@ def test_the_window_bytes_follow_every_eviction_by_age_count_and_size() -> None:
     assert (len(window), window.bytes, window.covered_from) == (0, 0, 9)
 
 
+def test_clearing_the_window_for_a_new_stream_frees_its_bytes_too() -> None:
+    window = ReplayWindow(Clock(), max_age_seconds=60, max_events=100, max_bytes=10_000)
+    for offset in range(5):
+        window.record(ALICE, None, offset, _frame(offset, 1000))
+    window.clear()
+    # Stale bytes would evict the new stream's events long before the bound.
+    window.record(ALICE, None, 0, _frame(0, 9000))
+    assert (len(window), window.bytes) == (1, len(_frame(0, 9000)))
+
+
 class _PacedRequest(DummyRequest):
     """A request over a transport that takes ``room`` bytes, then pauses its producer
     until L{drain} (the client read them)."""

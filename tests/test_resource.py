@@ -17,6 +17,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from sse_twisted._live import LiveStart
 from sse_twisted._metrics import Metrics
 from sse_twisted._replay import ReplayWindow
 from sse_twisted._resource import SubscribeResource, path_problem, root_resource
@@ -57,11 +58,15 @@ def make_resource(
     authenticator: ScriptedAuthenticator, origins: tuple[str, ...] = ("*",), **options: Any
 ) -> tuple[SubscribeResource, StreamRegistry]:
     registry = StreamRegistry()
+    window = ReplayWindow(Clock(), 60, 100)
+    live = LiveStart(registry, window, Clock(), future_id_grace_seconds=3)
+    live.tail_known(-1)  # an empty stream, read back
     resource = SubscribeResource(
         registry,
         authenticator,
         Clock(),
-        ReplayWindow(Clock(), 60, 100),
+        window,
+        live,
         cors_origins=origins,
         retry_milliseconds=2000,
         max_buffer_bytes=1000,

@@ -134,6 +134,9 @@ async def test_twistd_serves_a_stream_with_the_local_plaintext_backends_and_stop
     process, transport = spawn_twistd(plaintext_environ, tmp_path)
     try:
         port = await bounded(process.port, 30)
+        # A stream starts at the tail the consumer finds when it attaches: what is
+        # published before that is read back, not live (README, "Where live events start").
+        await bounded(process.consuming, 30)
         url = f"https://localhost:{port}/subscribe/{new_uuid()}/{userid}/{token}"
         response, tab = await browser.open(url)
         assert response.code == 200
