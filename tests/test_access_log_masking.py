@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
+from sse_twisted._live import LiveStart
 from sse_twisted._logging import JSONLogObserver
 from sse_twisted._paths import loggable_path
 from sse_twisted._replay import ReplayWindow
@@ -242,11 +243,13 @@ def test_no_mutation_of_a_subscribe_path_puts_its_token_in_a_log_line(
 
 def test_a_refusal_before_the_database_answered_does_not_name_a_misplaced_token() -> None:
     userid, token = new_uuid(), new_token()
+    registry, window = StreamRegistry(), ReplayWindow(Clock(), 60, 100)
     resource = SubscribeResource(
-        StreamRegistry(),
+        registry,
         OnlyThePair(userid, token),
         Clock(),
-        ReplayWindow(Clock(), 60, 100),
+        window,
+        LiveStart(registry, window, Clock(), future_id_grace_seconds=3),
         cors_origins=("*",),
         retry_milliseconds=1000,
         max_buffer_bytes=1000,

@@ -239,6 +239,16 @@ async def _readiness(
     return answers
 
 
+async def _until_ready(browser: Browser, url: str) -> None:
+    """Return once ``url`` (``/readyz``) answers 200, as a load balancer waits for it."""
+    while True:
+        response = await browser.get(url)
+        await browser.read_body(response)
+        if response.code == 200:
+            return
+        await deferLater(reactor, 0.1, lambda: None)
+
+
 async def _real_user(pki: Pki, number: int, url: str) -> tuple[float, Browser, EventCollector]:
     """Connect from 127.0.0.<number + 2>; seconds until the stream is open (inf if the
     server ended it instead)."""
@@ -281,6 +291,8 @@ async def test_a_flood_of_random_credentials_leaves_real_users_streaming_and_rea
         port = await bounded(process.port, 30)
         await bounded(process.consuming, 30)
         base = f"https://localhost:{port}"
+        # Ready once the consumer has read back: only then would a load balancer send anyone.
+        await bounded(Deferred.fromCoroutine(_until_ready(browser, f"{base}/readyz")), 30)
         flood_done: Deferred[None] = Deferred()
         polling = Deferred.fromCoroutine(_readiness(browser, f"{base}/readyz", flood_done))
         under_way: Deferred[None] = Deferred()
