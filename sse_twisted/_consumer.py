@@ -18,7 +18,9 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
@@ -42,6 +44,8 @@ _NOT_FOUND = 404
 # With nothing published since it attached, the read-back is over once the consumer has had
 # no delivery for this long.
 _QUIET_SECONDS = 1.0
+# Between the deliveries of one chunk, which the broker sends together.
+_CHUNK_SETTLE_SECONDS = 0.2
 _HANDSHAKE_TIMEOUT_SECONDS = 30.0
 _CLOSE_TIMEOUT_SECONDS = 5.0
 
@@ -91,6 +95,10 @@ class _StreamConnection(TwistedProtocolConnection):
         pending = self._impl._error  # see the class docstring
         if self._end_reason is None and pending is not None:
             self._end_reason = repr(pending)
+        if self._end_reason is not None:
+            # The cause is known, and the consumer logs it: pika would also log the end of
+            # the socket after a close (ConnectionLost when the broker resets it) as an error.
+            reason = Failure(ConnectionDone())
         super().connectionLost(reason)
         self._consumer._connection_lost(self._end_reason or reason.getErrorMessage())
         self.lost.callback(None)
@@ -154,7 +162,8 @@ class StreamConsumerService(Service):
     published when that is 0), to fill the replay window: that read-back ends at the tail,
     which a probe consumer attached at "next" learns (its first delivery is the first
     offset published after attaching), or, with nothing published, once no delivery came
-    for ``_QUIET_SECONDS``; ``live`` is told the tail and when the read-back is read.
+    for ``_QUIET_SECONDS`` (when nothing at all was read back, the tail is then read from
+    the stream's last chunk); ``live`` is told the tail and when the read-back is read.
     After a reconnection, consumption resumes at the last offset handled, so nothing the
     stream retained during an outage is missed or repeated; that offset must come again
     with the same body, and the probe's first offset must be past it, or the queue is a
@@ -418,9 +427,57 @@ class StreamConsumerService(Service):
 
     def _quiet_passed(self) -> None:
         self._quiet = None
-        if not self._caught_up and self._tail is None:
-            # Nothing published since attaching, and nothing more to read back.
-            self._tail_known(-1 if self.last_offset is None else self.last_offset)
+        if self._caught_up or self._tail is not None:
+            return
+        # Nothing published since attaching, and nothing more to read back.
+        if self.last_offset is not None:
+            self._tail_known(self.last_offset)
+        elif self._connection is not None and self._messages is not None:
+            # Nothing read back at all: the newest message, if any, is older than the
+            # window. Its offset is still the tail, which tells a browser resuming at it
+            # from one that missed events.
+            looking = Deferred.fromCoroutine(self._newest_at_rest(self._connection))
+            looking.addCallback(self._rested, self._messages)
+            looking.addErrback(
+                lambda reason: self.log.warn(
+                    "cannot read the newest offset of {queue}: {reason}",
+                    queue=self._queue,
+                    reason=_describe(reason),
+                )
+            )
+
+    async def _newest_at_rest(self, connection: _StreamConnection) -> int:
+        """The offset of the newest message in the stream (-1 when it is empty), read from
+        its last chunk; only meant for a stream nobody publishes to just now."""
+        channel: TwistedChannel = await connection.channel()
+        await channel.basic_qos(prefetch_count=self._prefetch)
+        deliveries, _ = await channel.basic_consume(
+            queue=self._queue, auto_ack=False, arguments={"x-stream-offset": "last"}
+        )
+        newest = -1
+        # The broker sends the last chunk at once; the first wait also covers an empty stream.
+        wait = _QUIET_SECONDS
+        while True:
+            arriving: Deferred[ReceivedMessage] = deliveries.get()
+            arriving.addTimeout(wait, self._reactor)
+            try:
+                message = await arriving
+            except DeferredTimeoutError:
+                break
+            newest = max(newest, message.properties.headers["x-stream-offset"])
+            channel.basic_ack(message.method.delivery_tag)
+            wait = _CHUNK_SETTLE_SECONDS
+        if channel.is_open:
+            channel.close()
+        return newest
+
+    def _rested(self, newest: int, messages: ClosableDeferredQueue) -> None:
+        if messages is not self._messages or self._caught_up or self._tail is not None:
+            return  # the stream was replaced, or the probe told the tail meanwhile
+        self._tail = newest
+        if self._live is not None:
+            self._live.nothing_read_back(newest)
+        self._finish_read_back()
 
     def _cancel_quiet(self) -> None:
         if self._quiet is not None and self._quiet.active():

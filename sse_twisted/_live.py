@@ -17,10 +17,18 @@ from ._framing import id_frame
 from ._replay import ReplayWindow, reset_frame
 from ._streams import EventStream, StreamRegistry
 
-__all__ = ["LiveStart"]
+__all__ = ["LiveStart", "settle_uncovered"]
 
 # resume_after of a held stream: no offset is above it, so nothing is written to it.
 _HELD = 2**63
+
+
+def settle_uncovered(registry: StreamRegistry, first_offset: int) -> None:
+    """The window now holds every event from ``first_offset`` on: streams that resumed
+    before that was known and are behind it get a ``reset`` for what they missed."""
+    for stream in registry.take_uncovered():
+        if stream.resume_after + 1 < first_offset:
+            stream.write(reset_frame(str(stream.resume_after), first_offset))
 
 
 class LiveStart:
@@ -87,6 +95,15 @@ class LiveStart:
             stream.resume_after = tail
             if frames:
                 stream.write(frames)
+
+    def nothing_read_back(self, newest: int) -> None:
+        """The read-back found nothing: the stream's newest offset (-1: none) is older than
+        the window, which holds everything after it. Known now, not at the next message, so
+        that a browser resuming behind it gets its ``reset`` as its first event."""
+        if newest >= 0 and self._window.covered_from is None:
+            self._window.starts_after(newest)
+            settle_uncovered(self._registry, newest + 1)
+        self.tail_known(newest)
 
     def caught_up(self) -> None:
         """The consumer has read the read-back: the grace of ids from ahead starts now."""

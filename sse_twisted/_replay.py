@@ -95,6 +95,13 @@ class ReplayWindow:
             self.covered_from = offset
         self.newest = offset
 
+    def starts_after(self, tail: int) -> None:
+        """Note that nothing up to ``tail`` was read back (it is older than the window):
+        the window holds every event after it, none before."""
+        if self.covered_from is None:
+            self.covered_from = tail + 1
+            self.newest = tail
+
     def clear(self) -> None:
         """Forget every event: the stream they came from no longer exists."""
         self._arrivals.clear()

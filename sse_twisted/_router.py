@@ -5,9 +5,10 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 from ._framing import event_frame
+from ._live import settle_uncovered
 from ._messages import InvalidMessage, parse_message
 from ._metrics import Metrics
-from ._replay import ReplayWindow, reset_frame
+from ._replay import ReplayWindow
 from ._streams import StreamRegistry
 
 __all__ = ["MessageRouter"]
@@ -42,7 +43,9 @@ class MessageRouter:
         """
         if self._window.covered_from is None:
             self._window.consumed(offset)
-            self._settle_uncovered(offset)
+            # Streams that resumed before anything was consumed: the first offset read
+            # tells whether events between theirs and it are lost to this process.
+            settle_uncovered(self._registry, offset)
         if len(body) > self._max_message_bytes:
             self._skip(
                 body,
@@ -71,10 +74,3 @@ class MessageRouter:
             size=len(body),
             preview=body[:_PREVIEW_CHARACTERS].decode("utf-8", "replace"),
         )
-
-    def _settle_uncovered(self, first_offset: int) -> None:
-        # Streams that resumed before anything was consumed: the first offset read tells
-        # whether events between theirs and it are lost to this process.
-        for stream in self._registry.take_uncovered():
-            if stream.resume_after + 1 < first_offset:
-                stream.write(reset_frame(str(stream.resume_after), first_offset))

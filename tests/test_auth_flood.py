@@ -46,8 +46,9 @@ FLOOD = 5000
 REAL_USERS = 50
 POOL_SIZE = 4
 # "Within a few seconds": the server spends about 1.5 s of CPU on the burst of refusals
-# (mostly Twisted's HTTP/2 code) on an idle two-core machine, up to 5 s on a busy shared one.
-STREAMING_WITHIN_SECONDS = 8.0
+# (mostly Twisted's HTTP/2 code) on an idle two-core machine, and 8-12 s were seen with
+# other test suites running beside it. Before the fix no real user streamed at all.
+STREAMING_WITHIN_SECONDS = 15.0
 # Subscribes sent at once on one connection: the server allows 100 streams at once.
 BATCH = 100
 # PostgreSQL is reached through a proxy adding this much each way: a database on another

@@ -33,6 +33,7 @@ class Setup:
             replay = self.window.replay(ALICE, NEWS, last_event_id)
             head += replay.frames
             stream.resume_after = replay.resume_after
+            stream.coverage_unknown = replay.coverage_unknown
         head += self.live.start(stream, last_event_id)
         self.registry.add(stream)
         request.write(b"".join(head))
@@ -122,3 +123,27 @@ def test_a_new_stream_resets_every_open_stream_with_an_id_that_replays_it_once()
         ("message", "0"),
         ("message", "1"),
     ]
+
+
+def test_a_tail_told_before_the_read_back_arrives_leaves_the_coverage_to_the_read_back() -> None:
+    setup = Setup()
+    setup.live.tail_known(9)  # the probe was quicker than the first read-back delivery
+    assert setup.window.covered_from is None
+    setup.consume(*range(10))
+    resumed = setup.open("3")
+    assert [event["id"] for event in events(resumed)] == ["4", "5", "6", "7", "8", "9"]
+
+
+def test_when_nothing_is_read_back_the_window_starts_after_the_newest_offset() -> None:
+    setup = Setup()
+    early = setup.open("3")  # before anything is known: its coverage is settled later
+    setup.live.nothing_read_back(9)
+    [reset] = events(early)
+    assert (reset["event"], reset["id"]) == ("reset", "9")
+    assert json.loads(reset["data"]) == {"lastEventId": "3", "resumeFrom": 10}
+    current = setup.open("9")
+    setup.live.caught_up()
+    setup.clock.advance(3)
+    setup.consume(10)
+    assert [event["id"] for event in events(early)] == ["9", "10"]
+    assert [(event["event"], event["id"]) for event in events(current)] == [("message", "10")]

@@ -95,7 +95,8 @@ async def test_a_restarted_instance_sends_its_read_back_only_to_streams_resuming
     await bounded(
         deferToThread(
             _publish_quickly, rabbitmq_tls.amqp_port, queue, [body.encode() for body in bodies]
-        )
+        ),
+        60,
     )
     instance = Instance({**tls_environ, "SSE_LOGS_DIR": ""}, tmp_path)
     try:
@@ -310,5 +311,45 @@ async def test_an_id_just_ahead_of_this_instance_waits_for_it_without_reset_or_r
         await receive(tab, 2)
         assert [event["event"] for event in tab.received] == ["message", "message"]
         assert filenames(tab) == ["4", "5"]
+    finally:
+        await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_instance_knows_its_window_at_start_and_a_late_browser_gets_reset_first(
+    tls_environ: dict[str, str],
+    postgres_tls: PostgresServer,
+    rabbitmq_tls: RabbitMQServer,
+    browser: Browser,
+) -> None:
+    """The stream's messages are all older than the window and nothing is published after
+    the start: a browser behind the newest offset gets `reset` as its first event at once,
+    one at it gets no reset, one past it gets `reset` after the grace."""
+    queue = tls_environ["SSE_RABBITMQ_QUEUE_NAME"]
+    userid, token = add_subscriber(postgres_tls)
+    bodies = [json.dumps(found_contract(userid, filename=str(n))).encode() for n in range(10)]
+    await deferToThread(_publish_quickly, rabbitmq_tls.amqp_port, queue, bodies)
+    # Older than a window of 1 s (which starts at a whole second, so up to 2 s back).
+    await deferLater(reactor, 2.5, lambda: None)
+    server = await start_server(
+        {**tls_environ, "SSE_REPLAY_SECONDS": "1", "SSE_FUTURE_ID_GRACE_SECONDS": "0.5"}
+    )
+    try:
+        await states_until_ready(browser, server.base_url)
+        url = server.subscribe_url(new_uuid(), userid, token)
+        _, behind = await browser.open(url, last_event_id="3")
+        _, current = await browser.open(url, last_event_id="9")
+        _, ahead = await browser.open(url, last_event_id="50")
+        for tab, requested in ((behind, "3"), (ahead, "50")):
+            reset = await tab.next_event()
+            assert reset["event"] == "reset"
+            assert json.loads(reset["data"]) == {"lastEventId": requested, "resumeFrom": 10}
+            assert reset["id"] == "9"
+        await publish(rabbitmq_tls.amqp_port, queue, found_contract(userid, filename="live"))
+        for tab, before in ((behind, 1), (current, 0), (ahead, 1)):
+            await receive(tab, before + 1)
+            assert [(event["event"], event["id"]) for event in tab.received[before:]] == [
+                ("message", "10")
+            ]
     finally:
         await server.stop()
