@@ -346,9 +346,9 @@ class PostgresAuthenticator(Service):
     def _ask(self, userid: str, nonce: str, first: bool) -> Deferred[bool]:
         answer = self._pool.run_query(_SUBSCRIBER_QUERY, (userid, nonce), first)
         answer.addTimeout(self._config.postgres_timeout_seconds, self._reactor)
-        return answer.addCallbacks(bool, self._unanswered, errbackArgs=(userid, nonce))
+        return answer.addCallbacks(bool, self._unanswered, errbackArgs=(nonce,))
 
-    def _unanswered(self, failure: Failure, userid: str, nonce: str) -> bool | Failure:
+    def _unanswered(self, failure: Failure, nonce: str) -> bool | Failure:
         if failure.check(CancelledError, BackendBusy):
             # The caller gave up, or the line is full (the caller counts and logs that).
             return failure
@@ -367,7 +367,10 @@ class PostgresAuthenticator(Service):
                 reason = reason.replace(nonce, _MASK)
         if failure.check(*_OUTAGES):
             self.log.warn(
-                "cannot check subscriber {userid}: {reason}", userid=userid, reason=reason
+                # Not the userid: it is the path segment as sent, unchecked, and a path with a
+                # segment missing puts the token there.
+                "cannot check a subscriber: {reason}",
+                reason=reason,
             )
         elif failure.check(psycopg2.Error):
             self.log.error(
@@ -375,7 +378,7 @@ class PostgresAuthenticator(Service):
                 reason=reason,
             )
         else:
-            self.log.failure("cannot check subscriber {userid}", failure, userid=userid)
+            self.log.failure("cannot check a subscriber", failure)
         raise BackendUnavailable(reason)
 
     def granted(self, pairs: Sequence[tuple[str, str]]) -> Deferred[set[tuple[str, str]]]:

@@ -131,11 +131,11 @@ def _origins(text: str) -> tuple[str, ...]:
     return origins
 
 
-_MAX_AGE = re.compile(r"^[1-9][0-9]*(Y|M|D|h|m|s)$")
+_MAX_AGE = re.compile(r"[1-9][0-9]*(Y|M|D|h|m|s)")
 
 
 def _max_age(text: str) -> str:
-    if not _MAX_AGE.match(text):
+    if not _MAX_AGE.fullmatch(text):
         raise ValueError(f"{text!r} is not a RabbitMQ max-age such as 7D, 12h or 30m")
     return text
 

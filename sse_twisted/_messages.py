@@ -27,7 +27,7 @@ __all__ = [
     "parse_message",
 ]
 
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 INVALID_REASONS = ("not_json", "unknown_type", "bad_recipient", "bad_field")
@@ -125,10 +125,10 @@ def parse_message(body: bytes) -> Message:
     if schema is None:
         raise InvalidMessage(f"unknown type {str(kind)[:64]!r}", "unknown_type")
     userid = document.get("userid")
-    if not isinstance(userid, str) or not _UUID.match(userid):
+    if not isinstance(userid, str) or not _UUID.fullmatch(userid):
         raise InvalidMessage("field 'userid' is not a UUID", "bad_recipient")
     topic = document.get("topic")
-    if topic is not None and (not isinstance(topic, str) or not _UUID.match(topic)):
+    if topic is not None and (not isinstance(topic, str) or not _UUID.fullmatch(topic)):
         raise InvalidMessage("field 'topic' is not a UUID", "bad_recipient")
     for field, expected in schema.required_fields.items():
         if field not in document:

@@ -39,7 +39,7 @@ __all__ = ["CHANNEL", "RevocationEnforcer", "RevocationListener"]
 _Pair = tuple[str, str]
 
 CHANNEL = "sse_revocations"
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 _PAYLOAD_SHOWN = 64
 # Pairs asked in one query: a few hundred keep each query well within the timeout.
 _BATCH_PAIRS = 500
@@ -151,7 +151,7 @@ class RevocationListener(Service):
             self.log.info("every grant may be revoked (users truncated): re-checking all")
             self._resynchronise()
             return
-        if not _UUID.match(payload):
+        if not _UUID.fullmatch(payload):
             self.log.warn(
                 "ignored a revocation whose payload is not a user id: {payload!r}",
                 payload=payload[:_PAYLOAD_SHOWN],

@@ -269,7 +269,7 @@ async def test_no_answer_within_the_timeout_is_backend_unavailable(
     # The abandoned query finishes in the background; its late answer is dropped quietly.
     assert await check(authenticator, *ALICE) is True
     assert [line for line in warnings_logged(log_events) if "no answer" in line] == [
-        f"cannot check subscriber {ALICE[0]}: no answer within 0.5 seconds"
+        "cannot check a subscriber: no answer within 0.5 seconds"
     ]
     assert tracebacks(log_events) == []
 
@@ -527,7 +527,7 @@ async def test_logs_never_contain_the_nonce_or_the_password(
     await unavailable(unreachable, *BOB)
     await bounded(working.stopService())
     text = log_text(log_events)
-    assert "cannot check subscriber" in text  # the failures were logged...
+    assert "cannot check a subscriber" in text  # the failures were logged...
     for secret in (PASSWORD, ALICE[1], BOB[1]):
         assert secret not in text  # ...without the secrets
 
