@@ -93,7 +93,7 @@ def warn_if_limit_below_streams(limit: OpenFileLimit, max_streams: int) -> bool:
 
 
 # Twisted's tcp.Port logs each connection it had to close because accept() hit EMFILE with
-# this format, at info level (checked with Twisted 24.11 and 25.5); tests/test_open_files.py
+# this format, at info level (checked with Twisted 26.10); tests/test_open_files.py
 # fails clearly if it changes.
 EMFILE_CLOSED_FORMAT = "EMFILE recovery: Closed socket from {address}"
 
