@@ -19,7 +19,10 @@ DEMO_TOPIC ?= 7a1f4c2e-9d3b-4f6a-8e2c-5b0d1a7c3e94
 DEMO_USERID ?= 0b8e3a52-6a3e-4c1e-9f4a-2d7b1c9e5a10
 DEMO_TOKEN ?= 3c9d2f7e-1b4a-4e8d-a6c5-7f0e2b9d4c31
 
-DEV_ENV := SSE_APP_ENV=dev SSE_CERTS_DIR=$(CERTS_DIR) \
+# The port `make run` listens on.
+PORT ?= 8001
+
+DEV_ENV := SSE_APP_ENV=dev SSE_CERTS_DIR=$(CERTS_DIR) SSE_PORT=$(PORT) \
 	SSE_RABBITMQ_TLS=false SSE_RABBITMQ_HOST=127.0.0.1 \
 	SSE_POSTGRES_SSLMODE=disable SSE_POSTGRES_HOST=$(PGHOST) SSE_POSTGRES_PORT=$(PGPORT) \
 	SSE_POSTGRES_USERNAME=$(PGUSER) SSE_POSTGRES_DB_NAME=$(PGDATABASE)
@@ -48,10 +51,24 @@ db: ## Create the users table and the demo user in the local PostgreSQL (if miss
 	$(PSQL) -c "INSERT INTO users (uuid, sse_token) SELECT '$(DEMO_USERID)', '$(DEMO_TOKEN)' \
 		WHERE NOT EXISTS (SELECT 1 FROM users WHERE uuid = '$(DEMO_USERID)' AND sse_token = '$(DEMO_TOKEN)')"
 
+DEMO_URLS := echo "demo stream: curl -N --cacert $(CERTS_DIR)/ca.pem \
+https://localhost:$(PORT)/subscribe/$(DEMO_TOPIC)/$(DEMO_USERID)/$(DEMO_TOKEN)"; \
+echo "demo page:   https://localhost:$(PORT)/demo?topic=$(DEMO_TOPIC)&userid=$(DEMO_USERID)&token=$(DEMO_TOKEN)"
+
+# The demo URLs come once the server consumes, below its start-up log. Ctrl-C is a
+# deliberate stop and ends with status 0: with job control (set -m) the terminal sends it to
+# the server's pipeline alone, not to make (which would die of it); the server stops and
+# re-raises it, and its subshell turns that (130, or 143 for SIGTERM) into 0. The log reader
+# ignores the signals, so that it reads the server's last lines.
 .PHONY: run
 run: certs db ## Run the server on https://localhost:8001 against the local PostgreSQL and RabbitMQ
-	@echo "demo stream: curl -N --cacert $(CERTS_DIR)/ca.pem https://localhost:8001/subscribe/$(DEMO_TOPIC)/$(DEMO_USERID)/$(DEMO_TOKEN)"
-	$(DEV_ENV) $(BIN)/twistd -n --pidfile= sse-server
+	@set -m -o pipefail; \
+	(trap true INT TERM; $(DEV_ENV) $(BIN)/twistd -n --pidfile= sse-server; status=$$?; \
+		[ $$status -eq 130 ] || [ $$status -eq 143 ] || exit $$status) | \
+	(trap '' INT TERM; shown=; while IFS= read -r line; do \
+		printf '%s\n' "$$line"; \
+		case "$$shown$$line" in *'"message": "consuming '*) $(DEMO_URLS); shown=1;; esac; \
+	done)
 
 .PHONY: publish
 publish: venv ## Publish a foundcontract message for the demo user (USERID=... to change)

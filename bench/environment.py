@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import io
 import json
 import os
@@ -54,9 +55,12 @@ def raise_file_limit() -> int:
     return hard
 
 
-def _server_process_setup() -> None:
-    """In the forked server: the file limit raised, and SIGTERM when the bench dies."""
-    raise_file_limit()
+def _server_process_setup(soft_file_limit: int | None = None) -> None:
+    """In the forked server: the file limit raised (or its soft limit set to
+    ``soft_file_limit``, as a shell's would be), and SIGTERM when the bench dies."""
+    hard = raise_file_limit()
+    if soft_file_limit is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft_file_limit, hard))
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -185,6 +189,7 @@ class ServerProcess:
     name: str
     source: Path | None = None
     extra_environ: dict[str, str] = field(default_factory=dict)
+    soft_file_limit: int | None = None
     process: asyncio.subprocess.Process | None = None
     port: int = 0
     queue: str = ""
@@ -241,7 +246,7 @@ class ServerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=err,
-                preexec_fn=_server_process_setup,
+                preexec_fn=functools.partial(_server_process_setup, self.soft_file_limit),
             )
         deadline = time.monotonic() + timeout
         consuming = False

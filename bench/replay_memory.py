@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import tracemalloc
 import uuid
 
@@ -54,4 +54,6 @@ def main(events: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000)
+    parser = argparse.ArgumentParser(prog="python -m bench.replay_memory", description=__doc__)
+    parser.add_argument("events", type=int, nargs="?", default=100_000)
+    main(parser.parse_args().events)

@@ -24,9 +24,9 @@ to the imported package)::
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -254,7 +254,9 @@ async def main(_: Any, count: int) -> None:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench.revocation", description=__doc__)
+    parser.add_argument("streams", type=int, nargs="?", default=50)
     react(
         lambda reactor, count: Deferred.fromCoroutine(main(reactor, count)),
-        (int(sys.argv[1]) if len(sys.argv) > 1 else 50,),
+        (parser.parse_args().streams,),
     )

@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from ._channel import LimitedHTTPChannel
 from ._metrics import Metrics
+from ._server_name import NamedServerRequest
 
 __all__ = ["BodyLimits", "BoundedBodyRequest", "ConnectionRequests"]
 
@@ -68,7 +69,7 @@ class BodyLimits:
         )
 
 
-class BoundedBodyRequest(Request):
+class BoundedBodyRequest(NamedServerRequest):
     """A request whose body is held in memory and bounded by its L{BodyLimits}."""
 
     body_limits: BodyLimits

@@ -267,8 +267,11 @@ class StreamConsumerService(Service):
         return self._backoff(self._failed_attempts)
 
     def _connect_failed(self, reason: Failure) -> None:
-        if reason.check(CancelledError):
-            return  # stopService cancelled the attempt
+        if reason.check(CancelledError) or self._stopping:
+            # stopService cancelled the attempt. A cancelled name resolution fails with
+            # DNSLookupError (HostnameEndpoint turns every resolution failure into one):
+            # only the stop tells it apart from a real one.
+            return
         self._failed_attempts += 1
         self.log.warn(
             "cannot connect to RabbitMQ at {address}: {reason}; retrying",

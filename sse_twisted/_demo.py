@@ -53,8 +53,7 @@ function record(kind, event) {
   events.prepend(item);
 }
 
-form.addEventListener("submit", (submitted) => {
-  submitted.preventDefault();
+function connect() {
   if (source) source.close();
   const value = (name) => form.elements[name].value.trim().toLowerCase();
   source = new EventSource(subscribeUrl(value("topic"), value("userid"), value("token")));
@@ -67,7 +66,20 @@ form.addEventListener("submit", (submitted) => {
   source.onmessage = (event) => record("message", event);
   source.addEventListener("reset", (event) => record("reset", event));
   stop.disabled = false;
+}
+
+form.addEventListener("submit", (submitted) => {
+  submitted.preventDefault();
+  connect();
 });
+
+// ?topic=&userid=&token= replace the fields' values (the demo user of `make run`).
+const given = new URLSearchParams(location.search);
+const fields = ["topic", "userid", "token"];
+for (const name of fields) {
+  if (given.get(name)) form.elements[name].value = given.get(name);
+}
+if (fields.every((name) => form.elements[name].value.trim())) connect();
 
 stop.addEventListener("click", () => {
   if (source) source.close();
@@ -86,16 +98,17 @@ _BODY = """<!doctype html>
 </head>
 <body>
 <h1>sse-twisted demo</h1>
-<p>Open a stream as a browser would, then publish a message for the user
-(<code>make publish USERID=&hellip;</code> or the RabbitMQ management UI).</p>
+<p>The page opens a stream as a browser would, for the demo user that <code>make run</code>
+creates; publish a message for it with <code>make publish</code> (another user:
+<code>make publish USERID=&hellip;</code>, or the RabbitMQ management UI).</p>
 <form id="subscribe" autocomplete="off">
-  <label>topic <input name="topic" required placeholder="v4 UUID"></label>
-  <label>userid <input name="userid" required placeholder="v4 UUID"></label>
-  <label>token <input name="token" required placeholder="v4 UUID"></label>
+  <label>topic <input name="topic" required placeholder="v4 UUID" value="{topic}"></label>
+  <label>userid <input name="userid" required placeholder="v4 UUID" value="{userid}"></label>
+  <label>token <input name="token" required placeholder="v4 UUID" value="{token}"></label>
   <button type="submit">Connect</button>
   <button type="button" id="disconnect" disabled>Disconnect</button>
 </form>
-<p>State: <span id="state" class="closed">closed</span></p>
+<p>State: <span id="state">not connected</span></p>
 <ol id="events"></ol>
 <script>{script}</script>
 </body>
@@ -108,7 +121,15 @@ def _source_hash(text: str) -> str:
     return "'sha256-" + base64.b64encode(digest).decode("ascii") + "'"
 
 
-_PAGE = _BODY.format(style=_STYLE, script=_SCRIPT).encode("utf-8")
+# The demo subscriber `make run` creates (the Makefile's DEMO_TOPIC, DEMO_USERID and
+# DEMO_TOKEN): the page starts with it and connects at once.
+DEMO_TOPIC = "7a1f4c2e-9d3b-4f6a-8e2c-5b0d1a7c3e94"
+DEMO_USERID = "0b8e3a52-6a3e-4c1e-9f4a-2d7b1c9e5a10"
+DEMO_TOKEN = "3c9d2f7e-1b4a-4e8d-a6c5-7f0e2b9d4c31"
+
+_PAGE = _BODY.format(
+    style=_STYLE, script=_SCRIPT, topic=DEMO_TOPIC, userid=DEMO_USERID, token=DEMO_TOKEN
+).encode("utf-8")
 _POLICY = (
     f"default-src 'none'; script-src {_source_hash(_SCRIPT)}; style-src {_source_hash(_STYLE)}; "
     "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
@@ -116,7 +137,11 @@ _POLICY = (
 
 
 class DemoPage(Resource):
-    """The demo page: topic, userid and token fields, Connect, and the events as they come."""
+    """The demo page: topic, userid and token fields, Connect, and the events as they come.
+
+    The fields start with the demo user of ``make run`` (or ``?topic=&userid=&token=``) and
+    the page connects on load.
+    """
 
     isLeaf = True
 

@@ -30,6 +30,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from ._messages import INVALID_REASONS
+from ._server_name import NamedServerRequest
 
 __all__ = [
     "REFUSAL_REASONS",
@@ -334,6 +335,7 @@ class _MetricsRoot(Resource):
 
 class _QuietSite(Site):
     noisy = False
+    requestFactory = NamedServerRequest
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         """Nothing: a line per scrape would only bury the access log of streams."""

@@ -366,12 +366,14 @@ class SubscribeResource(Resource):
         # Sent at once, so that proxies and the browser see the stream open.
         head = [comment_frame("connected"), retry_frame(self._retry_milliseconds)]
         last_event_id = _last_event_id(request)
+        replayed = 0
         if last_event_id is not None:
             # Replay and registration happen in one reactor turn: no live event can fall
             # between the two, and none is sent twice.
             replay = self._window.replay(userid, topic, last_event_id)
             head += replay.frames
-            self._metrics.replay_events_sent.inc(len(replay.frames))
+            replayed = len(replay.frames)
+            self._metrics.replay_events_sent.inc(replayed)
             stream.resume_after = replay.resume_after
             stream.coverage_unknown = replay.coverage_unknown
         head += self._live.start(stream, last_event_id)
@@ -384,7 +386,7 @@ class SubscribeResource(Resource):
             userid=userid,
             topic=topic,
             last_event_id=last_event_id,
-            replayed=len(head) - 2,
+            replayed=replayed,
             open_streams=len(self._registry),
             correlation_id=stream.correlation_id,
         )

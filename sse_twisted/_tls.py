@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import (
+    AcceptableCiphers,
     Certificate,
     CertificateOptions,
     TLSVersion,
@@ -23,6 +24,7 @@ from twisted.internet.ssl import (
 from ._config import ConfigError
 
 __all__ = [
+    "BROWSER_TLS12_CIPHERS",
     "POSTGRES_CA_FILE",
     "RABBITMQ_CA_FILE",
     "RABBITMQ_CLIENT_CERT_FILE",
@@ -41,6 +43,16 @@ RABBITMQ_CLIENT_CERT_FILE = "server_certificate.pem"
 RABBITMQ_CLIENT_KEY_FILE = "server_key.pem"
 RABBITMQ_CA_FILE = "ca_certificate.pem"
 POSTGRES_CA_FILE = "postgres_ca.crt"
+
+# TLS 1.2 suites offered to browsers: forward secret (ECDHE) and AEAD (AES-GCM,
+# ChaCha20-Poly1305) only, in the order of Mozilla's "intermediate" server configuration
+# (its DHE suites left out: browsers do not need them). No CBC, no CCM. TLS 1.3 suites
+# are all AEAD and not affected by this list.
+BROWSER_TLS12_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
 
 
 def _read(certs_dir: Path, name: str) -> bytes:
@@ -80,8 +92,8 @@ def _identity(
 
 
 def server_identity(certs_dir: Path) -> tuple[CertificateOptions, x509.Certificate]:
-    """Context for the browser-facing port (TLS 1.2+, full chain, ALPN h2 then http/1.1)
-    and the certificate it serves.
+    """Context for the browser-facing port (TLS 1.2+ with ECDHE and AEAD suites only, full
+    chain, ALPN h2 then http/1.1) and the certificate it serves.
 
     ``ca.pem`` is optional and, when present, sent as the intermediate chain after
     whatever chain ``cert.pem`` already carries.
@@ -94,6 +106,7 @@ def server_identity(certs_dir: Path) -> tuple[CertificateOptions, x509.Certifica
         certificate=leaf,  # type: ignore[arg-type]
         extraCertChain=chain,  # type: ignore[arg-type]
         raiseMinimumTo=TLSVersion.TLSv1_2,
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(BROWSER_TLS12_CIPHERS),
         acceptableProtocols=[b"h2", b"http/1.1"],
     )
     return options, leaf

@@ -7,6 +7,7 @@ run on every start of a development environment. Keys are ECDSA P-256, signature
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import ipaddress
 import os
@@ -317,12 +318,19 @@ def ensure_dev_certificates(
     return created
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sse_twisted.devcerts",
+        description="Create the development certificates missing in DIRECTORY (a local CA "
+        "and a leaf for each component); existing files are never overwritten.",
+    )
+    parser.add_argument("directory", metavar="DIRECTORY", type=Path)
+    return parser
+
+
 def main(arguments: Sequence[str]) -> int:
-    """Command line entry point: ``python -m sse_twisted.devcerts DIR``."""
-    if len(arguments) != 1:
-        print("usage: python -m sse_twisted.devcerts DIR", file=sys.stderr)
-        return 2
-    directory = Path(arguments[0])
+    """Command line entry point: ``python -m sse_twisted.devcerts DIRECTORY``."""
+    directory: Path = _parser().parse_args(arguments).directory
     try:
         created = ensure_dev_certificates(directory)
     except DevCertificateError as error:

@@ -23,6 +23,7 @@ from ._framing import jittered_retry_frame
 from ._health import ConsumerCheck, LivenessResource, PostgresCheck, ReadinessResource
 from ._heartbeat import HeartbeatService
 from ._lifetime import StreamLifetimeService
+from ._limits import DescriptorShortageWarnings, raise_open_file_limit, warn_if_limit_below_streams
 from ._listener import ListenerService
 from ._live import LiveStart
 from ._logging import JSONLogObserver, bridge_standard_logging
@@ -302,9 +303,14 @@ def makeService(options: Options) -> IService:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+    # Before anything listens: each stream holds a descriptor, and shells and systemd
+    # start us with a soft limit of 1,024.
+    open_files = raise_open_file_limit()
+    warn_if_limit_below_streams(open_files, options["config"].max_streams)
     try:
         service = build_service(options["config"], reactor, _exit_with_error(reactor))
     except ConfigError as error:
         raise SystemExit(f"sse-server: {error}") from None
     ReloadOnHangup(service.server_tls.reload, reactor).setServiceParent(service)
+    DescriptorShortageWarnings(reactor, lambda: open_files.soft).setServiceParent(service)
     return service

@@ -273,13 +273,27 @@ class TwistdProcess(ProcessProtocol):
         self.ended.callback((reason.value.exitCode, reason.value.signal))  # type: ignore[attr-defined]
 
 
-def spawn_twistd(environ: Mapping[str, str], cwd: Path) -> tuple[TwistdProcess, Any]:
-    """Start ``twistd -n sse-server`` with only ``environ`` (and PATH) as its environment."""
+# Sets RLIMIT_NOFILE to (argv[1], argv[2]), then becomes argv[3:], as a shell's `ulimit` would.
+_WITH_OPEN_FILES = (
+    "import os, resource, sys; "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2]))); "
+    "os.execv(sys.argv[3], sys.argv[3:])"
+)
+
+
+def spawn_twistd(
+    environ: Mapping[str, str], cwd: Path, open_files: tuple[int, int] | None = None
+) -> tuple[TwistdProcess, Any]:
+    """Start ``twistd -n sse-server`` with only ``environ`` (and PATH) as its environment,
+    and with ``open_files`` as its (soft, hard) open-file limit when given."""
     process = TwistdProcess()
+    argv = [str(TWISTD), "-n", "--pidfile=", "sse-server"]
+    if open_files is not None:
+        argv = [sys.executable, "-c", _WITH_OPEN_FILES, *map(str, open_files), *argv]
     transport = reactor.spawnProcess(  # type: ignore[attr-defined]
         process,
-        str(TWISTD),
-        [str(TWISTD), "-n", "--pidfile=", "sse-server"],
+        argv[0],
+        argv,
         env={"PATH": os.environ["PATH"], **environ},
         path=str(cwd),
     )

@@ -6,6 +6,8 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
+from typing import cast
 
 import pytest
 import pytest_twisted
@@ -55,8 +57,16 @@ def test_the_page_is_self_contained() -> None:
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "loads something"
     for name in ("topic", "userid", "token"):
         assert re.search(rf'<input name="{name}"[^>]*>', page)
-        assert f'name="{name}" value=' not in page, "fields start empty"
     assert "Connect</button>" in page
+
+
+def test_the_fields_start_with_the_demo_user_that_make_run_creates() -> None:
+    makefile = (Path(__file__).parent.parent / "Makefile").read_text()
+    page = _PAGE.decode()
+    for name in ("topic", "userid", "token"):
+        [made] = re.findall(rf"^DEMO_{name.upper()} \?= (\S+)$", makefile, re.MULTILINE)
+        assert re.search(rf'<input name="{name}"[^>]*value="{made}"', page)
+    assert '<span id="state">not connected</span>' in page, "nothing tried yet"
 
 
 def test_the_script_opens_the_subscribe_url_of_the_three_fields() -> None:
@@ -70,9 +80,11 @@ def test_the_script_opens_the_subscribe_url_of_the_three_fields() -> None:
 
 
 # A DOM and EventSource just large enough for the page's script, to run it under Node.
+# argv: the page's query string and the fields' initial values, as JSON.
 _NODE_HARNESS = """
 const vm = require("vm");
 const script = require("fs").readFileSync(0, "utf8");
+const setup = JSON.parse(process.argv[1]);
 function element(id) {
   const e = { id, textContent: "", className: "", disabled: true, listeners: {},
     children: [], elements: {},
@@ -83,8 +95,10 @@ function element(id) {
 }
 const nodes = { subscribe: element("subscribe"), state: element("state"),
   events: element("events"), disconnect: element("disconnect") };
-nodes.subscribe.elements = { topic: { value: " T " }, userid: { value: "U" },
-  token: { value: "K/1" } };
+nodes.state.textContent = "not connected";
+for (const [name, value] of Object.entries(setup.fields)) {
+  nodes.subscribe.elements[name] = { value };
+}
 const opened = [];
 class EventSource {
   constructor(url) { this.url = url; this.readyState = 0; this.listeners = {};
@@ -95,31 +109,59 @@ class EventSource {
 EventSource.CONNECTING = 0; EventSource.OPEN = 1; EventSource.CLOSED = 2;
 const document = { getElementById: (id) => nodes[id],
   createElement: () => element("li") };
-vm.runInNewContext(script, { document, EventSource });
-const seen = [];
-nodes.subscribe.listeners.submit({ preventDefault() {} });
+vm.runInNewContext(script,
+  { document, EventSource, URLSearchParams, location: { search: setup.search } });
+const seen = [nodes.state.textContent];
+if (opened.length === 0) {
+  nodes.subscribe.elements.topic.value = "T2";
+  nodes.subscribe.elements.userid.value = "U2";
+  nodes.subscribe.elements.token.value = "K2";
+  nodes.subscribe.listeners.submit({ preventDefault() {} });
+  seen.push(nodes.state.textContent);
+}
 const source = opened[0];
-seen.push(nodes.state.textContent);
 source.readyState = 1; source.onopen(); seen.push(nodes.state.textContent);
 source.onmessage({ lastEventId: "42", data: "{}" });
 source.readyState = 0; source.onerror(); seen.push(nodes.state.textContent);
 source.readyState = 2; source.onerror(); seen.push(nodes.state.textContent);
-console.log(JSON.stringify({ url: source.url, states: seen,
+console.log(JSON.stringify({ urls: opened.map((s) => s.url), states: seen,
   first: nodes.events.children[0].children[0].textContent }));
 """
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
-def test_under_node_the_script_connects_and_shows_each_connection_state() -> None:
+def _run_page_script(search: str, fields: dict[str, str]) -> dict[str, object]:
+    setup = json.dumps({"search": search, "fields": fields})
     result = subprocess.run(
-        ["node", "-e", _NODE_HARNESS],
+        ["node", "-e", _NODE_HARNESS, setup],
         input=_SCRIPT,
         capture_output=True,
         text=True,
         timeout=30,
         check=True,
     )
-    outcome = json.loads(result.stdout)
-    assert outcome["url"] == "/subscribe/t/u/k%2F1"
+    return cast(dict[str, object], json.loads(result.stdout))
+
+
+needs_node = pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+
+
+@needs_node
+def test_under_node_the_page_connects_on_load_and_shows_each_connection_state() -> None:
+    outcome = _run_page_script("", {"topic": " T ", "userid": "U", "token": "K/1"})
+    assert outcome["urls"] == ["/subscribe/t/u/k%2F1"]
     assert outcome["states"] == ["connecting", "open", "reconnecting", "closed"]
     assert outcome["first"] == "message #42"
+
+
+@needs_node
+def test_under_node_the_query_string_replaces_the_fields_before_connecting() -> None:
+    search = "?topic=T9&userid=U9&token=K9"
+    outcome = _run_page_script(search, {"topic": "T", "userid": "U", "token": "K"})
+    assert outcome["urls"] == ["/subscribe/t9/u9/k9"]
+
+
+@needs_node
+def test_under_node_empty_fields_wait_for_connect_without_showing_closed() -> None:
+    outcome = _run_page_script("", {"topic": "", "userid": "", "token": ""})
+    assert outcome["urls"] == ["/subscribe/t2/u2/k2"]
+    assert outcome["states"] == ["not connected", "connecting", "open", "reconnecting", "closed"]

@@ -12,6 +12,7 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import LogEvent
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
@@ -252,6 +253,39 @@ def test_a_new_stream_is_given_the_newest_offset_consumed_as_its_last_event_id()
     parser = EventParser()
     assert parser.feed(b"".join(request.written)) == []
     assert parser.last_event_id == "41"
+
+
+def _stream_opened(events: list[LogEvent]) -> LogEvent:
+    [opened] = [e for e in events if e.get("log_format", "").startswith("stream opened")]
+    return opened
+
+
+def test_stream_opened_counts_no_replayed_event_for_a_new_stream(
+    log_events: list[LogEvent],
+) -> None:
+    resource, _ = make_resource(ScriptedAuthenticator(True))
+    resource._window.consumed(41)
+    render(resource, request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}"))
+    assert _stream_opened(log_events)["replayed"] == 0
+
+
+def test_stream_opened_counts_the_replayed_events_as_the_metric_does(
+    log_events: list[LogEvent],
+) -> None:
+    metrics = Metrics()
+    resource, _ = make_resource(ScriptedAuthenticator(True), metrics=metrics)
+    for offset in (5, 6, 7):
+        resource._window.record(USERID, None, offset, f"id: {offset}\ndata: x\n\n".encode())
+    # Someone else's event after them: the new stream is also told to resume from 8.
+    resource._window.record(NONCE, None, 8, b"id: 8\ndata: y\n\n")
+    request = request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}")
+    request.requestHeaders.setRawHeaders(b"last-event-id", [b"5"])
+    render(resource, request)
+    parser = EventParser()
+    assert [event["id"] for event in parser.feed(b"".join(request.written))] == ["6", "7"]
+    assert parser.last_event_id == "8"
+    assert _stream_opened(log_events)["replayed"] == 2
+    assert metrics.registry.get_sample_value("sse_replay_events_sent_total") == 2
 
 
 def subscribes(metrics: Metrics, outcome: str) -> float | None:

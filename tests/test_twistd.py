@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -247,3 +248,29 @@ async def test_prod_with_plaintext_backends_starts_with_the_opt_out_and_warns(
     assert any("PostgreSQL link is not verify-full" in message for message in warnings)
     assert all(line["env"] == "prod" for line in process.lines)
     delete_queue(5672, environ["SSE_RABBITMQ_QUEUE_NAME"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_port_in_use_ends_twistd_with_that_cause_and_no_other_complaint(
+    tmp_path: Path, plaintext_environ: dict[str, str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process, _transport = spawn_twistd({**plaintext_environ, "SSE_PORT": str(port)}, tmp_path)
+        exit_code, _signal = await bounded(process.ended, 30)
+    assert exit_code == 1
+    started = next(n for n, line in enumerate(process.lines) if "starting up" in line["message"])
+    complaints = [
+        line["message"]
+        for line in process.lines[started:]
+        if line["@level"] in ("warn", "error", "critical")
+    ]
+    assert complaints and all(
+        "Address already in use" in m or m == "cannot listen" for m in complaints
+    ), complaints
+    assert (
+        f"cannot listen: Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use."
+        in complaints
+    )
