@@ -334,8 +334,8 @@ class PostgresAuthenticator(Service):
         """
         return self._ask(userid, nonce, first=False)
 
-    def is_cached(self, userid: str, nonce: str) -> bool:
-        """Never: every check asks PostgreSQL."""
+    def costs_no_query(self, userid: str, nonce: str) -> bool:
+        """Never: every check is a query."""
         return False
 
     def probe(self) -> Deferred[bool]:

@@ -157,10 +157,13 @@ class CachingAuthenticator:
         self._granted.move_to_end(pair)
         return True
 
-    def is_cached(self, userid: str, nonce: str) -> bool:
-        """Whether the pair is granted from the cache now (counted as neither hit nor miss)."""
+    def costs_no_query(self, userid: str, nonce: str) -> bool:
+        """Whether the pair is granted from the cache now, or a check of it is in flight
+        already and a new one would only join it (counted as neither hit nor miss)."""
         expiry = self._granted.get((userid, nonce))
-        return expiry is not None and expiry > self._clock.seconds()
+        if expiry is not None and expiry > self._clock.seconds():
+            return True
+        return nonce in self._in_flight.get(userid, {})
 
     def _ask(self, lookup: _Lookup) -> None:
         # Cancelled only when every waiter has left; the inner authenticator bounds it with

@@ -272,8 +272,10 @@ class SubscribeResource(Resource):
         if self._refused_for_limits(request, userid):
             return NOT_DONE_YET
         client = _client_of(request)
-        # A cached grant costs no query: only checks that may reach PostgreSQL are limited.
-        counted = not self._authenticator.is_cached(userid, nonce)
+        # Only checks that may reach PostgreSQL are limited: a cached grant costs no query,
+        # and neither does a check joining one of the same pair in flight (a page opening
+        # many tabs, or every tab of a user after a restart).
+        counted = not self._authenticator.costs_no_query(userid, nonce)
         if counted and not self._checks_per_client.take(client):
             self._come_back_later(
                 request, "too_many_checks", "too many subscriber checks from this address"

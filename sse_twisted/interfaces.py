@@ -27,5 +27,6 @@ class IAuthenticator(Interface):
         many checks wait for it already. Cancelling a check not yet sent to the backend
         withdraws it."""
 
-    def is_cached(userid: str, nonce: str) -> bool:
-        """Whether L{is_subscriber} would grant the pair at once, without a backend query."""
+    def costs_no_query(userid: str, nonce: str) -> bool:
+        """Whether checking the pair now would send no new backend query: it is granted
+        from a cache, or joins a check of the same pair already in flight."""

@@ -49,7 +49,7 @@ class ScriptedAuthenticator:
     def _cancelled(self, _: Deferred[bool]) -> None:
         self.cancelled += 1
 
-    def is_cached(self, userid: str, nonce: str) -> bool:
+    def costs_no_query(self, userid: str, nonce: str) -> bool:
         return False
 
     def answer(self, result: bool | Exception, index: int = -1) -> None:
@@ -81,7 +81,7 @@ class ImmediateAuthenticator:
         answer.callback((userid, nonce) in self.known)
         return answer
 
-    def is_cached(self, userid: str, nonce: str) -> bool:
+    def costs_no_query(self, userid: str, nonce: str) -> bool:
         return False
 
 
@@ -236,16 +236,30 @@ def test_a_question_all_waiters_left_is_withdrawn_and_the_next_check_asks_again(
     assert len(inner.asked) == 2
 
 
-def test_is_cached_tells_a_live_grant_without_counting_a_hit() -> None:
+def test_a_check_joining_one_in_flight_costs_no_query() -> None:
+    inner = ScriptedAuthenticator()
+    cache, _ = caching(inner)
+    assert not cache.costs_no_query(*ALICE)
+    first = cache.is_subscriber(*ALICE)
+    assert cache.costs_no_query(*ALICE)
+    assert not cache.costs_no_query(ALICE[0], "another-token")
+    joined = cache.is_subscriber(*ALICE)
+    assert len(inner.asked) == 1
+    inner.answer(False)
+    assert (result_of(first), result_of(joined)) == (False, False)
+    assert not cache.costs_no_query(*ALICE)
+
+
+def test_costs_no_query_tells_a_live_grant_without_counting_a_hit() -> None:
     inner = ImmediateAuthenticator(ALICE)
     clock = Clock()
     cache = CachingAuthenticator(inner, clock, ttl_seconds=TTL, max_entries=10)
-    assert not cache.is_cached(*ALICE)
+    assert not cache.costs_no_query(*ALICE)
     check_now(cache, ALICE)
-    assert cache.is_cached(*ALICE)
+    assert cache.costs_no_query(*ALICE)
     assert (cache.hits, cache.misses) == (0, 1)
     clock.advance(TTL)
-    assert not cache.is_cached(*ALICE)
+    assert not cache.costs_no_query(*ALICE)
 
 
 def test_a_waiter_cancelled_by_another_waiters_callback_is_not_fired_twice() -> None:

@@ -18,6 +18,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from sse_twisted._auth_cache import CachingAuthenticator
 from sse_twisted._live import LiveStart
 from sse_twisted._metrics import Metrics
 from sse_twisted._replay import ReplayWindow
@@ -51,7 +52,7 @@ class ScriptedAuthenticator:
             return fail(answer)
         return succeed(answer)
 
-    def is_cached(self, userid: str, nonce: str) -> bool:
+    def costs_no_query(self, userid: str, nonce: str) -> bool:
         return (userid, nonce) in self.cached
 
 
@@ -362,6 +363,22 @@ def test_a_cached_grant_is_let_in_even_when_the_address_is_at_its_limit() -> Non
     render(resource, request_for(f"/subscribe/{TOPIC}/{USERID}/{other_nonce}"))
     render(resource, request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}"))
     assert [stream.userid for stream in registry] == [USERID]
+
+
+def test_a_page_opening_twenty_tabs_at_once_takes_one_place_of_its_address() -> None:
+    answer: Deferred[bool] = Deferred()
+    authenticator = CachingAuthenticator(
+        ScriptedAuthenticator(answer), Clock(), ttl_seconds=10, max_entries=10
+    )
+    resource, registry = make_resource(
+        authenticator, max_checks_per_client=4, max_streams_per_user=20
+    )
+    requests = [request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}") for _ in range(20)]
+    for request in requests:
+        render(resource, request)
+    answer.callback(True)
+    assert len(registry) == 20
+    assert all(request.responseCode == 200 and not request.finished for request in requests)
 
 
 def test_a_full_line_of_checks_asks_the_browser_to_come_back_later() -> None:
