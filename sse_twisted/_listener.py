@@ -104,10 +104,24 @@ def tls_endpoint(
     )
 
 
+class _TrackedConnection(ProtocolWrapper):
+    """A connection that knows whether its client has sent a request yet."""
+
+    spoke = False
+    close_after_request = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.spoke = True
+        super().dataReceived(data)
+        if self.close_after_request:
+            self.loseConnection()
+
+
 class _ConnectionTracker(WrappingFactory):
     """Keeps the open connections, and tells when the last one has closed."""
 
     noisy = False
+    protocol = _TrackedConnection
 
     def __init__(self, factory: IProtocolFactory) -> None:
         super().__init__(factory)
@@ -187,9 +201,16 @@ class ListenerService(Service):
 
     async def close_connections(self, seconds: float) -> None:
         """Close every connection once its data is written; abort those still open after
-        ``seconds`` (clients that stopped reading)."""
+        ``seconds`` (clients that stopped reading).
+
+        A connection whose client has not spoken yet was accepted in the last moments
+        before the listener stopped: its request is answered first, then it is closed
+        (cut now, the client would see a reset where a restart promises none)."""
         for connection in list(self._connections.protocols):
-            connection.loseConnection()
+            if connection.spoke:
+                connection.loseConnection()
+            else:
+                connection.close_after_request = True
         try:
             await self._connections.when_idle().addTimeout(seconds, self._clock)
         except DeferredTimeoutError:

@@ -25,7 +25,17 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 
+from sse_twisted._listener import ListenerService
 from tests.backends import Pki, free_port
 from tests.harness import (
     TWISTD,
@@ -212,8 +222,6 @@ async def test_the_server_serves_on_the_socket_systemd_socket_activate_passes(
     port = free_port()
     settings = [f"--setenv={name}={value}" for name, value in plaintext_environ.items()]
     process = TwistdProcess()
-    from twisted.internet import reactor
-
     transport = reactor.spawnProcess(  # type: ignore[attr-defined]
         process,
         activate,
@@ -247,8 +255,6 @@ async def test_the_server_serves_on_the_socket_systemd_socket_activate_passes(
 
 
 async def _in_thread(function: Any, *arguments: Any) -> Any:
-    from twisted.internet.threads import deferToThread
-
     return await bounded(deferToThread(function, *arguments))
 
 
@@ -269,3 +275,35 @@ def test_listening_on_systemd_s_socket_without_one_stops_start_up_with_one_line(
         "(LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES): start it through its socket unit, "
         "or use SSE_LISTEN_SOCKET=bind"
     )
+
+
+class _Answer(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(b"answer to " + data)
+
+
+def test_the_drain_answers_a_connection_accepted_just_before_it_then_closes_it() -> None:
+    reactor = MemoryReactorClock()
+    listener = ListenerService(
+        TCP4ServerEndpoint(reactor, 0), Factory.forProtocol(_Answer), reactor
+    )
+    listener.startService()
+    factory = reactor.tcpServers[0][1]
+    address = IPv4Address("TCP", "127.0.0.1", 40000)
+    talking, talking_transport = factory.buildProtocol(address), StringTransport()
+    talking.makeConnection(talking_transport)
+    talking.dataReceived(b"GET /a")
+    fresh, fresh_transport = factory.buildProtocol(address), StringTransport()
+    fresh.makeConnection(fresh_transport)
+
+    drained = ensureDeferred(listener.close_connections(10))
+    assert talking_transport.disconnecting
+    assert not fresh_transport.disconnecting
+
+    fresh.dataReceived(b"GET /b")
+    assert fresh_transport.value() == b"answer to GET /b"
+    assert fresh_transport.disconnecting
+    for protocol in (talking, fresh):
+        protocol.connectionLost(Failure(ConnectionDone()))
+    assert drained.called
