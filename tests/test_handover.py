@@ -197,6 +197,10 @@ async def test_a_restart_with_the_socket_held_by_systemd_refuses_and_resets_no_c
     # Connections made while no process ran waited in the socket's queue, then were served.
     assert restart.started_while_down(), "no client connected while the server was down"
     assert restart.outcomes() == {"ok": len(restart.attempts)}
+    # The server set SSE_TCP_USER_TIMEOUT_SECONDS (45) on the socket it was given, which
+    # its accepted connections inherit; the test made it without.
+    timeout = systemd_socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+    assert timeout == 45_000
 
 
 @pytest_twisted.ensureDeferred
