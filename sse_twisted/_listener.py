@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from ._config import Config, ConfigError
 
-__all__ = ["ListenerService", "tls_endpoint"]
+__all__ = ["FIRST_REQUEST_SECONDS", "ListenerService", "tls_endpoint"]
 
 
 @implementer(IStreamServerEndpoint)
@@ -102,6 +102,10 @@ def tls_endpoint(
         backlog=config.listen_backlog,
         interface=config.listen_address,
     )
+
+
+# A client that connected just before a drain sends its request within a few round trips.
+FIRST_REQUEST_SECONDS = 1.0
 
 
 class _TrackedConnection(ProtocolWrapper):
@@ -199,18 +203,27 @@ class ListenerService(Service):
         port, self._port = self._port, None
         return port.stopListening()  # type: ignore[return-value]
 
+    def _close_if_open(self, connection: _TrackedConnection) -> None:
+        if connection in self._connections.protocols:
+            connection.loseConnection()
+
     async def close_connections(self, seconds: float) -> None:
         """Close every connection once its data is written; abort those still open after
         ``seconds`` (clients that stopped reading).
 
-        A connection whose client has not spoken yet was accepted in the last moments
-        before the listener stopped: its request is answered first, then it is closed
-        (cut now, the client would see a reset where a restart promises none)."""
+        A connection whose client has not spoken yet may have been accepted in the last
+        moments before the listener stopped: its request is answered first, then it is
+        closed (cut now, the client would see a reset where a restart promises none). One
+        still silent after L{FIRST_REQUEST_SECONDS} is idle (a browser's spare connection)
+        and is closed then."""
         for connection in list(self._connections.protocols):
             if connection.spoke:
                 connection.loseConnection()
             else:
                 connection.close_after_request = True
+                self._clock.callLater(
+                    min(FIRST_REQUEST_SECONDS, seconds), self._close_if_open, connection
+                )
         try:
             await self._connections.when_idle().addTimeout(seconds, self._clock)
         except DeferredTimeoutError:

@@ -35,7 +35,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
-from sse_twisted._listener import ListenerService
+from sse_twisted._listener import FIRST_REQUEST_SECONDS, ListenerService
 from tests.backends import Pki, free_port
 from tests.harness import (
     TWISTD,
@@ -309,4 +309,22 @@ def test_the_drain_answers_a_connection_accepted_just_before_it_then_closes_it()
     assert fresh_transport.disconnecting
     for protocol in (talking, fresh):
         protocol.connectionLost(Failure(ConnectionDone()))
+    assert drained.called
+
+
+def test_the_drain_closes_a_connection_still_silent_after_a_second() -> None:
+    reactor = MemoryReactorClock()
+    listener = ListenerService(
+        TCP4ServerEndpoint(reactor, 0), Factory.forProtocol(_Answer), reactor
+    )
+    listener.startService()
+    silent, transport = reactor.tcpServers[0][1].buildProtocol(None), StringTransport()
+    silent.makeConnection(transport)
+
+    drained = ensureDeferred(listener.close_connections(10))
+    reactor.advance(FIRST_REQUEST_SECONDS - 0.01)
+    assert not transport.disconnecting
+    reactor.advance(0.01)
+    assert transport.disconnecting
+    silent.connectionLost(Failure(ConnectionDone()))
     assert drained.called
