@@ -97,13 +97,19 @@ def test_the_service_serves_on_the_socket_it_is_given_and_drains_within_its_stop
     environment = dict(
         value.partition("=")[::2] for value in unit_values(SERVICE_UNIT, "Service", "Environment")
     )
-    assert environment["SSE_LISTEN_SOCKET"] == "systemd"
     check_settings(environment)
     drain = setting(environment, "SSE_DRAIN_SECONDS")
     assert unit_values(SERVICE_UNIT, "Service", "KillSignal") == ["SIGTERM"]
     assert seconds(unit_values(SERVICE_UNIT, "Service", "TimeoutStopSec")[0]) > drain + 10
     (exec_start,) = unit_values(SERVICE_UNIT, "Service", "ExecStart")
-    assert exec_start.split()[1:] == ["--nodaemon", "--pidfile=", "sse-server"]
+    # The option, not a variable: the EnvironmentFile overrides Environment= lines.
+    assert exec_start.split()[1:] == [
+        "--nodaemon",
+        "--pidfile=",
+        "sse-server",
+        "--listen-socket",
+        "systemd",
+    ]
 
 
 def test_the_service_reloads_the_certificate_with_sighup_and_has_descriptors_for_its_streams() -> (

@@ -50,6 +50,7 @@ from tests.harness import (
     spawn_twistd,
     wait_for,
 )
+from tests.test_deploy_manifests import SERVICE_UNIT, unit_values
 
 CLIENTS = 4
 # Restarts each restart test makes; the README's figures are from
@@ -249,13 +250,17 @@ async def test_a_restart_of_a_server_that_binds_its_port_refuses_connections(
 async def test_the_server_serves_on_the_socket_systemd_socket_activate_passes(
     plaintext_environ: dict[str, str], tmp_path: Path, pki: Pki
 ) -> None:
-    """The real implementation of the protocol (not the test's): it execs the server on the
-    first connection, which waits in the queue meanwhile and is then served."""
+    """The real implementation of the protocol (not the test's), running the service unit's
+    command: it execs the server on the first connection, which waits in the queue meanwhile
+    and is then served."""
     activate = shutil.which("systemd-socket-activate")
     if activate is None:
         pytest.skip("systemd-socket-activate is not installed (Debian package systemd)")
     port = free_port()
     settings = [f"--setenv={name}={value}" for name, value in plaintext_environ.items()]
+    # The command line of deploy/systemd/sse-twisted.service, with this checkout's twistd.
+    (exec_start,) = unit_values(SERVICE_UNIT, "Service", "ExecStart")
+    arguments = exec_start.split()[1:]
     process = TwistdProcess()
     transport = reactor.spawnProcess(  # type: ignore[attr-defined]
         process,
@@ -264,12 +269,9 @@ async def test_the_server_serves_on_the_socket_systemd_socket_activate_passes(
             activate,
             f"--listen=127.0.0.1:{port}",
             "--fdname=https",
-            "--setenv=SSE_LISTEN_SOCKET=systemd",
             *settings,
             str(TWISTD),
-            "-n",
-            "--pidfile=",
-            "sse-server",
+            *arguments,
         ],
         env={},
         path=str(tmp_path),
