@@ -14,6 +14,7 @@ __all__ = ["SETTINGS", "Config", "ConfigError", "Setting", "load_config"]
 
 POSTGRES_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 APP_ENVS = ("dev", "prod")
+LISTEN_SOCKETS = ("bind", "systemd")
 
 
 class ConfigError(Exception):
@@ -163,6 +164,15 @@ SETTINGS: tuple[Setting, ...] = (
         "0.0.0.0",
         _non_empty,
         "address the TLS port binds to",
+    ),
+    Setting(
+        "listen_socket",
+        "SSE_LISTEN_SOCKET",
+        "listen-socket",
+        "bind",
+        _one_of(LISTEN_SOCKETS),
+        "bind: bind the TLS port itself; systemd: serve on the socket systemd passes "
+        "(socket activation: a restart refuses no connection)",
     ),
     Setting(
         "metrics_port",
@@ -541,6 +551,7 @@ class Config:
     app_env: str
     port: int
     listen_address: str
+    listen_socket: str
     listen_backlog: int
     tcp_user_timeout_seconds: float
     metrics_port: int

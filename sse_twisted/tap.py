@@ -9,7 +9,6 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
@@ -24,7 +23,7 @@ from ._health import ConsumerCheck, LivenessResource, PostgresCheck, ReadinessRe
 from ._heartbeat import HeartbeatService
 from ._lifetime import StreamLifetimeService
 from ._limits import DescriptorShortageWarnings, raise_open_file_limit, warn_if_limit_below_streams
-from ._listener import ListenerService
+from ._listener import ListenerService, tls_endpoint
 from ._live import LiveStart
 from ._logging import JSONLogObserver, bridge_standard_logging
 from ._metrics import Metrics, MetricsListenerService, metrics_endpoint, metrics_site
@@ -239,15 +238,11 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     # come well within it.
     site.timeOut = max(60, 3 * config.heartbeat_seconds)
     server_tls = ReloadableServerTLS(config.certs_dir, reactor)
-    endpoint = SSL4ServerEndpoint(
-        reactor,
-        config.port,
-        server_tls,
-        backlog=config.listen_backlog,
-        interface=config.listen_address,
-    )
     listener = ListenerService(
-        endpoint, site, reactor, unacknowledged_seconds=config.tcp_user_timeout_seconds
+        tls_endpoint(reactor, config, server_tls),
+        site,
+        reactor,
+        unacknowledged_seconds=config.tcp_user_timeout_seconds,
     )
     listener.listening.addErrback(lambda reason: on_fatal(f"cannot listen: {reason.value}"))
     service = SSEService(registry, listener, authenticator, consumer, observer, config)

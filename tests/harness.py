@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import socket
 import ssl
 import sys
 import time
@@ -282,20 +283,30 @@ _WITH_OPEN_FILES = (
 
 
 def spawn_twistd(
-    environ: Mapping[str, str], cwd: Path, open_files: tuple[int, int] | None = None
+    environ: Mapping[str, str],
+    cwd: Path,
+    *,
+    open_files: tuple[int, int] | None = None,
+    listening_socket: socket.socket | None = None,
 ) -> tuple[TwistdProcess, Any]:
     """Start ``twistd -n sse-server`` with only ``environ`` (and PATH) as its environment,
-    and with ``open_files`` as its (soft, hard) open-file limit when given."""
+    and with ``open_files`` as its (soft, hard) open-file limit when given.
+
+    With ``listening_socket``, the server gets it the way systemd passes a socket unit's
+    socket (sd_listen_fds(3)): as descriptor 3, with LISTEN_FDS=1, LISTEN_FDNAMES and
+    LISTEN_PID naming the server's own process (the shell sets it to its pid, then execs)."""
     process = TwistdProcess()
-    argv = [str(TWISTD), "-n", "--pidfile=", "sse-server"]
+    command = [str(TWISTD), "-n", "--pidfile=", "sse-server"]
+    child_descriptors: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+    environ = {"PATH": os.environ["PATH"], **environ}
+    if listening_socket is not None:
+        command = ["/bin/sh", "-c", 'export LISTEN_PID=$$; exec "$@"', "sh", *command]
+        child_descriptors[3] = listening_socket.fileno()
+        environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="https")
     if open_files is not None:
-        argv = [sys.executable, "-c", _WITH_OPEN_FILES, *map(str, open_files), *argv]
+        command = [sys.executable, "-c", _WITH_OPEN_FILES, *map(str, open_files), *command]
     transport = reactor.spawnProcess(  # type: ignore[attr-defined]
-        process,
-        argv[0],
-        argv,
-        env={"PATH": os.environ["PATH"], **environ},
-        path=str(cwd),
+        process, command[0], command, env=environ, path=str(cwd), childFDs=child_descriptors
     )
     return process, transport
 
