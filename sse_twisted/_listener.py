@@ -101,11 +101,20 @@ class ListenerService(Service):
         port, self._port = self._port, None
         return port.stopListening()  # type: ignore[return-value]
 
-    async def close_connections(self, seconds: float) -> None:
-        """Close every connection once its data is written; abort those still open after
-        ``seconds`` (clients that stopped reading)."""
+    def drain_connections(self) -> None:
+        """Let no new request start on the open connections, and close each once its
+        responses have ended (an HTTP/2 one gets GOAWAY first); a connection whose protocol
+        cannot be drained is closed once its data is written."""
         for connection in list(self._connections.protocols):
-            connection.loseConnection()
+            drain = getattr(connection.wrappedProtocol, "drain", None)
+            if drain is None:
+                connection.loseConnection()
+            else:
+                drain()
+
+    async def close_connections(self, seconds: float) -> None:
+        """Wait for the drained connections to close; abort those still open after
+        ``seconds`` (clients that stopped reading)."""
         try:
             await self._connections.when_idle().addTimeout(seconds, self._clock)
         except DeferredTimeoutError:
