@@ -32,8 +32,8 @@ RETRY_MILLISECONDS = 100
 
 
 def drain_environ(environ: dict[str, str], drain_seconds: float) -> dict[str, str]:
-    """Quick reconnects; a drain retry of 100 to 150 ms, so that it differs from the
-    stream's first ``retry: 100``... and can be told apart by count."""
+    """Quick reconnects: the stream starts with ``retry: 100``, the drain sends 100 to
+    150 ms."""
     return {
         **environ,
         "SSE_DRAIN_SECONDS": str(drain_seconds),
