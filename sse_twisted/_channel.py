@@ -230,8 +230,8 @@ class LimitedHTTPChannel(HTTPChannel):
 
 
 # Twisted has no public way to end an HTTP/2 connection gracefully, nor to reach it: these
-# private names of Twisted (checked with 24.7 to 26.10; tests/test_channel.py fails with the
-# name if one goes) are used here and nowhere else.
+# private names of Twisted (checked with Twisted 26.10; tests/test_channel.py fails naming
+# the one that went) are used here and nowhere else.
 #  - _GenericHTTPChannelProtocol: the connection's protocol, which switches to HTTP/2 when
 #    ALPN chose it; _channel: the HTTPChannel or twisted.web._http2.H2Connection behind it.
 #  - H2Connection._streamCleanupCallbacks: a Deferred per stream, fired once the stream is

@@ -102,9 +102,8 @@ class ListenerService(Service):
         return port.stopListening()  # type: ignore[return-value]
 
     def drain_connections(self) -> None:
-        """Let no new request start on the open connections, and close each once its
-        responses have ended (an HTTP/2 one gets GOAWAY first); a connection whose protocol
-        cannot be drained is closed once its data is written."""
+        """Close each open connection once its responses in progress have ended (an HTTP/2
+        one with GOAWAY); one whose protocol cannot be drained once its data is written."""
         for connection in list(self._connections.protocols):
             drain = getattr(connection.wrappedProtocol, "drain", None)
             if drain is None:

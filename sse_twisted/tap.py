@@ -114,9 +114,9 @@ class SSEService(MultiService):
             child.setServiceParent(self)
 
     def stopService(self) -> Deferred[None]:
-        """Drain: stop accepting, start no new stream (HTTP/2 connections get GOAWAY), ask
-        every browser to come back (they resume elsewhere with their Last-Event-ID), close
-        each connection once its stream has ended, then stop consuming."""
+        """Drain: stop accepting, start no new stream, ask every browser to come back (they
+        resume elsewhere with their Last-Event-ID), close each connection once its stream
+        has ended (HTTP/2 with GOAWAY), then stop consuming."""
         return Deferred.fromCoroutine(self._drain())
 
     async def _drain(self) -> None:
