@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from tests.backends import Pki
-from tests.harness import add_local_subscriber, bounded, new_uuid, spawn_twistd
+from tests.harness import add_local_subscriber, bounded, new_uuid, spawn_twistd, wait_for
 from tests.test_bodies import _H2Client
 
 PROTOCOLS = ["HTTP/1.1", "HTTP/2"]
@@ -221,3 +221,61 @@ async def test_a_client_reconnecting_during_the_drain_gets_no_stream_and_a_non_r
     assert aborting_lines(process.lines) == ["aborting 1 connections still open"]
     assert stuck_client.closed
     assert stuck_client.ended == set()
+
+
+def open_held_stream(port: int, ca: Path, path: str) -> _H2Client:
+    """An HTTP/2 connection with one stream open to which the server can send nothing (no
+    flow-control window): it keeps the connection from being closed by the drain."""
+    client = _H2Client(port, ca, stream_window=0)
+    client.request(1, "GET", path, end=True)
+    client.wait(lambda: 1 in client.statuses)
+    return client
+
+
+def open_another_stream(client: _H2Client, path: str) -> _H2Client:
+    """A new stream on ``client``'s connection, with a window to receive its answer."""
+    client.request(3, "GET", path, end=True)
+    client.h2.increment_flow_control_window(65535, stream_id=3)
+    client.flush()
+    try:
+        client.wait(lambda: 3 in client.ended)
+    except ConnectionError:
+        client.closed = True
+    client.close()
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_opened_on_a_connection_still_open_during_the_drain_gets_only_a_retry(
+    tmp_path: Path,
+    plaintext_environ: dict[str, str],
+    pki: Pki,
+) -> None:
+    environ = drain_environ(plaintext_environ, drain_seconds=4)
+    userid, token = add_local_subscriber(environ["SSE_POSTGRES_DB_NAME"])
+    process, transport = spawn_twistd(environ, tmp_path)
+    try:
+        port = await bounded(process.port, 30)
+        client = await deferToThread(
+            open_held_stream,
+            port,
+            pki.ca_certificate,
+            f"/subscribe/{new_uuid()}/{userid}/{token}",
+        )
+    finally:
+        transport.signalProcess("TERM")
+    await wait_for(
+        lambda: any(line["message"] == "draining 1 streams" for line in process.lines),
+        "the drain never started",
+    )
+    await bounded(
+        deferToThread(open_another_stream, client, f"/subscribe/{new_uuid()}/{userid}/{token}")
+    )
+    await bounded(process.ended, 20)
+    # Answered as when the database is down: a 200 that ends at once, with a retry: the
+    # browser comes back later (to another server); no stream was opened.
+    assert client.statuses[3] == b"200"
+    assert b": connected" not in client.data[3]
+    assert b": server stopping, retry" in client.data[3]
+    assert b"retry: " in client.data[3]
+    assert 3 in client.ended
