@@ -160,17 +160,24 @@ class _Stream:
         # A failure nobody waits for any more (the opener gave up first) is no error.
         self.established.add_done_callback(_retrieve)
         self.closed: asyncio.Future[None] = loop.create_future()
+        # The response ended (its last chunk, END_STREAM, a reset) or its connection did.
+        self.ended: asyncio.Future[None] = loop.create_future()
         self.status = 0
 
     def _establish(self) -> None:
         if not self.established.done():
             self.established.set_result(None)
 
+    def _end(self) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
     def _fail(self, reason: str) -> None:
         if not self.established.done():
             self.established.set_exception(ConnectionError(reason))
         if not self.closed.done():
             self.closed.set_result(None)
+        self._end()
 
 
 class HTTP1Stream(asyncio.Protocol, _Stream):
@@ -228,6 +235,7 @@ class HTTP1Stream(asyncio.Protocol, _Stream):
                 break
             if size == 0:
                 position = len(buffer)
+                self._end()
                 break
             self._body.feed(buffer[line_end + 2 : chunk_end])
             position = chunk_end + 2
@@ -353,6 +361,9 @@ class Fleet:
         self._http2_tls = client_tls_context(ca_file, "h2", verify)
         self._closers: list[Callable[[], None]] = []
         self.established = 0
+        # Every stream opened, and a future of each connection's end (bench.drain times them).
+        self.streams: list[_Stream] = []
+        self.connections_lost: list[asyncio.Future[None]] = []
 
     async def _connect(
         self,
@@ -403,6 +414,8 @@ class Fleet:
                         timeout,
                     )
                     self._closers.append(stream.close)
+                    self.streams.append(stream)
+                    self.connections_lost.append(stream.closed)
                     await asyncio.wait_for(asyncio.shield(stream.established), timeout)
                 except (OSError, ConnectionError, TimeoutError, ssl.SSLError) as error:
                     reason = f"{type(error).__name__}: {error}"[:80]
@@ -449,6 +462,8 @@ class Fleet:
                         self._connect(lambda: connection, self._http2_tls), timeout
                     )
                     self._closers.append(connection.close)
+                    self.streams.extend(streams)
+                    self.connections_lost.append(connection.lost)
                 except (OSError, ConnectionError, TimeoutError, ssl.SSLError) as error:
                     reason = type(error).__name__
                     reasons[reason] = reasons.get(reason, 0) + len(group)

@@ -15,20 +15,24 @@ waits for a slow client. Each refusal closes the connection: it is logged once.
 
 HTTP/2 request heads are bounded by the h2 library (HPACK's header list limit, 64 KiB);
 HTTP/2 request bodies and deadlines are handled per stream in L{sse_twisted._bodies}.
+
+On stop each connection is drained (L{DrainingChannelProtocol.drain}): closed once its
+responses in progress have ended, an HTTP/2 one with GOAWAY.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import DeferredList
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.http import HTTPChannel, Request, _GenericHTTPChannelProtocol
 
 from ._metrics import Metrics
 
-__all__ = ["LimitedHTTPChannel", "limited_channel_protocol"]
+__all__ = ["DrainingChannelProtocol", "LimitedHTTPChannel", "limited_channel_protocol"]
 
 # How long a refused client gets to read the refusal before its connection is cut.
 _GRACE_SECONDS = 5.0
@@ -75,10 +79,27 @@ class LimitedHTTPChannel(HTTPChannel):
         self._request_deadline: IDelayedCall | None = None
         self._abort_call: IDelayedCall | None = None
         self._refused = False
+        self._draining = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self._arm_request_deadline()
+
+    def drain(self) -> None:
+        """Close the connection once the response in progress has ended (now, if none):
+        its client makes a new connection for its next request, to another server."""
+        self._draining = True
+        self.persistent = False
+        if not self.requests:
+            self.loseConnection()
+
+    def checkPersistence(self, request: Request, version: bytes) -> bool:
+        """A request read while draining is answered with C{Connection: close}, and the
+        connection closed after it."""
+        if self._draining:
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return bool(super().checkPersistence(request, version))
 
     def setTimeout(self, period: float | None) -> float | None:
         """Also drop the request deadline when the idle timeout is cancelled: Twisted does
@@ -208,18 +229,68 @@ class LimitedHTTPChannel(HTTPChannel):
         super().connectionLost(reason)
 
 
+# Twisted has no public way to end an HTTP/2 connection gracefully, nor to reach it: these
+# private names of Twisted (checked with Twisted 26.10; tests/test_channel.py fails naming
+# the one that went) are used here and nowhere else.
+#  - _GenericHTTPChannelProtocol: the connection's protocol, which switches to HTTP/2 when
+#    ALPN chose it; _channel: the HTTPChannel or twisted.web._http2.H2Connection behind it.
+#  - H2Connection._streamCleanupCallbacks: a Deferred per stream, fired once the stream is
+#    done (its END_STREAM written, or reset); H2Connection.conn is its h2 connection.
+
+
+class DrainingChannelProtocol(_GenericHTTPChannelProtocol):
+    """A connection's protocol (HTTP/1.1 or HTTP/2) that can be drained: see L{drain}."""
+
+    _lost = False
+
+    def drain(self) -> None:
+        """Close this connection once its responses in progress have ended (ending them is
+        the caller's business): an HTTP/1.1 one as L{LimitedHTTPChannel.drain} says, an
+        HTTP/2 one with GOAWAY right after the end of its last stream.
+
+        Not GOAWAY first, as RFC 9113 allows: clients built on the h2 library (httpx) fail
+        every stream on a frame of data after GOAWAY, so they would never read the
+        ``retry:``. The last stream's end and GOAWAY go out in the same reactor turn; a
+        stream the client opens before is answered by the draining resource (no stream)."""
+        if isinstance(self._channel, LimitedHTTPChannel):
+            self._channel.drain()
+        else:
+            self._close_h2_when_idle()
+
+    def _close_h2_when_idle(self) -> None:
+        if self._lost:
+            return
+        # Twisted's H2Connection (twisted.web._http2), which has no type hints.
+        channel: Any = self._channel
+        ending = list(channel._streamCleanupCallbacks.values())
+        if ending:
+            # The streams' own Deferreds, their results passed on untouched.
+            DeferredList(ending).addCallback(lambda _: self._close_h2_when_idle())
+            return
+        channel.conn.close_connection()
+        transport = channel.transport
+        transport.write(channel.conn.data_to_send())
+        # H2Connection is the transport's producer: TLS would wait for it before closing.
+        transport.unregisterProducer()
+        transport.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._lost = True
+        super().connectionLost(reason)
+
+
 def limited_channel_protocol(
     max_header_bytes: int,
     request_timeout: float,
     max_body_bytes: int = 1024,
     metrics: Metrics | None = None,
-) -> Any:
+) -> DrainingChannelProtocol:
     """One connection's protocol, as C{Site.protocol} builds it, but with a
-    L{LimitedHTTPChannel}.
+    L{LimitedHTTPChannel}, and one that can be drained.
 
-    The wrapper class is Twisted's private one; it is what switches a connection to
+    Its class is based on Twisted's private one; it is what switches a connection to
     HTTP/2 when ALPN chose it, and C{Site} has no public way to change the channel.
     """
-    return _GenericHTTPChannelProtocol(
+    return DrainingChannelProtocol(
         LimitedHTTPChannel(max_header_bytes, request_timeout, max_body_bytes, metrics)
     )

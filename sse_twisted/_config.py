@@ -459,7 +459,7 @@ SETTINGS: tuple[Setting, ...] = (
         "drain-seconds",
         "10",
         _positive_float,
-        "on stop, longest wait for open streams to be told to reconnect",
+        "on stop, longest wait for connections to close (then those not reading are cut)",
     ),
     Setting(
         "reconnect_jitter_milliseconds",

@@ -109,16 +109,27 @@ FIRST_REQUEST_SECONDS = 1.0
 
 
 class _TrackedConnection(ProtocolWrapper):
-    """A connection that knows whether its client has sent a request yet."""
+    """A connection that knows whether its client has sent a request yet, and can be
+    drained: closed once the responses in progress have ended."""
 
     spoke = False
-    close_after_request = False
+    drain_after_request = False
 
     def dataReceived(self, data: bytes) -> None:
         self.spoke = True
         super().dataReceived(data)
-        if self.close_after_request:
+        if self.drain_after_request:
+            self.drain_after_request = False
+            self.drain()
+
+    def drain(self) -> None:
+        """Close once the responses in progress have ended (an HTTP/2 connection with
+        GOAWAY); a protocol that cannot be drained once its data is written."""
+        drain = getattr(self.wrappedProtocol, "drain", None)
+        if drain is None:
             self.loseConnection()
+        else:
+            drain()
 
 
 class _ConnectionTracker(WrappingFactory):
@@ -203,27 +214,28 @@ class ListenerService(Service):
         port, self._port = self._port, None
         return port.stopListening()  # type: ignore[return-value]
 
-    def _close_if_open(self, connection: _TrackedConnection) -> None:
-        if connection in self._connections.protocols:
+    def _close_if_silent(self, connection: _TrackedConnection) -> None:
+        if connection in self._connections.protocols and not connection.spoke:
             connection.loseConnection()
 
-    async def close_connections(self, seconds: float) -> None:
-        """Close every connection once its data is written; abort those still open after
-        ``seconds`` (clients that stopped reading).
+    def drain_connections(self) -> None:
+        """Close each open connection once its responses in progress have ended.
 
         A connection whose client has not spoken yet may have been accepted in the last
-        moments before the listener stopped: its request is answered first, then it is
-        closed (cut now, the client would see a reset where a restart promises none). One
-        still silent after L{FIRST_REQUEST_SECONDS} is idle (a browser's spare connection)
-        and is closed then."""
+        moments before the listener stopped: it is drained once its first request is read
+        and answered (cut now, the client would see a reset where a restart promises none).
+        One still silent after L{FIRST_REQUEST_SECONDS} is idle (a browser's spare
+        connection) and is closed then."""
         for connection in list(self._connections.protocols):
             if connection.spoke:
-                connection.loseConnection()
+                connection.drain()
             else:
-                connection.close_after_request = True
-                self._clock.callLater(
-                    min(FIRST_REQUEST_SECONDS, seconds), self._close_if_open, connection
-                )
+                connection.drain_after_request = True
+                self._clock.callLater(FIRST_REQUEST_SECONDS, self._close_if_silent, connection)
+
+    async def close_connections(self, seconds: float) -> None:
+        """Wait for the drained connections to close; abort those still open after
+        ``seconds`` (clients that stopped reading)."""
         try:
             await self._connections.when_idle().addTimeout(seconds, self._clock)
         except DeferredTimeoutError:

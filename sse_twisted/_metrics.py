@@ -53,6 +53,7 @@ SUBSCRIBE_OUTCOMES = (
     "too_many_checks",
     "auth_queue_full",
     "abandoned",
+    "draining",
     "error",
 )
 """How a subscribe request ended: the values of the ``outcome`` label.
@@ -60,7 +61,8 @@ SUBSCRIBE_OUTCOMES = (
 ``abandoned``: the client left before its check was answered; ``origin_refused``: CORS;
 ``too_many_streams``: a stream limit answered 429; ``too_many_checks``: the client address
 had ``max_auth_checks_per_client`` checks in flight; ``auth_queue_full``:
-``max_pending_auth_checks`` checks waited for PostgreSQL (both asked to come back later).
+``max_pending_auth_checks`` checks waited for PostgreSQL (both asked to come back later);
+``draining``: the server was stopping (asked to come back, to another server).
 """
 
 SKIP_REASONS = ("too_large", *INVALID_REASONS)

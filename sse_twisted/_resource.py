@@ -229,6 +229,12 @@ class SubscribeResource(Resource):
         self._checks_per_client = ChecksPerClient(max_checks_per_client)
         self._retry_jitter_milliseconds = retry_jitter_milliseconds
         self._refusals = RefusalLog(reactor)
+        self._draining = False
+
+    def drain(self) -> None:
+        """From now on a subscribe gets no stream here: it is asked to come back (to
+        another server), also one whose check is still waiting for the database."""
+        self._draining = True
 
     def render(self, request: Request) -> bytes | int:
         """Dispatch by method; anything but GET and OPTIONS is 405."""
@@ -266,6 +272,9 @@ class SubscribeResource(Resource):
         if problem is not None:
             self._metrics.subscribed("bad_request")
             return _plain(request, 400, problem)
+        if self._draining:
+            self._come_back_elsewhere(request)
+            return NOT_DONE_YET
         topic, userid, nonce = (part.decode("ascii") for part in parts)
         # Checked before the database is asked (cheap refusals under a flood), and again
         # once it answered: other streams may have opened meanwhile.
@@ -348,6 +357,9 @@ class SubscribeResource(Resource):
             request.finish()
             return
         request.authenticated = True  # type: ignore[attr-defined]
+        if self._draining:
+            self._come_back_elsewhere(request)
+            return
         if self._refused_for_limits(request, userid):
             return
         request.setResponseCode(200)
@@ -424,6 +436,13 @@ class SubscribeResource(Resource):
         # The jitter spreads the comebacks of everyone refused in the same moment.
         delay = self._retry_milliseconds + random.randint(0, self._retry_jitter_milliseconds)
         self._retry_later(request, "server busy, retry", delay)
+
+    def _come_back_elsewhere(self, request: Request) -> None:
+        """The server is draining: the browser comes back after a jittered delay, and
+        reaches another server (this one no longer accepts connections)."""
+        self._metrics.subscribed("draining")
+        delay = self._retry_milliseconds + random.randint(0, self._retry_jitter_milliseconds)
+        self._retry_later(request, "server stopping, retry", delay)
 
     def _retry_later(self, request: Request, comment: str, delay_milliseconds: int) -> None:
         # EventSource never retries a non-200 answer; a 200 stream that ends at once

@@ -88,6 +88,8 @@ class SSEService(MultiService):
     # and the browser-facing TLS identity.
     auth_cache: CachingAuthenticator | None = None
     revocations: RevocationListener | None = None
+    # Set by build_service: asked to let no stream start once the drain has begun.
+    subscribe: SubscribeResource | None = None
     server_tls: ReloadableServerTLS
     metrics: Metrics
 
@@ -113,12 +115,16 @@ class SSEService(MultiService):
             child.setServiceParent(self)
 
     def stopService(self) -> Deferred[None]:
-        """Drain: stop accepting, ask every browser to come back (they resume elsewhere with
-        their Last-Event-ID), close the connections, then stop consuming."""
+        """Drain: stop accepting, start no new stream, ask every browser to come back (they
+        resume elsewhere with their Last-Event-ID), close each connection once its stream
+        has ended (HTTP/2 with GOAWAY), then stop consuming."""
         return Deferred.fromCoroutine(self._drain())
 
     async def _drain(self) -> None:
         await self.listener.stopService()
+        if self.subscribe is not None:
+            self.subscribe.drain()
+        self.listener.drain_connections()
         streams = list(self.registry)
         self.log.info("draining {count} streams", count=len(streams))
         for stream in streams:
@@ -249,6 +255,7 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     service.auth_cache = auth_cache
     service.metrics = metrics
     service.revocations = revocations
+    service.subscribe = subscribe
     service.server_tls = server_tls
     enforcer.setServiceParent(service)
     revocations.setServiceParent(service)

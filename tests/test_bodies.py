@@ -22,6 +22,7 @@ from typing import Any
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.settings
 import pytest
 import pytest_twisted
 from twisted.internet.error import ConnectionDone
@@ -319,7 +320,9 @@ async def test_a_body_dribbled_slowly_gets_408_at_the_request_deadline(
 class _H2Client:
     """One HTTP/2 connection over TLS (ALPN h2), driven by hand with the h2 library."""
 
-    def __init__(self, port: int, ca: Path) -> None:
+    def __init__(self, port: int, ca: Path, stream_window: int | None = None) -> None:
+        """With ``stream_window``, each stream's flow-control window starts at that many
+        bytes (0: the server can send no data at all, as to a client that does not read)."""
         context = ssl.create_default_context(cafile=str(ca))
         context.set_alpn_protocols(["h2"])
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -327,9 +330,15 @@ class _H2Client:
         assert self.socket.selected_alpn_protocol() == "h2"
         self.h2 = h2.connection.H2Connection()
         self.h2.initiate_connection()
+        if stream_window is not None:
+            self.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window})
         self.statuses: dict[int, bytes] = {}
         self.resets: dict[int, int] = {}
         self.ended: set[int] = set()
+        self.data: dict[int, bytes] = {}
+        # The error code of the server's GOAWAY, once received.
+        self.goaway: int | None = None
+        self.closed = False
         self.flush()
 
     def flush(self) -> None:
@@ -349,8 +358,12 @@ class _H2Client:
         if data is None:
             return
         if not data:
+            self.closed = True
             raise ConnectionError("the server closed the connection")
-        for event in self.h2.receive_data(data):
+        events = self.h2.receive_data(data)
+        # Once h2 has read a GOAWAY it sends nothing more (a WINDOW_UPDATE would raise).
+        terminated = any(isinstance(event, h2.events.ConnectionTerminated) for event in events)
+        for event in events:
             if isinstance(event, h2.events.ResponseReceived):
                 self.statuses[event.stream_id] = dict(event.headers)[b":status"]
             elif isinstance(event, h2.events.StreamReset):
@@ -358,7 +371,11 @@ class _H2Client:
             elif isinstance(event, h2.events.StreamEnded):
                 self.ended.add(event.stream_id)
             elif isinstance(event, h2.events.DataReceived):
-                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                self.data[event.stream_id] = self.data.get(event.stream_id, b"") + event.data
+                if not terminated:
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.goaway = event.error_code
         self.flush()
 
     def wait(self, done: Any, seconds: float = 10) -> None:

@@ -39,6 +39,7 @@ from tests.harness import (
     start_server,
     wait_for,
 )
+from tests.test_drain import http2_until_closed, signal_from_thread
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -342,6 +343,42 @@ async def test_one_page_holds_twenty_streams_over_http2_all_receiving(
             assert [event["userid"] for event in _events(state)] == [userid]
     finally:
         await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_stop_the_page_is_told_to_come_back_and_the_draining_server_opens_it_no_stream(
+    plaintext_environ: dict[str, str], chromium: Chromium, page_of: Any, pki: Pki
+) -> None:
+    environ = {**browser_environ(plaintext_environ), "SSE_DRAIN_SECONDS": "6"}
+    server = await start_server(environ)
+    database = environ["SSE_POSTGRES_DB_NAME"]
+    (userid, token), (stuck_userid, stuck_token) = (add_local_subscriber(database) for _ in "ab")
+    page = await page_of(server)
+    # A client that gives the server no flow-control window holds the drain open, so that
+    # the page comes back while the server is still draining.
+    stuck_opened: Deferred[None] = Deferred()
+    stuck = deferToThread(
+        http2_until_closed,
+        server.port,
+        pki.ca_certificate,
+        f"/subscribe/{new_uuid()}/{stuck_userid}/{stuck_token}",
+        signal_from_thread(stuck_opened),
+        0,
+    )
+    await bounded(stuck_opened)
+    url = server.subscribe_url(new_uuid(), userid, token)
+    await chromium.evaluate(page, "([url]) => openStream('a', url)", url)
+    await chromium.wait_until(page, "() => window.sse.a.opens === 1")
+    assert {stream.protocol for stream in server.service.registry} == {"h2"}
+    stopping = Deferred.fromCoroutine(server.stop())
+    # The stream ends with its retry:; 300 ms later the page comes back, on a new
+    # connection (its own got GOAWAY), which nothing accepts: it keeps trying.
+    await chromium.wait_until(page, "() => window.sse.a.errors >= 2")
+    state = await chromium.evaluate(page, "() => state('a')")
+    assert (state["opens"], state["readyState"]) == (1, 0)
+    assert not stopping.called, "the drain ended before the page came back"
+    await bounded(stopping)
+    assert (await bounded(stuck)).closed
 
 
 @pytest.fixture

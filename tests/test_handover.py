@@ -334,6 +334,7 @@ def test_the_drain_answers_a_connection_accepted_just_before_it_then_closes_it()
     fresh, fresh_transport = factory.buildProtocol(address), StringTransport()
     fresh.makeConnection(fresh_transport)
 
+    listener.drain_connections()
     drained = ensureDeferred(listener.close_connections(10))
     assert talking_transport.disconnecting
     assert not fresh_transport.disconnecting
@@ -355,6 +356,7 @@ def test_the_drain_closes_a_connection_still_silent_after_a_second() -> None:
     silent, transport = reactor.tcpServers[0][1].buildProtocol(None), StringTransport()
     silent.makeConnection(transport)
 
+    listener.drain_connections()
     drained = ensureDeferred(listener.close_connections(10))
     reactor.advance(FIRST_REQUEST_SECONDS - 0.01)
     assert not transport.disconnecting

@@ -393,3 +393,43 @@ def test_a_full_line_of_checks_asks_the_browser_to_come_back_later() -> None:
     assert subscribes(metrics, "auth_queue_full") == 1
     assert subscribes(metrics, "backend_unavailable") == 0
     assert len(registry) == 0
+
+
+def assert_asked_to_come_back_elsewhere(request: DummyRequest) -> None:
+    """A draining server's answer: a 200 event stream with a jittered retry: that ends."""
+    assert request.responseCode == 200
+    parser = EventParser()
+    assert parser.feed(b"".join(request.written)) == []
+    assert parser.retry is not None and 2000 <= parser.retry <= 2000 + 1000
+    assert parser.comments == ["server stopping, retry"]
+    assert request.finished
+
+
+def test_a_draining_resource_opens_no_stream_and_asks_the_browser_to_come_back() -> None:
+    authenticator = ScriptedAuthenticator(True)
+    metrics = Metrics()
+    resource, registry = make_resource(
+        authenticator, metrics=metrics, retry_jitter_milliseconds=1000
+    )
+    resource.drain()
+    request = request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}")
+    render(resource, request)
+    assert_asked_to_come_back_elsewhere(request)
+    assert authenticator.asked == []  # no query for a stream that cannot open here
+    assert len(registry) == 0
+    assert subscribes(metrics, "draining") == 1
+
+
+def test_a_check_answered_after_the_drain_began_opens_no_stream() -> None:
+    pending: Deferred[bool] = Deferred()
+    metrics = Metrics()
+    resource, registry = make_resource(
+        ScriptedAuthenticator(pending), metrics=metrics, retry_jitter_milliseconds=1000
+    )
+    request = request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}")
+    render(resource, request)
+    resource.drain()
+    pending.callback(True)
+    assert_asked_to_come_back_elsewhere(request)
+    assert len(registry) == 0
+    assert subscribes(metrics, "draining") == 1

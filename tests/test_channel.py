@@ -1,0 +1,90 @@
+"""Draining an HTTP/1.1 connection, in memory (the real server under real clients is in
+test_drain.py), and the guard on the private Twisted names ``sse_twisted._channel`` uses."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from sse_twisted._channel import DrainingChannelProtocol
+from sse_twisted._resource import EventStreamSite
+
+
+class _Held(Resource):
+    """Holds every request open, as a stream is held, for the test to end."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Request] = []
+
+    def render(self, request: Request) -> int:
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+def _connection() -> tuple[DrainingChannelProtocol, StringTransport, _Held]:
+    clock = Clock()
+    held = _Held()
+    site = EventStreamSite(held, clock, request_timeout=10)
+    site.reactor = clock  # type: ignore[assignment]
+    protocol = site.buildProtocol(None)
+    assert isinstance(protocol, DrainingChannelProtocol)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport, held
+
+
+def _end(request: Request) -> None:
+    request.write(b"retry: 3000\n\n")
+    request.finish()
+
+
+def test_the_drain_closes_an_idle_http1_connection_at_once() -> None:
+    protocol, transport, held = _connection()
+    protocol.dataReceived(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    _end(held.requests[0])
+    assert not transport.disconnecting  # kept alive for the next request
+    protocol.drain()
+    assert transport.disconnecting
+
+
+def test_a_drained_http1_connection_closes_after_its_response_and_serves_nothing_more() -> None:
+    protocol, transport, held = _connection()
+    # A second request pipelined behind the held one.
+    protocol.dataReceived(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n")
+    protocol.drain()
+    _end(held.requests[0])
+    assert transport.value().endswith(b"retry: 3000\n\n\r\n0\r\n\r\n")
+    assert transport.disconnecting
+    assert [request.path for request in held.requests] == [b"/a"]
+
+
+def test_a_request_whose_head_ends_during_the_drain_is_answered_with_connection_close() -> None:
+    protocol, transport, held = _connection()
+    protocol.dataReceived(b"GET /a HTTP/1.1\r\n")
+    protocol.drain()
+    assert not transport.disconnecting
+    protocol.dataReceived(b"Host: h\r\n\r\n")
+    _end(held.requests[0])
+    head = transport.value().split(b"\r\n\r\n")[0].lower()
+    assert b"\r\nconnection: close" in head
+    assert transport.disconnecting
+
+
+def test_the_private_twisted_names_the_drain_relies_on_are_there() -> None:
+    """If this fails, Twisted changed what sse_twisted._channel reaches into: see the
+    comment there."""
+    from twisted.web._http2 import H2Connection
+
+    protocol = DrainingChannelProtocol(HTTPChannel())
+    assert isinstance(protocol._channel, HTTPChannel), "_GenericHTTPChannelProtocol._channel"
+    connection = H2Connection(Clock())
+    assert isinstance(connection._streamCleanupCallbacks, dict), (
+        "H2Connection._streamCleanupCallbacks"
+    )
+    assert callable(connection.conn.close_connection), "H2Connection.conn (an h2 connection)"
