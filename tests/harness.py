@@ -286,6 +286,26 @@ def spawn_twistd(environ: Mapping[str, str], cwd: Path) -> tuple[TwistdProcess, 
     return process, transport
 
 
+class Instance:
+    """A twistd process serving on its own port (``SSE_PORT``), sharing the stream with the
+    others."""
+
+    def __init__(self, environ: dict[str, str], cwd: Path) -> None:
+        self.process, self.transport = spawn_twistd(environ, cwd)
+        self.port = 0
+
+    async def ready(self) -> None:
+        self.port = await bounded(self.process.port, 30)
+        await bounded(self.process.consuming, 30)
+
+    def url(self, topic: str, userid: str, token: str) -> str:
+        return f"https://localhost:{self.port}/subscribe/{topic}/{userid}/{token}"
+
+    async def kill(self, how: int) -> None:
+        self.transport.signalProcess(how)
+        await bounded(self.process.ended, 30)
+
+
 def add_subscriber(postgres: PostgresServer) -> tuple[str, str]:
     """A new (userid, token) row in the users table of ``postgres``."""
     userid, token = new_uuid(), new_token()
