@@ -27,6 +27,7 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
+from sse_twisted._config import SETTINGS
 from tests.backends import Pki, free_port
 from tests.harness import (
     LOGGED_TEXT,
@@ -331,6 +332,24 @@ def _reconnected(
         ) and all(client.connected for client in clients)
 
     return reconnected
+
+
+def test_the_shipped_proxy_timeouts_outlast_two_default_heartbeats() -> None:
+    # A stream is idle between heartbeats: a proxy timeout below SSE_HEARTBEAT_SECONDS cuts
+    # every quiet stream (5 s did), and one barely above it cuts them on a late heartbeat.
+    [heartbeat] = [s.default for s in SETTINGS if s.env == "SSE_HEARTBEAT_SECONDS"]
+    nginx = (DEPLOY / "nginx" / "sse.conf").read_text()
+    haproxy = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    timeouts = {
+        "proxy_read_timeout": re.findall(r"^\s*proxy_read_timeout (\d+)s;", nginx, re.M),
+        "proxy_send_timeout": re.findall(r"^\s*proxy_send_timeout (\d+)s;", nginx, re.M),
+        "timeout server": re.findall(r"^\s*timeout server (\d+)s$", haproxy, re.M),
+        "timeout client": re.findall(r"^\s*timeout client (\d+)s$", haproxy, re.M),
+    }
+    assert all(len(values) == 1 for values in timeouts.values()), timeouts
+    assert {name: int(value) >= 2 * float(heartbeat) for name, [value] in timeouts.items()} == {
+        name: True for name in timeouts
+    }
 
 
 PROXIES = {"nginx": start_nginx, "haproxy": start_haproxy}
