@@ -297,6 +297,11 @@ class Publisher:
     published: dict[str, int] = field(default_factory=dict)
     stopped: bool = False
 
+    async def more(self, count: int) -> None:
+        """Until ``count`` more messages are published."""
+        target = sum(self.published.values()) + count
+        await wait_for(lambda: sum(self.published.values()) >= target, f"{count} more messages")
+
     async def run(self) -> None:
         number = 0
         while not self.stopped:
@@ -413,11 +418,13 @@ async def test_a_rolling_restart_behind_the_proxy_is_seen_by_clients_only_as_rec
         publisher = Publisher(plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"], users)
         publishing = Deferred.fromCoroutine(publisher.run())
 
-        await wait_for(lambda: sum(publisher.published.values()) >= 10, "first messages")
+        await publisher.more(10)
         before = [len(client.statuses) for client in clients]
         await first.kill(signal.SIGTERM)
         # The clients of the first instance come back through the proxy to the second.
         await wait_for(_reconnected(clients, before, any), "clients back after the stop")
+        # Events the restarted instance never consumed live: it must replay them later.
+        await publisher.more(5)
         first = Instance(environs[0], tmp_path / "a")
         instances.append(first)
         sees_first_up = proxy.sees_up("a")
@@ -428,6 +435,7 @@ async def test_a_rolling_restart_behind_the_proxy_is_seen_by_clients_only_as_rec
         await second.kill(signal.SIGTERM)
         # Every client was on the second instance: all come back, to the restarted first.
         await wait_for(_reconnected(clients, before, all), "clients back after the second stop")
+        await publisher.more(5)
         publisher.stopped = True
         await bounded(publishing)
         for client, userid in zip(clients, [u for u in users for _ in range(3)], strict=True):
