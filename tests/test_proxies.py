@@ -12,11 +12,14 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h2.connection
+import h2.events
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -43,6 +46,7 @@ from tests.harness import (
     publish,
     wait_for,
 )
+from tests.sse_parser import EventParser
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 # The clients connect from this loopback address; the proxies reach the instances from
@@ -495,3 +499,92 @@ async def test_a_rolling_restart_behind_the_proxy_is_seen_by_clients_only_as_rec
         if line.get("logger") == "sse_twisted.access" and "/subscribe/" in line["path"]
     ]
     assert served and {line["client"] for line in served} == {CLIENT_ADDRESS}
+
+
+class HTTP2Stream:
+    """One event stream over HTTP/2 (as browsers open them through a proxy), read with
+    blocking sockets: call its methods in a thread."""
+
+    def __init__(self, port: int, ca_certificate: Path, path: str) -> None:
+        context = ssl.create_default_context(cafile=str(ca_certificate))
+        context.set_alpn_protocols(["h2"])
+        raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.connection = context.wrap_socket(raw, server_hostname="localhost")
+        self.protocol = self.connection.selected_alpn_protocol()
+        self.client = h2.connection.H2Connection()
+        self.client.initiate_connection()
+        headers = [(":method", "GET"), (":path", path), (":scheme", "https")]
+        headers += [(":authority", "localhost"), ("accept", "text/event-stream")]
+        self.client.send_headers(1, headers, end_stream=True)
+        self.connection.sendall(self.client.data_to_send())
+        self._pending: list[h2.events.Event] = []
+
+    def status(self) -> int:
+        """The response's status, once its headers come."""
+        while True:
+            event = self._next()
+            if isinstance(event, h2.events.ResponseReceived):
+                return int(dict(event.headers)[b":status"])
+
+    def next_data(self) -> str:
+        """The data of the next event (heartbeat comments skipped)."""
+        parser = EventParser()
+        while True:
+            event = self._next()
+            if isinstance(event, h2.events.DataReceived):
+                self.client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                self.connection.sendall(self.client.data_to_send())
+                for dispatched in parser.feed(event.data):
+                    return dispatched["data"]
+
+    def _next(self) -> h2.events.Event:
+        while not self._pending:
+            data = self.connection.recv(65536)
+            assert data, "the proxy closed the connection"
+            self._pending = self.client.receive_data(data)
+            self.connection.sendall(self.client.data_to_send())
+        return self._pending.pop(0)
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+@pytest.mark.parametrize("proxy_name", sorted(PROXIES))
+@pytest_twisted.ensureDeferred
+async def test_a_browser_on_http2_gets_its_events_through_the_proxy(
+    tmp_path: Path,
+    pki: Pki,
+    plaintext_environ: dict[str, str],
+    local_database: dict[str, str],
+    proxy_name: str,
+) -> None:
+    port = free_port()
+    (tmp_path / "proxy").mkdir()
+    instance = Instance({**plaintext_environ, "SSE_PORT": str(port), "SSE_LOGS_DIR": ""}, tmp_path)
+    proxy: Proxy | None = None
+    stream: HTTP2Stream | None = None
+    try:
+        await instance.ready()
+        # The second instance of the configuration is not running: requests that meet it
+        # go to the first.
+        proxy = await PROXIES[proxy_name](
+            tmp_path / "proxy", pki.directory, free_port(), [port, free_port()]
+        )
+        userid, token = add_local_subscriber(local_database["SSE_POSTGRES_DB_NAME"])
+        stream = HTTP2Stream(
+            proxy.port, pki.ca_certificate, f"/subscribe/{new_uuid()}/{userid}/{token}"
+        )
+        assert stream.protocol == "h2"
+        assert await deferToThread(stream.status) == 200
+        await publish(5672, plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"], found_contract(userid))
+        # Not buffered: the one event arrives while the response is still open.
+        data = await bounded(deferToThread(stream.next_data))
+        assert json.loads(data)["userid"] == userid
+    finally:
+        if stream is not None:
+            stream.close()
+        if not instance.process.ended.called:
+            await instance.kill(signal.SIGTERM)
+        if proxy is not None:
+            await proxy.stop()
+        LOGGED_TEXT.extend(log.read_text() for log in (tmp_path / "proxy").glob("*.log"))
