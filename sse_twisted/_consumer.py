@@ -477,10 +477,14 @@ class StreamConsumerService(Service):
     def _rested(self, newest: int, messages: ClosableDeferredQueue) -> None:
         if messages is not self._messages or self._caught_up or self._tail is not None:
             return  # the stream was replaced, or the probe told the tail meanwhile
-        self._tail = newest
-        if self._live is not None:
+        nothing_read = self.last_offset is None
+        if nothing_read and self._live is not None:
             self._live.nothing_read_back(newest)
-        self._finish_read_back()
+        self._tail_known(newest)
+        if nothing_read and not self._caught_up:
+            self._finish_read_back()
+        # Otherwise a read-back slower to start than the quiet period is under way: it
+        # ends when it reaches the tail.
 
     def _cancel_quiet(self) -> None:
         if self._quiet is not None and self._quiet.active():

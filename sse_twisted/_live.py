@@ -103,7 +103,6 @@ class LiveStart:
         if newest >= 0 and self._window.covered_from is None:
             self._window.starts_after(newest)
             settle_uncovered(self._registry, newest + 1)
-        self.tail_known(newest)
 
     def caught_up(self) -> None:
         """The consumer has read the read-back: the grace of ids from ahead starts now."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import http.client
 import json
 import os
 import socket
@@ -309,6 +310,44 @@ def spawn_twistd(
         process, command[0], command, env=environ, path=str(cwd), childFDs=child_descriptors
     )
     return process, transport
+
+
+def _until_ready(port: int, ca: Path) -> None:
+    """Ask ``/readyz`` on ``port`` until it answers 200 (blocking: run it in a thread)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    while True:
+        connection = http.client.HTTPSConnection("localhost", port, timeout=5, context=context)
+        try:
+            connection.request("GET", "/readyz")
+            if connection.getresponse().status == 200:
+                return
+        finally:
+            connection.close()
+        time.sleep(0.05)
+
+
+class Instance:
+    """A twistd process serving on its own port (``SSE_PORT``), sharing the stream with the
+    others."""
+
+    def __init__(self, environ: dict[str, str], cwd: Path) -> None:
+        self.process, self.transport = spawn_twistd(environ, cwd)
+        self.port = 0
+        self._ca = Path(environ["SSE_CERTS_DIR"]) / "ca.pem"
+
+    async def ready(self) -> None:
+        """Once it listens, consumes and answers ``/readyz`` with 200 (its read-back is
+        over): when a load balancer would start sending it browsers."""
+        self.port = await bounded(self.process.port, 30)
+        await bounded(self.process.consuming, 30)
+        await bounded(deferToThread(_until_ready, self.port, self._ca), 30)
+
+    def url(self, topic: str, userid: str, token: str) -> str:
+        return f"https://localhost:{self.port}/subscribe/{topic}/{userid}/{token}"
+
+    async def kill(self, how: int) -> None:
+        self.transport.signalProcess(how)
+        await bounded(self.process.ended, 30)
 
 
 def add_subscriber(postgres: PostgresServer) -> tuple[str, str]:

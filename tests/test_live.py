@@ -138,6 +138,7 @@ def test_when_nothing_is_read_back_the_window_starts_after_the_newest_offset() -
     setup = Setup()
     early = setup.open("3")  # before anything is known: its coverage is settled later
     setup.live.nothing_read_back(9)
+    setup.live.tail_known(9)
     [reset] = events(early)
     assert (reset["event"], reset["id"]) == ("reset", "9")
     assert json.loads(reset["data"]) == {"lastEventId": "3", "resumeFrom": 10}

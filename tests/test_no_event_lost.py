@@ -20,13 +20,13 @@ from tests.backends import Pki, PostgresServer, RabbitMQServer
 from tests.harness import (
     Browser,
     EventCollector,
+    Instance,
     add_local_subscriber,
     add_subscriber,
     bounded,
     found_contract,
     new_uuid,
     publish,
-    spawn_twistd,
     start_server,
     wait_for,
 )
@@ -226,25 +226,6 @@ async def test_stopping_a_server_tells_each_stream_when_to_come_back_and_closes_
     delays = [tab.parser.retry for tab in tabs]
     assert all(delay is not None and 1000 <= delay <= 5000 for delay in delays)
     assert len(set(delays)) > 1, "reconnections are spread, not all at the same moment"
-
-
-class Instance:
-    """A twistd process serving on its own port, sharing the stream with the others."""
-
-    def __init__(self, environ: dict[str, str], cwd: Path) -> None:
-        self.process, self.transport = spawn_twistd(environ, cwd)
-        self.port = 0
-
-    async def ready(self) -> None:
-        self.port = await bounded(self.process.port, 30)
-        await bounded(self.process.consuming, 30)
-
-    def url(self, topic: str, userid: str, token: str) -> str:
-        return f"https://localhost:{self.port}/subscribe/{topic}/{userid}/{token}"
-
-    async def kill(self, how: int) -> None:
-        self.transport.signalProcess(how)
-        await bounded(self.process.ended, 30)
 
 
 async def _two_instances(environ: dict[str, str], tmp_path: Path) -> tuple[Instance, Instance]:

@@ -83,7 +83,7 @@ async def test_a_restarted_instance_sends_its_read_back_only_to_streams_resuming
     browser: Browser,
 ) -> None:
     """The issue's reproduction: 30,000 messages (40 for the user) before start; a page
-    without Last-Event-ID opened as soon as the port answers gets none of them."""
+    without Last-Event-ID opened as soon as the server can check it gets none of them."""
     queue = tls_environ["SSE_RABBITMQ_QUEUE_NAME"]
     userid, token = add_subscriber(postgres_tls)
     someone_else = new_uuid()
@@ -101,6 +101,14 @@ async def test_a_restarted_instance_sends_its_read_back_only_to_streams_resuming
     instance = Instance({**tls_environ, "SSE_LOGS_DIR": ""}, tmp_path)
     try:
         instance.port = await bounded(instance.process.port)
+        # As soon as it can check a subscriber (before, a browser is asked to come back).
+        await wait_for(
+            lambda: any(
+                line["message"].startswith("connected to PostgreSQL")
+                for line in instance.process.lines
+            ),
+            "a PostgreSQL connection",
+        )
         base_url = f"https://localhost:{instance.port}"
         url = instance.url(new_uuid(), userid, token)
         _, fresh = await browser.open(url)

@@ -1,0 +1,597 @@
+"""The shipped proxy configurations (deploy/nginx/sse.conf, deploy/haproxy/haproxy.cfg), run
+for real in front of two twistd instances: a rolling restart is seen by clients only as
+reconnects, the real client address reaches the server, and no token reaches a proxy log."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h2.connection
+import h2.events
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+
+from sse_twisted._config import SETTINGS
+from tests.backends import Pki, free_port
+from tests.harness import (
+    LOGGED_TEXT,
+    TIMEOUT,
+    Browser,
+    EventCollector,
+    Instance,
+    add_local_subscriber,
+    bounded,
+    found_contract,
+    leaked_secrets,
+    new_uuid,
+    publish,
+    wait_for,
+)
+from tests.sse_parser import EventParser
+
+DEPLOY = Path(__file__).parent.parent / "deploy"
+# The clients connect from this loopback address; the proxies reach the instances from
+# 127.0.0.1, the one trusted proxy address.
+CLIENT_ADDRESS = "127.0.0.2"
+# .ci/run installs both proxies and sets this: there a missing binary is a failure.
+REQUIRED = os.environ.get("SSE_TEST_PROXIES_REQUIRED") == "1"
+
+
+def _binary(name: str) -> str:
+    """The proxy's executable; skipped with the reason outside CI, a failure in CI."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        reason = f"{name} is not installed (apt-get install nginx haproxy; .ci/run does)"
+        if REQUIRED:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return found
+
+
+def render(shipped: Path, replacements: Mapping[str, str]) -> str:
+    """The shipped file with ``replacements`` made, each of which must apply: the test runs
+    the file operators copy, with only addresses and paths changed."""
+    text = shipped.read_text()
+    for old, new in replacements.items():
+        assert old in text, f"{shipped} no longer contains {old!r}: update this test"
+        text = text.replace(old, new)
+    return text
+
+
+class ProxyProcess(ProcessProtocol):
+    """A proxy running in the foreground; its output is kept (and audited for secrets)."""
+
+    def __init__(self) -> None:
+        self.output = ""
+        self.ended: Deferred[None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data.decode("utf-8", "replace")
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        LOGGED_TEXT.append(self.output)
+        self.ended.callback(None)
+
+
+@dataclass
+class Proxy:
+    """A running proxy: where browsers reach it, its access log, what a retry looks like in
+    it, and how to know it sends requests to an instance again."""
+
+    port: int
+    process: ProxyProcess
+    transport: Any
+    access_log: Callable[[], str]
+    retried: re.Pattern[str]
+    sees_up: Callable[[str], Deferred[None] | None]
+
+    async def stop(self) -> None:
+        if not self.process.ended.called:
+            self.transport.signalProcess(signal.SIGTERM)
+        await bounded(self.process.ended)
+
+
+async def _listening(port: int, process: ProxyProcess) -> None:
+    def accepts() -> bool:
+        if process.ended.called:
+            raise AssertionError(f"the proxy exited:\n{process.output}")
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    await wait_for(accepts, "the proxy never listened")
+
+
+def _spawn(argv: list[str], cwd: Path) -> tuple[ProxyProcess, Any]:
+    process = ProxyProcess()
+    transport = reactor.spawnProcess(  # type: ignore[attr-defined]
+        process, argv[0], argv, env={"PATH": os.environ["PATH"]}, path=str(cwd)
+    )
+    return process, transport
+
+
+async def start_nginx(directory: Path, certs: Path, port: int, upstreams: list[int]) -> Proxy:
+    """deploy/nginx/sse.conf inside a minimal main configuration (as Debian's nginx.conf
+    includes conf.d/*.conf in its http block)."""
+    nginx = _binary("nginx")
+    site = render(
+        DEPLOY / "nginx" / "sse.conf",
+        {
+            "listen 443 ssl http2;": f"listen 127.0.0.1:{port} ssl http2;",
+            "listen [::]:443 ssl http2;": "",
+            "server 10.0.0.11:8001": f"server 127.0.0.1:{upstreams[0]}",
+            "server 10.0.0.12:8001": f"server 127.0.0.1:{upstreams[1]}",
+            "/etc/sse/certs/": f"{certs}/",
+            "/var/log/nginx/": f"{directory}/",
+        },
+    )
+    (directory / "sse.conf").write_text(site)
+    temporary = " ".join(
+        f"{kind}_temp_path {directory}/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    (directory / "nginx.conf").write_text(
+        f"daemon off;\npid {directory}/nginx.pid;\nerror_log stderr notice;\n"
+        f"worker_processes 1;\nevents {{ worker_connections 256; }}\n"
+        f"http {{ {temporary} include {directory}/sse.conf; }}\n"
+    )
+    process, transport = _spawn([nginx, "-p", str(directory), "-c", "nginx.conf"], directory)
+    await _listening(port, process)
+    return Proxy(
+        port,
+        process,
+        transport,
+        access_log=lambda: (directory / "sse-access.log").read_text(),
+        # A request that found an instance stopped, then was answered by the other.
+        retried=re.compile(r"upstream_status=502, 200"),
+        # Passive: nginx tries every instance for each request.
+        sees_up=lambda server: None,
+    )
+
+
+async def start_haproxy(directory: Path, certs: Path, port: int, upstreams: list[int]) -> Proxy:
+    """deploy/haproxy/haproxy.cfg, in the foreground, without its chroot and user."""
+    haproxy = _binary("haproxy")
+    bundle = directory / "sse.pem"
+    stats_socket = directory / "admin.sock"
+    bundle.write_bytes((certs / "cert.pem").read_bytes() + (certs / "key.pem").read_bytes())
+    configuration = render(
+        DEPLOY / "haproxy" / "haproxy.cfg",
+        {
+            "bind :::443 v4v6 ssl crt /etc/haproxy/certs/sse.pem": (
+                f"bind 127.0.0.1:{port} ssl crt {bundle}"
+            ),
+            "server a 10.0.0.11:8001": f"server a 127.0.0.1:{upstreams[0]}",
+            "server b 10.0.0.12:8001": f"server b 127.0.0.1:{upstreams[1]}",
+            "/etc/sse/certs/": f"{certs}/",
+            "    chroot /var/lib/haproxy\n": "",
+            "    user haproxy\n    group haproxy\n": "",
+            "/run/haproxy/admin.sock": str(stats_socket),
+        },
+    )
+    (directory / "haproxy.cfg").write_text(configuration)
+    process, transport = _spawn([haproxy, "-db", "-f", str(directory / "haproxy.cfg")], directory)
+    await _listening(port, process)
+
+    def sees_up(server: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(_until_haproxy_checked(stats_socket, server))
+
+    return Proxy(
+        port,
+        process,
+        transport,
+        access_log=lambda: process.output,
+        retried=re.compile(r" 200 .* retries=\+[1-9]"),
+        sees_up=sees_up,
+    )
+
+
+def _haproxy_server_state(stats_socket: Path, server: str) -> tuple[str, str]:
+    """``(status, check_status)`` of ``server`` from ``show stat`` on the stats socket."""
+    with socket.socket(socket.AF_UNIX) as connection:
+        connection.settimeout(5)
+        connection.connect(str(stats_socket))
+        connection.sendall(b"show stat\n")
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    rows = csv.DictReader(io.StringIO(answer.decode().removeprefix("# ")))
+    for row in rows:
+        if row["pxname"] == "sse_instances" and row["svname"] == server:
+            return row["status"], row["check_status"]
+    raise AssertionError(f"no server {server} in show stat:\n{answer.decode()}")
+
+
+async def _until_haproxy_checked(stats_socket: Path, server: str) -> None:
+    """Until HAProxy holds ``server`` UP with its last health check passed: a server that
+    failed one check is "UP 1/2" and one that failed two is DOWN until two pass."""
+    deadline = reactor.seconds() + TIMEOUT
+    while True:
+        state = await deferToThread(_haproxy_server_state, stats_socket, server)
+        if state == ("UP", "L7OK"):
+            return
+        if reactor.seconds() > deadline:
+            raise TimeoutError(f"HAProxy holds {server} {state}")
+        await deferLater(reactor, 0.1, lambda: None)
+
+
+@dataclass
+class ReconnectingClient:
+    """An EventSource: it reconnects after each end, after the `retry:` delay, with its
+    Last-Event-ID, and gives up for good on a non-200 (the WHATWG rule)."""
+
+    browser: Browser
+    url: str
+    statuses: list[int] = field(default_factory=list)
+    # Ends other than a complete response, and requests that got no response at all.
+    failures: list[str] = field(default_factory=list)
+    events: list[dict[str, str]] = field(default_factory=list)
+    stream: EventCollector | None = None
+    stopped: bool = False
+
+    def run(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._run())
+
+    @property
+    def connected(self) -> bool:
+        return self.stream is not None and not self.stream.closed.called
+
+    async def _run(self) -> None:
+        last_event_id: str | None = None
+        while not self.stopped:
+            try:
+                response, stream = await self.browser.open(self.url, last_event_id)
+            except Exception as error:
+                self.failures.append(f"no response: {error!r}")
+                await deferLater(reactor, 0.5, lambda: None)
+                continue
+            self.statuses.append(response.code)
+            if response.code != 200:
+                return
+            self.stream = stream
+            await stream.closed
+            self.events.extend(stream.received)
+            if not self.stopped and not (
+                stream.close_reason and stream.close_reason.check(ResponseDone)
+            ):
+                self.failures.append(f"stream cut: {stream.close_reason!r}")
+            last_event_id = stream.parser.last_event_id or last_event_id
+            await deferLater(reactor, (stream.parser.retry or 3000) / 1000, lambda: None)
+
+    @property
+    def gave_up(self) -> bool:
+        return bool(self.statuses) and self.statuses[-1] != 200
+
+    def received(self) -> list[dict[str, str]]:
+        """Every event so far, those of the open stream included."""
+        return self.events + (self.stream.received if self.connected and self.stream else [])
+
+    async def stop(self) -> None:
+        self.stopped = True
+        if self.stream is not None:
+            self.stream.close()
+
+
+@dataclass
+class Publisher:
+    """Publishes numbered messages for each user, alternately, until stopped."""
+
+    queue: str
+    users: list[str]
+    published: dict[str, int] = field(default_factory=dict)
+    stopped: bool = False
+
+    async def more(self, count: int) -> None:
+        """Until ``count`` more messages are published."""
+        target = sum(self.published.values()) + count
+        await wait_for(lambda: sum(self.published.values()) >= target, f"{count} more messages")
+
+    async def run(self) -> None:
+        number = 0
+        while not self.stopped:
+            userid = self.users[number % len(self.users)]
+            sequence = self.published.get(userid, 0)
+            await publish(5672, self.queue, found_contract(userid, seq=sequence))
+            self.published[userid] = sequence + 1
+            number += 1
+            await deferLater(reactor, 0.05, lambda: None)
+
+
+def sequence(client: ReconnectingClient) -> list[int]:
+    return [
+        json.loads(event["data"])["seq"]
+        for event in client.received()
+        if event["event"] == "message"
+    ]
+
+
+def _reconnected(
+    clients: list[ReconnectingClient],
+    before: list[int],
+    quantifier: Callable[[Any], bool],
+) -> Callable[[], bool]:
+    """Whether ``quantifier`` (any, all) of the clients opened a new stream since they had
+    made ``before`` requests, and every client is connected."""
+
+    def reconnected() -> bool:
+        refused = [client.statuses for client in clients if client.gave_up]
+        assert refused == [], f"a client got a non-200 and gave up for good: {refused}"
+        return quantifier(
+            len(client.statuses) > count for client, count in zip(clients, before, strict=True)
+        ) and all(client.connected for client in clients)
+
+    return reconnected
+
+
+def test_the_shipped_proxy_timeouts_outlast_two_default_heartbeats() -> None:
+    # A stream is idle between heartbeats: a proxy timeout below SSE_HEARTBEAT_SECONDS cuts
+    # every quiet stream (5 s did), and one barely above it cuts them on a late heartbeat.
+    [heartbeat] = [s.default for s in SETTINGS if s.env == "SSE_HEARTBEAT_SECONDS"]
+    nginx = (DEPLOY / "nginx" / "sse.conf").read_text()
+    haproxy = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    timeouts = {
+        "proxy_read_timeout": re.findall(r"^\s*proxy_read_timeout (\d+)s;", nginx, re.M),
+        "proxy_send_timeout": re.findall(r"^\s*proxy_send_timeout (\d+)s;", nginx, re.M),
+        "timeout server": re.findall(r"^\s*timeout server (\d+)s$", haproxy, re.M),
+        "timeout client": re.findall(r"^\s*timeout client (\d+)s$", haproxy, re.M),
+    }
+    assert all(len(values) == 1 for values in timeouts.values()), timeouts
+    assert {name: int(value) >= 2 * float(heartbeat) for name, [value] in timeouts.items()} == {
+        name: True for name in timeouts
+    }
+
+
+PROXIES = {"nginx": start_nginx, "haproxy": start_haproxy}
+
+
+@pytest_twisted.async_yield_fixture
+async def clients_browser(pki: Pki) -> AsyncIterator[Browser]:
+    """Browsers connecting from CLIENT_ADDRESS."""
+    client = Browser(pki.ca_certificate, source_address=CLIENT_ADDRESS)
+    yield client
+    await client.close_all()
+
+
+@pytest.mark.parametrize("proxy_name", sorted(PROXIES))
+@pytest_twisted.ensureDeferred
+async def test_a_rolling_restart_behind_the_proxy_is_seen_by_clients_only_as_reconnects(
+    tmp_path: Path,
+    pki: Pki,
+    plaintext_environ: dict[str, str],
+    local_database: dict[str, str],
+    clients_browser: Browser,
+    proxy_name: str,
+) -> None:
+    ports = [free_port(), free_port()]
+    environs = [
+        {
+            **plaintext_environ,
+            "SSE_PORT": str(port),
+            "SSE_LOGS_DIR": "",
+            "SSE_TRUSTED_PROXIES": "127.0.0.1",
+            "SSE_RETRY_MILLISECONDS": "200",
+            "SSE_RECONNECT_JITTER_MILLISECONDS": "300",
+            "SSE_DRAIN_SECONDS": "3",
+        }
+        for port in ports
+    ]
+    for name in ("a", "b", "proxy"):
+        (tmp_path / name).mkdir()
+    first = Instance(environs[0], tmp_path / "a")
+    second = Instance(environs[1], tmp_path / "b")
+    instances = [first, second]
+    proxy: Proxy | None = None
+    clients: list[ReconnectingClient] = []
+    publisher: Publisher | None = None
+    running: list[Deferred[None]] = []
+    users: list[str] = []
+    tokens: list[str] = []
+    try:
+        await first.ready()
+        await second.ready()
+        proxy = await PROXIES[proxy_name](tmp_path / "proxy", pki.directory, free_port(), ports)
+        for server in ("a", "b"):
+            sees_up = proxy.sees_up(server)
+            if sees_up is not None:
+                await bounded(sees_up)
+        for _ in range(2):
+            userid, token = add_local_subscriber(local_database["SSE_POSTGRES_DB_NAME"])
+            users.append(userid)
+            tokens.append(token)
+            for _ in range(3):
+                url = f"https://localhost:{proxy.port}/subscribe/{new_uuid()}/{userid}/{token}"
+                clients.append(ReconnectingClient(clients_browser, url))
+        running = [client.run() for client in clients]
+        await wait_for(lambda: all(client.connected for client in clients), "clients connected")
+        publisher = Publisher(plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"], users)
+        publishing = Deferred.fromCoroutine(publisher.run())
+
+        await publisher.more(10)
+        before = [len(client.statuses) for client in clients]
+        await first.kill(signal.SIGTERM)
+        # The clients of the first instance come back through the proxy to the second.
+        await wait_for(_reconnected(clients, before, any), "clients back after the stop")
+        # Events the restarted instance never consumed live: it must replay them later.
+        await publisher.more(5)
+        first = Instance(environs[0], tmp_path / "a")
+        instances.append(first)
+        sees_first_up = proxy.sees_up("a")
+        await first.ready()
+        if sees_first_up is not None:
+            await bounded(sees_first_up)
+        before = [len(client.statuses) for client in clients]
+        await second.kill(signal.SIGTERM)
+        # Every client was on the second instance: all come back, to the restarted first.
+        await wait_for(_reconnected(clients, before, all), "clients back after the second stop")
+        await publisher.more(5)
+        publisher.stopped = True
+        await bounded(publishing)
+        for client, userid in zip(clients, [u for u in users for _ in range(3)], strict=True):
+            await wait_for(
+                lambda client=client, userid=userid: (
+                    len(sequence(client)) >= publisher.published[userid]
+                ),
+                "every message",
+            )
+        # Spellings of a subscribe path (the first opens a stream), a token in a query and
+        # a token elsewhere: the proxy's log must mask them all.
+        topic, userid, token = new_uuid(), users[0], tokens[0]
+        for path in (
+            f"/%73ubscribe/{topic}/{userid}/{token}?token={token}",
+            f"/subscribe%2F{topic}%2F{userid}%2F{token}",
+            f"/subscribe/{topic}/{userid}/{token}/more",
+            f"/elsewhere/{token}",
+        ):
+            _, answer = await clients_browser.open(f"https://localhost:{proxy.port}{path}")
+            answer.close()
+            await bounded(answer.closed)
+    finally:
+        if publisher is not None:
+            publisher.stopped = True
+        for client in clients:
+            await client.stop()
+        for run in running:
+            await bounded(run)
+        for instance in instances:
+            if not instance.process.ended.called:
+                await instance.kill(signal.SIGTERM)
+        if proxy is not None:
+            await proxy.stop()
+        # The proxy's own log files join what the session audits for secrets.
+        LOGGED_TEXT.extend(log.read_text() for log in (tmp_path / "proxy").glob("*.log"))
+
+    assert proxy is not None and publisher is not None
+    expected = {userid: list(range(count)) for userid, count in publisher.published.items()}
+    for client, userid in zip(clients, [u for u in users for _ in range(3)], strict=True):
+        assert set(client.statuses) == {200}, client.statuses
+        assert len(client.statuses) >= 2, "each client reconnected"
+        assert client.failures == []
+        assert [e["event"] for e in client.received() if e["event"] != "message"] == []
+        assert sequence(client) == expected[userid], "every event once, in order"
+
+    access_log = proxy.access_log()
+    subscribe_lines = [line for line in access_log.splitlines() if "ubscribe" in line]
+    assert len(subscribe_lines) >= sum(len(client.statuses) for client in clients) + 3
+    assert all(CLIENT_ADDRESS in line and "/****" in line for line in subscribe_lines)
+    assert "/elsewhere/****" in access_log
+    assert any(proxy.retried.search(line) for line in subscribe_lines), access_log
+    assert leaked_secrets([access_log, proxy.process.output], set(tokens)) == {}
+    served = [
+        line
+        for instance in instances
+        for line in instance.process.lines
+        if line.get("logger") == "sse_twisted.access" and "/subscribe/" in line["path"]
+    ]
+    assert served and {line["client"] for line in served} == {CLIENT_ADDRESS}
+
+
+class HTTP2Stream:
+    """One event stream over HTTP/2 (as browsers open them through a proxy), read with
+    blocking sockets: call its methods in a thread."""
+
+    def __init__(self, port: int, ca_certificate: Path, path: str) -> None:
+        context = ssl.create_default_context(cafile=str(ca_certificate))
+        context.set_alpn_protocols(["h2"])
+        raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.connection = context.wrap_socket(raw, server_hostname="localhost")
+        self.protocol = self.connection.selected_alpn_protocol()
+        self.client = h2.connection.H2Connection()
+        self.client.initiate_connection()
+        headers = [(":method", "GET"), (":path", path), (":scheme", "https")]
+        headers += [(":authority", "localhost"), ("accept", "text/event-stream")]
+        self.client.send_headers(1, headers, end_stream=True)
+        self.connection.sendall(self.client.data_to_send())
+        self._pending: list[h2.events.Event] = []
+
+    def status(self) -> int:
+        """The response's status, once its headers come."""
+        while True:
+            event = self._next()
+            if isinstance(event, h2.events.ResponseReceived):
+                return int(dict(event.headers)[b":status"])
+
+    def next_data(self) -> str:
+        """The data of the next event (heartbeat comments skipped)."""
+        parser = EventParser()
+        while True:
+            event = self._next()
+            if isinstance(event, h2.events.DataReceived):
+                self.client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                self.connection.sendall(self.client.data_to_send())
+                for dispatched in parser.feed(event.data):
+                    return dispatched["data"]
+
+    def _next(self) -> h2.events.Event:
+        while not self._pending:
+            data = self.connection.recv(65536)
+            assert data, "the proxy closed the connection"
+            self._pending = self.client.receive_data(data)
+            self.connection.sendall(self.client.data_to_send())
+        return self._pending.pop(0)
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+@pytest.mark.parametrize("proxy_name", sorted(PROXIES))
+@pytest_twisted.ensureDeferred
+async def test_a_browser_on_http2_gets_its_events_through_the_proxy(
+    tmp_path: Path,
+    pki: Pki,
+    plaintext_environ: dict[str, str],
+    local_database: dict[str, str],
+    proxy_name: str,
+) -> None:
+    port = free_port()
+    (tmp_path / "proxy").mkdir()
+    instance = Instance({**plaintext_environ, "SSE_PORT": str(port), "SSE_LOGS_DIR": ""}, tmp_path)
+    proxy: Proxy | None = None
+    stream: HTTP2Stream | None = None
+    try:
+        await instance.ready()
+        # The second instance of the configuration is not running: requests that meet it
+        # go to the first.
+        proxy = await PROXIES[proxy_name](
+            tmp_path / "proxy", pki.directory, free_port(), [port, free_port()]
+        )
+        sees_up = proxy.sees_up("a")
+        if sees_up is not None:
+            await bounded(sees_up)
+        userid, token = add_local_subscriber(local_database["SSE_POSTGRES_DB_NAME"])
+        stream = HTTP2Stream(
+            proxy.port, pki.ca_certificate, f"/subscribe/{new_uuid()}/{userid}/{token}"
+        )
+        assert stream.protocol == "h2"
+        assert await deferToThread(stream.status) == 200
+        await publish(5672, plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"], found_contract(userid))
+        # Not buffered: the one event arrives while the response is still open.
+        data = await bounded(deferToThread(stream.next_data))
+        assert json.loads(data)["userid"] == userid
+    finally:
+        if stream is not None:
+            stream.close()
+        if not instance.process.ended.called:
+            await instance.kill(signal.SIGTERM)
+        if proxy is not None:
+            await proxy.stop()
+        LOGGED_TEXT.extend(log.read_text() for log in (tmp_path / "proxy").glob("*.log"))
