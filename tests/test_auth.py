@@ -24,7 +24,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 from zope.interface.verify import verifyObject
 
 from sse_twisted._auth import PostgresAuthenticator
@@ -88,15 +88,6 @@ def tableless_database() -> Iterator[str]:
     _admin(f"CREATE DATABASE {name}")
     yield name
     _admin(f"DROP DATABASE {name} WITH (FORCE)")
-
-
-@pytest.fixture
-def log_events() -> Iterator[list[LogEvent]]:
-    """Every log event emitted during the test."""
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def log_text(events: list[LogEvent]) -> str:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
-from typing import cast
 
 import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.logger import LogEvent
 from twisted.web.test.requesthelper import DummyRequest
 
 from sse_twisted._client_address import client_address, forwarded_client
@@ -67,15 +65,6 @@ def test_the_client_is_the_right_most_untrusted_forwarded_address(
     peer: str, x_forwarded_for: list[bytes] | None, forwarded: list[bytes] | None, client: str
 ) -> None:
     assert forwarded_client(peer, x_forwarded_for, forwarded, PROXIES) == client
-
-
-@pytest.fixture
-def log_events() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    yield events
-    globalLogPublisher.removeObserver(observer)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.task import Clock, deferLater
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 from twisted.web.test.requesthelper import DummyRequest
 
 from sse_twisted._auth_cache import CachingAuthenticator
@@ -153,14 +153,6 @@ def test_the_schema_file_can_be_applied_again(database: str) -> None:
 
 
 # --- the listener ---
-
-
-@pytest.fixture
-def log_events() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def tracebacks(events: list[LogEvent]) -> list[str]:
