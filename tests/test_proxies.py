@@ -469,7 +469,7 @@ async def test_a_rolling_restart_behind_the_proxy_is_seen_by_clients_only_as_rec
                 clients.append(client)
                 subscribers.append(userid)
                 client.start(node, url, pki.ca_certificate)
-        await wait_for(lambda: all(client.streaming for client in clients), "clients connected")
+        await wait_for(_reconnected(clients, [0 for _ in clients], all), "clients connected")
         publisher = Publisher(plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"], users)
         publishing = Deferred.fromCoroutine(publisher.run())
 
