@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import ssl
+import subprocess
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,6 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
 
 from sse_twisted._config import SETTINGS
 from tests.backends import Pki, free_port
@@ -36,7 +36,6 @@ from tests.harness import (
     LOGGED_TEXT,
     TIMEOUT,
     Browser,
-    EventCollector,
     Instance,
     add_local_subscriber,
     bounded,
@@ -235,61 +234,105 @@ async def _until_haproxy_checked(stats_socket: Path, server: str) -> None:
         await deferLater(reactor, 0.1, lambda: None)
 
 
-@dataclass
-class ReconnectingClient:
-    """An EventSource: it reconnects after each end, after the `retry:` delay, with its
-    Last-Event-ID, and gives up for good on a non-200 (the WHATWG rule)."""
+EVENTSOURCE_CLIENT = Path(__file__).parent / "eventsource_client"
 
-    browser: Browser
-    url: str
-    statuses: list[int] = field(default_factory=list)
-    # Ends other than a complete response, and requests that got no response at all.
-    failures: list[str] = field(default_factory=list)
-    events: list[dict[str, str]] = field(default_factory=list)
-    stream: EventCollector | None = None
-    stopped: bool = False
 
-    def run(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._run())
+@pytest.fixture(scope="session")
+def node() -> str:
+    """The node executable, once tests/eventsource_client has its pinned packages (the npm
+    ``eventsource``) installed by ``npm ci``; skipped with the reason outside CI, a failure
+    in CI."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        reason = "node (>= 20) and npm are not installed: the npm eventsource client needs them"
+        if REQUIRED:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    installed = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund", "--prefer-offline"],
+        cwd=EVENTSOURCE_CLIENT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if installed.returncode != 0:
+        pytest.fail(f"npm ci in {EVENTSOURCE_CLIENT} failed:\n{installed.stdout}{installed.stderr}")
+    return node
+
+
+class EventSourceClient(ProcessProtocol):
+    """One EventSource of the npm ``eventsource`` package in its own node process
+    (tests/eventsource_client/client.mjs): it reconnects by itself with Last-Event-ID and
+    gives up for good on a non-200; this reads the line it prints for each thing that
+    happens."""
+
+    def __init__(self) -> None:
+        self.opens = 0
+        # Whether a stream is open (ProcessProtocol's ``connected`` is about the process).
+        self.streaming = False
+        self.events: list[dict[str, str]] = []
+        self.errors: list[dict[str, Any]] = []
+        self.stderr = ""
+        self.ended: Deferred[None] = Deferred()
+        self._partial = b""
+
+    def start(self, node: str, url: str, ca_certificate: Path) -> None:
+        argv = [node, str(EVENTSOURCE_CLIENT / "client.mjs"), url, CLIENT_ADDRESS]
+        self.transport = reactor.spawnProcess(  # type: ignore[attr-defined]
+            self,
+            node,
+            argv,
+            env={"PATH": os.environ["PATH"], "NODE_EXTRA_CA_CERTS": str(ca_certificate)},
+            path=str(EVENTSOURCE_CLIENT),
+        )
+
+    def outReceived(self, data: bytes) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            happened = json.loads(line)
+            if happened["type"] == "open":
+                self.opens += 1
+                self.streaming = True
+            elif happened["type"] == "error":
+                self.errors.append(happened)
+                self.streaming = False
+            else:
+                self.events.append(
+                    {"event": happened["type"], "id": happened["id"], "data": happened["data"]}
+                )
+
+    def errReceived(self, data: bytes) -> None:
+        self.stderr += data.decode("utf-8", "replace")
+
+    def processEnded(self, reason: Failure) -> None:
+        self.streaming = False
+        self.ended.callback(None)
 
     @property
-    def connected(self) -> bool:
-        return self.stream is not None and not self.stream.closed.called
+    def refused(self) -> list[dict[str, Any]]:
+        """Answers other than a 200 event stream: the library closes for good on each."""
+        return [error for error in self.errors if error["code"] is not None]
 
-    async def _run(self) -> None:
-        last_event_id: str | None = None
-        while not self.stopped:
-            try:
-                response, stream = await self.browser.open(self.url, last_event_id)
-            except Exception as error:
-                self.failures.append(f"no response: {error!r}")
-                await deferLater(reactor, 0.5, lambda: None)
-                continue
-            self.statuses.append(response.code)
-            if response.code != 200:
-                return
-            self.stream = stream
-            await stream.closed
-            self.events.extend(stream.received)
-            if not self.stopped and not (
-                stream.close_reason and stream.close_reason.check(ResponseDone)
-            ):
-                self.failures.append(f"stream cut: {stream.close_reason!r}")
-            last_event_id = stream.parser.last_event_id or last_event_id
-            await deferLater(reactor, (stream.parser.retry or 3000) / 1000, lambda: None)
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        """Streams cut rather than ended, and requests that got no response at all."""
+        return [error for error in self.errors if error["message"] is not None]
 
     @property
     def gave_up(self) -> bool:
-        return bool(self.statuses) and self.statuses[-1] != 200
+        """Closed for good (``readyState`` CLOSED) or the process ended of itself."""
+        return any(error["readyState"] == 2 for error in self.errors) or self.ended.called
 
-    def received(self) -> list[dict[str, str]]:
-        """Every event so far, those of the open stream included."""
-        return self.events + (self.stream.received if self.connected and self.stream else [])
+    @property
+    def requests(self) -> int:
+        """Requests that got an answer: each opened stream and each refusal."""
+        return self.opens + len(self.refused)
 
     async def stop(self) -> None:
-        self.stopped = True
-        if self.stream is not None:
-            self.stream.close()
+        if not self.ended.called:
+            self.transport.signalProcess(signal.SIGTERM)
+        await bounded(self.ended)
 
 
 @dataclass
@@ -317,28 +360,26 @@ class Publisher:
             await deferLater(reactor, 0.05, lambda: None)
 
 
-def sequence(client: ReconnectingClient) -> list[int]:
+def sequence(client: EventSourceClient) -> list[int]:
     return [
-        json.loads(event["data"])["seq"]
-        for event in client.received()
-        if event["event"] == "message"
+        json.loads(event["data"])["seq"] for event in client.events if event["event"] == "message"
     ]
 
 
 def _reconnected(
-    clients: list[ReconnectingClient],
+    clients: list[EventSourceClient],
     before: list[int],
     quantifier: Callable[[Any], bool],
 ) -> Callable[[], bool]:
     """Whether ``quantifier`` (any, all) of the clients opened a new stream since they had
-    made ``before`` requests, and every client is connected."""
+    opened ``before`` streams, and every client has a stream open."""
 
     def reconnected() -> bool:
-        refused = [client.statuses for client in clients if client.gave_up]
-        assert refused == [], f"a client got a non-200 and gave up for good: {refused}"
+        gone = [(client.errors, client.stderr) for client in clients if client.gave_up]
+        assert gone == [], f"a client got a non-200 and gave up for good: {gone}"
         return quantifier(
-            len(client.statuses) > count for client, count in zip(clients, before, strict=True)
-        ) and all(client.connected for client in clients)
+            client.opens > count for client, count in zip(clients, before, strict=True)
+        ) and all(client.streaming for client in clients)
 
     return reconnected
 
@@ -362,6 +403,8 @@ def test_the_shipped_proxy_timeouts_outlast_two_default_heartbeats() -> None:
 
 
 PROXIES = {"nginx": start_nginx, "haproxy": start_haproxy}
+# Each user has several streams open (several tabs), spread over both instances.
+CLIENTS_PER_USER = 2
 
 
 @pytest_twisted.async_yield_fixture
@@ -380,6 +423,7 @@ async def test_a_rolling_restart_behind_the_proxy_is_seen_by_clients_only_as_rec
     plaintext_environ: dict[str, str],
     local_database: dict[str, str],
     clients_browser: Browser,
+    node: str,
     proxy_name: str,
 ) -> None:
     ports = [free_port(), free_port()]
@@ -401,10 +445,11 @@ async def test_a_rolling_restart_behind_the_proxy_is_seen_by_clients_only_as_rec
     second = Instance(environs[1], tmp_path / "b")
     instances = [first, second]
     proxy: Proxy | None = None
-    clients: list[ReconnectingClient] = []
+    clients: list[EventSourceClient] = []
     publisher: Publisher | None = None
-    running: list[Deferred[None]] = []
     users: list[str] = []
+    # The user of each client.
+    subscribers: list[str] = []
     tokens: list[str] = []
     try:
         await first.ready()
@@ -418,16 +463,18 @@ async def test_a_rolling_restart_behind_the_proxy_is_seen_by_clients_only_as_rec
             userid, token = add_local_subscriber(local_database["SSE_POSTGRES_DB_NAME"])
             users.append(userid)
             tokens.append(token)
-            for _ in range(3):
+            for _ in range(CLIENTS_PER_USER):
                 url = f"https://localhost:{proxy.port}/subscribe/{new_uuid()}/{userid}/{token}"
-                clients.append(ReconnectingClient(clients_browser, url))
-        running = [client.run() for client in clients]
-        await wait_for(lambda: all(client.connected for client in clients), "clients connected")
+                client = EventSourceClient()
+                clients.append(client)
+                subscribers.append(userid)
+                client.start(node, url, pki.ca_certificate)
+        await wait_for(_reconnected(clients, [0 for _ in clients], all), "clients connected")
         publisher = Publisher(plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"], users)
         publishing = Deferred.fromCoroutine(publisher.run())
 
         await publisher.more(10)
-        before = [len(client.statuses) for client in clients]
+        before = [client.opens for client in clients]
         await first.kill(signal.SIGTERM)
         # The clients of the first instance come back through the proxy to the second.
         await wait_for(_reconnected(clients, before, any), "clients back after the stop")
@@ -439,14 +486,14 @@ async def test_a_rolling_restart_behind_the_proxy_is_seen_by_clients_only_as_rec
         await first.ready()
         if sees_first_up is not None:
             await bounded(sees_first_up)
-        before = [len(client.statuses) for client in clients]
+        before = [client.opens for client in clients]
         await second.kill(signal.SIGTERM)
         # Every client was on the second instance: all come back, to the restarted first.
         await wait_for(_reconnected(clients, before, all), "clients back after the second stop")
         await publisher.more(5)
         publisher.stopped = True
         await bounded(publishing)
-        for client, userid in zip(clients, [u for u in users for _ in range(3)], strict=True):
+        for client, userid in zip(clients, subscribers, strict=True):
             await wait_for(
                 lambda client=client, userid=userid: (
                     len(sequence(client)) >= publisher.published[userid]
@@ -470,8 +517,6 @@ async def test_a_rolling_restart_behind_the_proxy_is_seen_by_clients_only_as_rec
             publisher.stopped = True
         for client in clients:
             await client.stop()
-        for run in running:
-            await bounded(run)
         for instance in instances:
             if not instance.process.ended.called:
                 await instance.kill(signal.SIGTERM)
@@ -482,16 +527,16 @@ async def test_a_rolling_restart_behind_the_proxy_is_seen_by_clients_only_as_rec
 
     assert proxy is not None and publisher is not None
     expected = {userid: list(range(count)) for userid, count in publisher.published.items()}
-    for client, userid in zip(clients, [u for u in users for _ in range(3)], strict=True):
-        assert set(client.statuses) == {200}, client.statuses
-        assert len(client.statuses) >= 2, "each client reconnected"
-        assert client.failures == []
-        assert [e["event"] for e in client.received() if e["event"] != "message"] == []
+    for client, userid in zip(clients, subscribers, strict=True):
+        assert client.refused == [], "only 200 answers"
+        assert client.opens >= 2, "each client reconnected"
+        assert client.failures == [], "every stream ended, none was cut"
+        assert [e["event"] for e in client.events if e["event"] != "message"] == []
         assert sequence(client) == expected[userid], "every event once, in order"
 
     access_log = proxy.access_log()
     subscribe_lines = [line for line in access_log.splitlines() if "ubscribe" in line]
-    assert len(subscribe_lines) >= sum(len(client.statuses) for client in clients) + 3
+    assert len(subscribe_lines) >= sum(client.requests for client in clients) + 3
     assert all(CLIENT_ADDRESS in line and "/****" in line for line in subscribe_lines)
     assert "/elsewhere/****" in access_log
     assert any(proxy.retried.search(line) for line in subscribe_lines), access_log
