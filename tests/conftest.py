@@ -142,6 +142,9 @@ def tls_environ(
         "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
         "SSE_RETRY_MILLISECONDS": "500",
         "SSE_METRICS_PORT": "0",
+        # A twistd made from these listens on a free port, never on the default 8001.
+        "SSE_PORT": "0",
+        "SSE_LISTEN_ADDRESS": "127.0.0.1",
     }
     yield environ
     delete_queue(rabbitmq_tls.amqp_port, environ["SSE_RABBITMQ_QUEUE_NAME"])
