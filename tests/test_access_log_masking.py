@@ -19,7 +19,6 @@ from urllib.parse import unquote
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
@@ -29,6 +28,7 @@ from sse_twisted._paths import loggable_path
 from sse_twisted._replay import ReplayWindow
 from sse_twisted._resource import SubscribeResource
 from sse_twisted._streams import StreamRegistry
+from tests.fakes import ImmediateAuthenticator
 from tests.harness import (
     Browser,
     add_local_subscriber,
@@ -41,7 +41,7 @@ from tests.harness import (
     wait_for,
 )
 from tests.test_hostile_paths import answer_to
-from tests.test_resource import ScriptedAuthenticator, render, request_for
+from tests.test_resource import render, request_for
 
 # The least of a token that must not be readable in a line.
 _PIECE = 12
@@ -194,17 +194,6 @@ def mutate(segments: list[str], mutations: list[tuple[Any, ...]], token: str) ->
     return ("/" + text + query).encode("ascii")
 
 
-class OnlyThePair(ScriptedAuthenticator):
-    """Knows one subscriber, as the users table would."""
-
-    def __init__(self, userid: str, token: str) -> None:
-        super().__init__()
-        self.pair = (userid, token)
-
-    def is_subscriber(self, userid: str, nonce: str) -> Deferred[bool]:
-        return succeed((userid, nonce) == self.pair)
-
-
 @contextmanager
 def json_log() -> Iterator[io.StringIO]:
     """What the JSON observer writes of every event logged meanwhile."""
@@ -217,7 +206,9 @@ def json_log() -> Iterator[io.StringIO]:
         globalLogPublisher.removeObserver(observer)
 
 
-def logged_lines_of(target: bytes, method: bytes, authenticator: OnlyThePair) -> list[str]:
+def logged_lines_of(
+    target: bytes, method: bytes, authenticator: ImmediateAuthenticator
+) -> list[str]:
     """Every line the JSON observer writes while the real site answers ``method target``
     and the client leaves."""
     with json_log() as written:
@@ -235,7 +226,7 @@ def test_no_mutation_of_a_subscribe_path_puts_its_token_in_a_log_line(
 ) -> None:
     userid, token = new_uuid(), new_token()
     target = mutate(["subscribe", new_uuid(), userid, token], mutations, token)
-    lines = logged_lines_of(target, method, OnlyThePair(userid, token))
+    lines = logged_lines_of(target, method, ImmediateAuthenticator((userid, token)))
     access = [json.loads(line) for line in lines if '"sse_twisted.access"' in line]
     assert access, (target, lines)
     assert token_pieces_in(lines, token) == [], target
@@ -246,7 +237,7 @@ def test_a_refusal_before_the_database_answered_does_not_name_a_misplaced_token(
     registry, window = StreamRegistry(), ReplayWindow(Clock(), 60, 100)
     resource = SubscribeResource(
         registry,
-        OnlyThePair(userid, token),
+        ImmediateAuthenticator((userid, token)),
         Clock(),
         window,
         LiveStart(registry, window, Clock(), future_id_grace_seconds=3),

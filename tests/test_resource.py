@@ -10,13 +10,11 @@ from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
-from zope.interface import implementer
-from zope.interface.verify import verifyObject
 
 from sse_twisted._auth_cache import CachingAuthenticator
 from sse_twisted._live import LiveStart
@@ -25,6 +23,7 @@ from sse_twisted._replay import ReplayWindow
 from sse_twisted._resource import SubscribeResource, path_problem, root_resource
 from sse_twisted._streams import StreamRegistry
 from sse_twisted.interfaces import BackendBusy, BackendUnavailable, IAuthenticator
+from tests.fakes import ScriptedAuthenticator
 from tests.sse_parser import EventParser
 
 TOPIC = "7a1f4c2e-9d3b-4f6a-8e2c-5b0d1a7c3e94"
@@ -32,32 +31,8 @@ USERID = "0b8e3a52-6a3e-4c1e-9f4a-2d7b1c9e5a10"
 NONCE = "3c9d2f7e-1b4a-4e8d-a6c5-7f0e2b9d4c31"
 
 
-@implementer(IAuthenticator)
-class ScriptedAuthenticator:
-    """Answers each check with the next scripted result."""
-
-    connected = True
-
-    def __init__(self, *answers: bool | Exception | Deferred[bool]) -> None:
-        self.answers = list(answers)
-        self.asked: list[tuple[str, str]] = []
-        self.cached: set[tuple[str, str]] = set()
-
-    def is_subscriber(self, userid: str, nonce: str) -> Deferred[bool]:
-        self.asked.append((userid, nonce))
-        answer = self.answers.pop(0)
-        if isinstance(answer, Deferred):
-            return answer
-        if isinstance(answer, Exception):
-            return fail(answer)
-        return succeed(answer)
-
-    def costs_no_query(self, userid: str, nonce: str) -> bool:
-        return (userid, nonce) in self.cached
-
-
 def make_resource(
-    authenticator: ScriptedAuthenticator, origins: tuple[str, ...] = ("*",), **options: Any
+    authenticator: IAuthenticator, origins: tuple[str, ...] = ("*",), **options: Any
 ) -> tuple[SubscribeResource, StreamRegistry]:
     registry = StreamRegistry()
     window = ReplayWindow(Clock(), 60, 100)
@@ -101,10 +76,6 @@ def render(resource: SubscribeResource, request: DummyRequest) -> bytes:
     if isinstance(result, bytes):
         return result
     return b"".join(request.written)
-
-
-def test_the_scripted_authenticator_provides_the_interface() -> None:
-    verifyObject(IAuthenticator, ScriptedAuthenticator())
 
 
 def test_a_known_subscriber_gets_an_event_stream_that_opens_at_once() -> None:

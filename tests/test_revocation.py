@@ -30,6 +30,7 @@ from sse_twisted._revocation import CHANNEL, RevocationEnforcer, RevocationListe
 from sse_twisted._streams import EventStream, StreamRegistry
 from sse_twisted.interfaces import BackendUnavailable
 from tests.backends import PostgresServer, RabbitMQServer
+from tests.fakes import ImmediateAuthenticator
 from tests.harness import (
     Browser,
     RunningServer,
@@ -40,7 +41,6 @@ from tests.harness import (
     publish,
     start_server,
 )
-from tests.test_auth_cache import ImmediateAuthenticator
 
 SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
 WAIT_SECONDS = 10.0
