@@ -22,7 +22,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent, formatEvent
 from zope.interface.verify import verifyObject
@@ -32,28 +31,14 @@ from sse_twisted._config import Config, load_config
 from sse_twisted._tls import POSTGRES_CA_FILE
 from sse_twisted.interfaces import BackendBusy, BackendUnavailable, IAuthenticator
 from tests.backends import Pki, PostgresServer, free_port
+from tests.harness import bounded, wait_for
 
 SYSTEM_POSTGRES: dict[str, Any] = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 PASSWORD = f"pw-{secrets.token_hex(8)}"  # trust auth ignores it; it must never be logged
-WAIT_SECONDS = 10.0
 SERVER_WAIT_SECONDS = 90.0
 
 ALICE = (str(uuid.uuid4()), str(uuid.uuid4()))
 BOB = (str(uuid.uuid4()), str(uuid.uuid4()))
-
-
-def bounded(waiting: Deferred[Any], seconds: float = WAIT_SECONDS) -> Deferred[Any]:
-    """Fail with TimeoutError instead of hanging the run."""
-    return waiting.addTimeout(seconds, reactor)
-
-
-async def wait_for(condition: Callable[[], bool], what: str, seconds: float = WAIT_SECONDS) -> None:
-    """Poll ``condition`` (where no event signals it) until true."""
-    deadline = reactor.seconds() + seconds
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"still waiting for {what} after {seconds} s")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 def _admin(sql: str, database: str = "postgres") -> None:

@@ -14,7 +14,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
@@ -23,6 +23,7 @@ from sse_twisted._auth_cache import CachingAuthenticator
 from sse_twisted._config import load_config
 from sse_twisted.interfaces import BackendUnavailable, IAuthenticator
 from tests.fakes import ImmediateAuthenticator, PendingAuthenticator
+from tests.harness import bounded, wait_for
 
 TTL = 10.0
 ALICE = ("0b8e3a52-6a3e-4c1e-9f4a-2d7b1c9e5a10", "3c9d2f7e-1b4a-4e8d-a6c5-7f0e2b9d4c31")
@@ -321,16 +322,6 @@ def test_an_inner_authenticator_that_answers_at_once_is_handled() -> None:
 
 # --- a reconnect storm against the real PostgreSQL ---
 
-WAIT_SECONDS = 20.0
-
-
-async def wait_for(condition: Any, what: str, seconds: float = WAIT_SECONDS) -> None:
-    deadline = reactor.seconds() + seconds
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"still waiting for {what} after {seconds} s")
-        await deferLater(reactor, 0.02, lambda: None)
-
 
 @pytest.fixture
 def users(local_database: dict[str, str]) -> list[tuple[str, str]]:
@@ -369,7 +360,7 @@ async def test_a_storm_of_1000_subscribes_for_5_users_costs_at_most_5_queries(
 ) -> None:
     cache = CachingAuthenticator(postgres_authenticator, reactor, ttl_seconds=10, max_entries=100)
     storm = [cache.is_subscriber(*users[index % 5]) for index in range(1000)]
-    answers = await gatherResults(storm).addTimeout(WAIT_SECONDS, reactor)
+    answers = await bounded(gatherResults(storm))
     assert answers == [True] * 1000
     assert postgres_authenticator.queries == 5  # one per pair
     assert (cache.misses, cache.coalesced) == (5, 995)
@@ -388,7 +379,7 @@ async def test_without_the_cache_the_same_storm_costs_a_query_per_subscribe(
 ) -> None:
     # The baseline the previous test is measured against: the counter does count.
     storm = [postgres_authenticator.is_subscriber(*users[index % 5]) for index in range(200)]
-    results = await DeferredList(storm, consumeErrors=True).addTimeout(WAIT_SECONDS, reactor)
+    results = await bounded(DeferredList(storm, consumeErrors=True))
     assert all(success and answer is True for success, answer in results)
     assert postgres_authenticator.queries == 200
 
@@ -402,7 +393,7 @@ async def test_a_storm_of_cancelled_checks_leaves_the_survivors_answered(
     checks = [cache.is_subscriber(*users[index % 5]) for index in range(100)]
     for leaving in checks[::2]:
         leaving.cancel()
-    results = await DeferredList(checks, consumeErrors=True).addTimeout(WAIT_SECONDS, reactor)
+    results = await bounded(DeferredList(checks, consumeErrors=True))
     survivors = [answer for success, answer in results[1::2]]
     assert survivors == [True] * 50
     assert all(isinstance(answer, Failure) for _, answer in results[::2])

@@ -20,7 +20,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -35,11 +35,13 @@ from tests.harness import (
     Browser,
     RunningServer,
     add_local_subscriber,
+    bounded,
     found_contract,
     new_token,
     new_uuid,
     publish,
     start_server,
+    wait_for,
 )
 
 SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
@@ -167,15 +169,6 @@ def warnings_logged(events: list[LogEvent]) -> list[str]:
     return [formatEvent(event) for event in events if event["log_level"].name == "warn"]
 
 
-async def wait_for(condition: Callable[[], bool], what: str, seconds: float = WAIT_SECONDS) -> None:
-    """Poll ``condition`` (where no event signals it) until true."""
-    deadline = reactor.seconds() + seconds
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"still waiting for {what} after {seconds} s")
-        await deferLater(reactor, 0.02, lambda: None)
-
-
 class Recorder:
     """The listener's callbacks, as queues the test waits on."""
 
@@ -190,7 +183,7 @@ class Recorder:
         self.resynchronised += 1
 
     async def next_revoked(self) -> str:
-        userid: str = await self.revoked.get().addTimeout(WAIT_SECONDS, reactor)
+        userid: str = await bounded(self.revoked.get(), WAIT_SECONDS)
         return userid
 
     def nothing_pending(self) -> bool:
@@ -571,7 +564,7 @@ async def test_a_revocation_missed_while_listen_was_down_is_enforced_after_it_re
         finally:
             allow_connections(own_database, True)
 
-    await alices_tab.closed.addTimeout(WAIT_SECONDS, reactor)
+    await bounded(alices_tab.closed, WAIT_SECONDS)
     assert not bobs_tab.closed.called
     assert logged(log_events, "access revoked") == [
         f"access revoked for {alice}: 1 open streams closed"
