@@ -28,7 +28,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.threads import deferToThread
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
 
 from sse_twisted import _consumer
@@ -41,6 +41,7 @@ from sse_twisted.devcerts import (
 )
 from tests.backends import Pki, RabbitMQServer
 from tests.harness import bounded, delete_queue
+from tests.logs import lines_with
 
 TIMEOUT = 30
 
@@ -125,7 +126,7 @@ class LogWatcher:
 
     def lines(self, text: str = "") -> list[str]:
         """Formatted messages containing ``text``."""
-        return [line for line in map(formatEvent, self.events) if text in line]
+        return lines_with(self.events, text)
 
     def _wake(self) -> None:
         for entry in list(self._waiting):

@@ -6,6 +6,7 @@ cover each answer, including backend faults a real server cannot produce on dema
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -53,9 +54,15 @@ def make_resource(
 
 
 class StreamingRequest(DummyRequest):
-    """DummyRequest drives any producer as a pull producer; streams are push producers."""
+    """DummyRequest drives any producer as a pull producer; streams are push producers.
+    It also lacks what the access log line reads of a real Request: path, code, sentLength."""
 
     producer = None
+    sentLength = 0
+
+    @property
+    def code(self) -> int:
+        return self.responseCode or 200
 
     def registerProducer(self, producer: object, streaming: bool) -> None:
         self.producer = producer
@@ -66,6 +73,7 @@ class StreamingRequest(DummyRequest):
 
 def request_for(path: str, method: bytes = b"GET", client: str = "192.0.2.1") -> DummyRequest:
     request = StreamingRequest([part.encode() for part in path.lstrip("/").split("/")[1:]])
+    request.path = path.encode()
     request.method = method
     request.client = IPv4Address("TCP", client, 50000)
     return request
@@ -227,13 +235,13 @@ def test_a_new_stream_is_given_the_newest_offset_consumed_as_its_last_event_id()
     assert parser.last_event_id == "41"
 
 
-def _stream_opened(events: list[LogEvent]) -> LogEvent:
+def _stream_opened(events: Sequence[LogEvent]) -> LogEvent:
     [opened] = [e for e in events if e.get("log_format", "").startswith("stream opened")]
     return opened
 
 
 def test_stream_opened_counts_no_replayed_event_for_a_new_stream(
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     resource, _ = make_resource(ScriptedAuthenticator(True))
     resource._window.consumed(41)
@@ -242,7 +250,7 @@ def test_stream_opened_counts_no_replayed_event_for_a_new_stream(
 
 
 def test_stream_opened_counts_the_replayed_events_as_the_metric_does(
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     metrics = Metrics()
     resource, _ = make_resource(ScriptedAuthenticator(True), metrics=metrics)

@@ -21,7 +21,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, formatEvent
+from twisted.logger import LogEvent
 from twisted.web.test.requesthelper import DummyRequest
 
 from sse_twisted._auth_cache import CachingAuthenticator
@@ -43,6 +43,7 @@ from tests.harness import (
     start_server,
     wait_for,
 )
+from tests.logs import lines_with, log_text, tracebacks, warnings_logged
 
 SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
 WAIT_SECONDS = 10.0
@@ -157,18 +158,6 @@ def test_the_schema_file_can_be_applied_again(database: str) -> None:
 # --- the listener ---
 
 
-def tracebacks(events: list[LogEvent]) -> list[str]:
-    return [
-        formatEvent(event)
-        for event in events
-        if "log_failure" in event or "failure" in event or event.get("isError")
-    ]
-
-
-def warnings_logged(events: list[LogEvent]) -> list[str]:
-    return [formatEvent(event) for event in events if event["log_level"].name == "warn"]
-
-
 class Recorder:
     """The listener's callbacks, as queues the test waits on."""
 
@@ -244,7 +233,7 @@ def listener_backends(database: str) -> list[int]:
 
 @pytest_twisted.ensureDeferred
 async def test_the_listener_delivers_the_userid_of_a_deleted_row(
-    start: Starter, database: str, tmp_path: Path, log_events: list[LogEvent]
+    start: Starter, database: str, tmp_path: Path, log_events: Sequence[LogEvent]
 ) -> None:
     listener, recorder = start(config_for(database, tmp_path))
     await listening(listener)
@@ -268,7 +257,7 @@ async def test_the_listener_delivers_a_token_change(
 
 @pytest_twisted.ensureDeferred
 async def test_a_payload_that_is_not_a_uuid_is_ignored_with_a_warning(
-    start: Starter, database: str, tmp_path: Path, log_events: list[LogEvent]
+    start: Starter, database: str, tmp_path: Path, log_events: Sequence[LogEvent]
 ) -> None:
     listener, recorder = start(config_for(database, tmp_path))
     await listening(listener)
@@ -300,7 +289,7 @@ async def test_a_star_asks_to_resynchronise_everything(
 
 @pytest_twisted.ensureDeferred
 async def test_a_killed_connection_listens_again_and_still_delivers(
-    start: Starter, database: str, tmp_path: Path, log_events: list[LogEvent]
+    start: Starter, database: str, tmp_path: Path, log_events: Sequence[LogEvent]
 ) -> None:
     listener, recorder = start(config_for(database, tmp_path))
     await listening(listener)
@@ -321,7 +310,7 @@ async def test_a_killed_connection_listens_again_and_still_delivers(
 
 @pytest_twisted.ensureDeferred
 async def test_a_database_that_is_missing_at_start_is_listened_to_once_it_exists(
-    start: Starter, tmp_path: Path, log_events: list[LogEvent]
+    start: Starter, tmp_path: Path, log_events: Sequence[LogEvent]
 ) -> None:
     name = f"sse_test_{secrets.token_hex(4)}"
     listener, recorder = start(config_for(name, tmp_path))
@@ -381,7 +370,7 @@ async def test_deleting_a_user_closes_its_open_streams_and_it_is_refused_after(
     server: RunningServer,
     browser: Browser,
     postgres_tls: PostgresServer,
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     alice, alice_token = tls_subscriber(postgres_tls)
     bob, bob_token = tls_subscriber(postgres_tls)
@@ -403,9 +392,9 @@ async def test_deleting_a_user_closes_its_open_streams_and_it_is_refused_after(
     response = await browser.get(url)
     assert response.code == 403
     assert (await browser.read_body(response)) == b"unknown subscriber\n"
-    revoked = [formatEvent(event) for event in log_events if "access revoked" in formatEvent(event)]
+    revoked = lines_with(log_events, "access revoked")
     assert revoked == [f"access revoked for {alice}: 2 open streams closed"]
-    text = "\n".join(f"{formatEvent(event)} {event!r}" for event in log_events)
+    text = log_text(log_events)
     assert alice_token not in text
 
 
@@ -473,17 +462,13 @@ async def open_tab(server: RunningServer, browser: Browser, userid: str, token: 
     return tab
 
 
-def logged(events: list[LogEvent], text: str) -> list[str]:
-    return [line for line in map(formatEvent, events) if text in line]
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_forged_notification_closes_nothing_while_a_real_delete_still_closes(
     own_server: RunningServer,
     own_database: str,
     browser: Browser,
     rabbitmq_tls: RabbitMQServer,
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     alice, alice_token = add_local_subscriber(own_database)
     bob, bob_token = add_local_subscriber(own_database)
@@ -498,11 +483,11 @@ async def test_a_forged_notification_closes_nothing_while_a_real_delete_still_cl
     # checked too.
     await bobs_tab.closed.addTimeout(REVOCATION_SECONDS, reactor)
     assert not alices_tab.closed.called
-    assert logged(log_events, "revocation notice for") == [
+    assert lines_with(log_events, "revocation notice for") == [
         f"revocation notice for {alice}: the database still grants its 1 open streams here,"
         " none closed"
     ]
-    assert logged(log_events, "access revoked") == [
+    assert lines_with(log_events, "access revoked") == [
         f"access revoked for {bob}: 1 open streams closed"
     ]
     # Alice's stream still works.
@@ -510,13 +495,13 @@ async def test_a_forged_notification_closes_nothing_while_a_real_delete_still_cl
     await publish(rabbitmq_tls.amqp_port, queue, found_contract(alice))
     event = await alices_tab.next_event()
     assert json.loads(event["data"])["userid"] == alice
-    text = "\n".join(f"{formatEvent(event)} {event!r}" for event in log_events)
+    text = log_text(log_events)
     assert alice_token not in text and bob_token not in text
 
 
 @pytest_twisted.ensureDeferred
 async def test_truncating_users_closes_every_open_stream(
-    own_server: RunningServer, own_database: str, browser: Browser, log_events: list[LogEvent]
+    own_server: RunningServer, own_database: str, browser: Browser, log_events: Sequence[LogEvent]
 ) -> None:
     tabs = []
     for _ in range(3):
@@ -528,7 +513,7 @@ async def test_truncating_users_closes_every_open_stream(
     for tab in tabs:
         await tab.closed.addTimeout(REVOCATION_SECONDS, reactor)
     assert len(own_server.service.registry) == 0
-    assert logged(log_events, "re-checked") == [
+    assert lines_with(log_events, "re-checked") == [
         "re-checked 3 open streams against PostgreSQL: 3 closed"
     ]
 
@@ -539,7 +524,7 @@ def allow_connections(database: str, allowed: bool) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_revocation_missed_while_listen_was_down_is_enforced_after_it_reconnects(
-    own_server: RunningServer, own_database: str, browser: Browser, log_events: list[LogEvent]
+    own_server: RunningServer, own_database: str, browser: Browser, log_events: Sequence[LogEvent]
 ) -> None:
     alice, alice_token = add_local_subscriber(own_database)
     bob, bob_token = add_local_subscriber(own_database)
@@ -556,7 +541,7 @@ async def test_a_revocation_missed_while_listen_was_down_is_enforced_after_it_re
         try:
             held.cursor().execute("SELECT pg_terminate_backend(%s)", (backend,))
             await wait_for(
-                lambda: bool(logged(log_events, "cannot connect to PostgreSQL")),
+                lambda: bool(lines_with(log_events, "cannot connect to PostgreSQL")),
                 "a refused reconnection",
             )
             assert not revocations.listening
@@ -566,7 +551,7 @@ async def test_a_revocation_missed_while_listen_was_down_is_enforced_after_it_re
 
     await bounded(alices_tab.closed, WAIT_SECONDS)
     assert not bobs_tab.closed.called
-    assert logged(log_events, "access revoked") == [
+    assert lines_with(log_events, "access revoked") == [
         f"access revoked for {alice}: 1 open streams closed"
     ]
     response = await browser.get(own_server.subscribe_url(new_uuid(), alice, alice_token))
@@ -616,7 +601,7 @@ def enforcer_with_streams(
 
 
 def test_a_database_outage_keeps_the_streams_open_and_the_check_is_retried_later(
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     alice = (new_uuid(), new_token())
     enforcer, grants, clock, [stream] = enforcer_with_streams([alice])
@@ -656,7 +641,7 @@ def test_every_stream_is_checked_in_batches_and_only_the_ungranted_are_closed() 
 
 
 def test_an_outage_in_the_middle_of_a_round_keeps_what_was_closed_and_retries_the_rest(
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     alice, bob = (new_uuid(), new_token()), (new_uuid(), new_token())
     enforcer, grants, clock, [alices, bobs] = enforcer_with_streams([alice, bob], batch_pairs=1)
@@ -664,7 +649,7 @@ def test_an_outage_in_the_middle_of_a_round_keeps_what_was_closed_and_retries_th
     grants.answer(set())  # Alice's pair is gone
     grants.answer(BackendUnavailable("no answer within 2.0 seconds"))
     assert alices.request.finished and not bobs.request.finished
-    assert [line for line in map(formatEvent, log_events) if "access revoked" in line] == [
+    assert lines_with(log_events, "access revoked") == [
         f"access revoked for {alice[0]}: 1 open streams closed"
     ]
     clock.advance(1)
