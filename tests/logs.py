@@ -1,14 +1,26 @@
 """Reading what the code under test logged: the events the ``log_events`` fixture
-(tests/conftest.py) captures with L{twisted.logger.capturedLogs}."""
+(tests/conftest.py) captures with L{twisted.logger.capturedLogs}, and the JSON lines
+the production observer writes."""
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+import io
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
-from twisted.logger import LogEvent, LogLevel, formatEvent
+from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 
-__all__ = ["failures", "lines_with", "log_text", "tracebacks", "warnings_logged"]
+from sse_twisted._logging import JSONLogObserver
+
+__all__ = [
+    "failures",
+    "json_log",
+    "lines_with",
+    "log_text",
+    "tracebacks",
+    "warnings_logged",
+]
 
 
 def log_text(events: Sequence[LogEvent]) -> str:
@@ -46,3 +58,15 @@ def failures(events: Sequence[LogEvent]) -> list[str]:
         or event.get("isError")
         or event.get("log_level") in (LogLevel.error, LogLevel.critical)
     ]
+
+
+@contextmanager
+def json_log() -> Iterator[io.StringIO]:
+    """What the JSON observer writes of every event logged meanwhile."""
+    written = io.StringIO()
+    observer = JSONLogObserver("test", "sse", None, stream=written)
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield written
+    finally:
+        globalLogPublisher.removeObserver(observer)

@@ -7,11 +7,9 @@ quoting a request) must mask it whichever way it came.
 
 from __future__ import annotations
 
-import io
 import json
 import signal
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -20,10 +18,8 @@ import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 
 from sse_twisted._live import LiveStart
-from sse_twisted._logging import JSONLogObserver
 from sse_twisted._paths import loggable_path
 from sse_twisted._replay import ReplayWindow
 from sse_twisted._resource import SubscribeResource
@@ -40,6 +36,7 @@ from tests.harness import (
     spawn_twistd,
     wait_for,
 )
+from tests.logs import json_log
 from tests.test_hostile_paths import answer_to
 from tests.test_resource import render, request_for
 
@@ -192,18 +189,6 @@ def mutate(segments: list[str], mutations: list[tuple[Any, ...]], token: str) ->
     for separator, segment in zip(separators, segments[1:], strict=True):
         text += separator + segment
     return ("/" + text + query).encode("ascii")
-
-
-@contextmanager
-def json_log() -> Iterator[io.StringIO]:
-    """What the JSON observer writes of every event logged meanwhile."""
-    written = io.StringIO()
-    observer = JSONLogObserver("test", "sse", None, stream=written)
-    globalLogPublisher.addObserver(observer)
-    try:
-        yield written
-    finally:
-        globalLogPublisher.removeObserver(observer)
 
 
 def logged_lines_of(
