@@ -385,7 +385,7 @@ async def test_deleting_a_user_closes_its_open_streams_and_it_is_refused_after(
     postgres_tls.execute("DELETE FROM users WHERE uuid = %s", (alice,))
 
     for tab in (first_tab, second_tab):
-        await tab.closed.addTimeout(REVOCATION_SECONDS, reactor)
+        await bounded(tab.closed, REVOCATION_SECONDS)
     assert list(server.service.registry.streams_of(alice)) == []
     assert not bobs_tab.closed.called
     # ...and forgotten: the browser coming back is refused, so EventSource stops.
@@ -410,7 +410,7 @@ async def test_a_new_token_closes_the_stream_and_only_the_new_token_gets_back_in
     replacement = new_token()
     postgres_tls.execute("UPDATE users SET sse_token = %s WHERE uuid = %s", (replacement, userid))
 
-    await tab.closed.addTimeout(REVOCATION_SECONDS, reactor)
+    await bounded(tab.closed, REVOCATION_SECONDS)
     refused = await browser.get(server.subscribe_url(topic, userid, old_token))
     assert refused.code == 403
     await browser.read_body(refused)
@@ -481,7 +481,7 @@ async def test_a_forged_notification_closes_nothing_while_a_real_delete_still_cl
 
     # Notifications are handled in order: once Bob's stream is closed, Alice's notice was
     # checked too.
-    await bobs_tab.closed.addTimeout(REVOCATION_SECONDS, reactor)
+    await bounded(bobs_tab.closed, REVOCATION_SECONDS)
     assert not alices_tab.closed.called
     assert lines_with(log_events, "revocation notice for") == [
         f"revocation notice for {alice}: the database still grants its 1 open streams here,"
@@ -511,7 +511,7 @@ async def test_truncating_users_closes_every_open_stream(
     sql(own_database, "TRUNCATE users")
 
     for tab in tabs:
-        await tab.closed.addTimeout(REVOCATION_SECONDS, reactor)
+        await bounded(tab.closed, REVOCATION_SECONDS)
     assert len(own_server.service.registry) == 0
     assert lines_with(log_events, "re-checked") == [
         "re-checked 3 open streams against PostgreSQL: 3 closed"
