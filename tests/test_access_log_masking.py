@@ -29,6 +29,7 @@ from tests.harness import (
     Browser,
     add_local_subscriber,
     bounded,
+    delete_queue,
     found_contract,
     new_token,
     new_uuid,
@@ -288,6 +289,7 @@ async def test_twistd_logs_no_token_of_the_issue_paths_and_no_guest_giveaway(
     finally:
         transport.signalProcess(signal.SIGTERM)
         await bounded(process.ended, 30)
+        delete_queue(5672, queue)
     await bounded(drained.closed)
 
     stream_lines = [
