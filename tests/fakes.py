@@ -1,14 +1,33 @@
-"""In-memory authenticators for unit tests, each a full L{IAuthenticator} (checked with
-``verifyObject`` in tests/test_fakes.py): tests import these instead of writing their own."""
+"""In-memory test doubles that tests import instead of writing their own: authenticators,
+each a full L{IAuthenticator} (checked with ``verifyObject`` in tests/test_fakes.py), and a
+request and a subscribe resource built on fake clocks."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
+from sse_twisted._live import LiveStart
+from sse_twisted._replay import ReplayWindow
+from sse_twisted._resource import SubscribeResource
+from sse_twisted._streams import StreamRegistry
 from sse_twisted.interfaces import IAuthenticator
 
-__all__ = ["ImmediateAuthenticator", "PendingAuthenticator", "ScriptedAuthenticator"]
+__all__ = [
+    "ImmediateAuthenticator",
+    "PendingAuthenticator",
+    "ScriptedAuthenticator",
+    "StreamingRequest",
+    "make_resource",
+    "render",
+    "request_for",
+]
 
 Pair = tuple[str, str]
 
@@ -96,3 +115,60 @@ class ScriptedAuthenticator:
 
     def costs_no_query(self, userid: str, nonce: str) -> bool:
         return (userid, nonce) in self.cached
+
+
+def make_resource(
+    authenticator: IAuthenticator, origins: tuple[str, ...] = ("*",), **options: Any
+) -> tuple[SubscribeResource, StreamRegistry]:
+    """A subscribe resource on in-memory parts (fake clocks, an empty stream read back);
+    ``options`` are more of its keyword arguments, or other values of these defaults."""
+    registry = StreamRegistry()
+    window = ReplayWindow(Clock(), 60, 100)
+    live = LiveStart(registry, window, Clock(), future_id_grace_seconds=3)
+    live.tail_known(-1)  # an empty stream, read back
+    resource = SubscribeResource(
+        registry,
+        authenticator,
+        Clock(),
+        window,
+        live,
+        cors_origins=origins,
+        **{"retry_milliseconds": 2000, "max_buffer_bytes": 1000, **options},
+    )
+    return resource, registry
+
+
+class StreamingRequest(DummyRequest):
+    """DummyRequest drives any producer as a pull producer; streams are push producers.
+    It also lacks what the access log line reads of a real Request: path, code, sentLength."""
+
+    producer = None
+    path = b""
+    sentLength = 0
+
+    @property
+    def code(self) -> int:
+        return self.responseCode or 200
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+def request_for(path: str, method: bytes = b"GET", client: str = "192.0.2.1") -> DummyRequest:
+    """A request for ``path`` from ``client``, as the site hands it to the resource."""
+    request = StreamingRequest([part.encode() for part in path.lstrip("/").split("/")[1:]])
+    request.path = path.encode()
+    request.method = method
+    request.client = IPv4Address("TCP", client, 50000)
+    return request
+
+
+def render(resource: SubscribeResource, request: DummyRequest) -> bytes:
+    """What the resource wrote of its answer so far."""
+    result = resource.render(cast(Request, request))  # DummyRequest stands in for it
+    if isinstance(result, bytes):
+        return result
+    return b"".join(request.written)

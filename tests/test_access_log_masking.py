@@ -17,14 +17,9 @@ from urllib.parse import unquote
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet.task import Clock
 
-from sse_twisted._live import LiveStart
 from sse_twisted._paths import loggable_path
-from sse_twisted._replay import ReplayWindow
-from sse_twisted._resource import SubscribeResource
-from sse_twisted._streams import StreamRegistry
-from tests.fakes import ImmediateAuthenticator
+from tests.fakes import ImmediateAuthenticator, make_resource, render, request_for
 from tests.harness import (
     Browser,
     add_local_subscriber,
@@ -39,7 +34,6 @@ from tests.harness import (
 )
 from tests.logs import json_log
 from tests.test_hostile_paths import answer_to
-from tests.test_resource import render, request_for
 
 # The least of a token that must not be readable in a line.
 _PIECE = 12
@@ -220,17 +214,8 @@ def test_no_mutation_of_a_subscribe_path_puts_its_token_in_a_log_line(
 
 def test_a_refusal_before_the_database_answered_does_not_name_a_misplaced_token() -> None:
     userid, token = new_uuid(), new_token()
-    registry, window = StreamRegistry(), ReplayWindow(Clock(), 60, 100)
-    resource = SubscribeResource(
-        registry,
-        ImmediateAuthenticator((userid, token)),
-        Clock(),
-        window,
-        LiveStart(registry, window, Clock(), future_id_grace_seconds=3),
-        cors_origins=("*",),
-        retry_milliseconds=1000,
-        max_buffer_bytes=1000,
-        max_streams=0,
+    resource, _ = make_resource(
+        ImmediateAuthenticator((userid, token)), retry_milliseconds=1000, max_streams=0
     )
     request = request_for(f"/subscribe/{userid}/{token}/{new_uuid()}")
     with json_log() as written:

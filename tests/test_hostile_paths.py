@@ -20,12 +20,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from sse_twisted._live import LiveStart
-from sse_twisted._replay import ReplayWindow
-from sse_twisted._resource import EventStreamSite, SubscribeResource, root_resource
-from sse_twisted._streams import StreamRegistry
+from sse_twisted._resource import EventStreamSite, root_resource
 from sse_twisted.interfaces import IAuthenticator
-from tests.fakes import ImmediateAuthenticator
+from tests.fakes import ImmediateAuthenticator, make_resource
 
 _V4 = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
@@ -89,17 +86,8 @@ def answer_to(
 ) -> tuple[bytes, int]:
     """The server's answer to ``method target``, and how many streams it opened; every
     pair is a subscriber unless ``authenticator`` says otherwise."""
-    registry = StreamRegistry()
-    window = ReplayWindow(Clock(), 60, 100)
-    live = LiveStart(registry, window, Clock(), future_id_grace_seconds=3)
-    live.tail_known(-1)  # an empty stream, read back
-    resource = SubscribeResource(
-        registry,
+    resource, registry = make_resource(
         authenticator if authenticator is not None else ImmediateAuthenticator(admit_everyone=True),
-        Clock(),
-        window,
-        live,
-        cors_origins=("*",),
         retry_milliseconds=1000,
         max_buffer_bytes=10_000,
     )

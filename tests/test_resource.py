@@ -7,10 +7,8 @@ cover each answer, including backend faults a real server cannot produce on dema
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import pytest
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent
@@ -18,72 +16,15 @@ from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
 from sse_twisted._auth_cache import CachingAuthenticator
-from sse_twisted._live import LiveStart
 from sse_twisted._metrics import Metrics
-from sse_twisted._replay import ReplayWindow
-from sse_twisted._resource import SubscribeResource, path_problem, root_resource
-from sse_twisted._streams import StreamRegistry
-from sse_twisted.interfaces import BackendBusy, BackendUnavailable, IAuthenticator
-from tests.fakes import ScriptedAuthenticator
+from sse_twisted._resource import path_problem, root_resource
+from sse_twisted.interfaces import BackendBusy, BackendUnavailable
+from tests.fakes import ScriptedAuthenticator, make_resource, render, request_for
 from tests.sse_parser import EventParser
 
 TOPIC = "7a1f4c2e-9d3b-4f6a-8e2c-5b0d1a7c3e94"
 USERID = "0b8e3a52-6a3e-4c1e-9f4a-2d7b1c9e5a10"
 NONCE = "3c9d2f7e-1b4a-4e8d-a6c5-7f0e2b9d4c31"
-
-
-def make_resource(
-    authenticator: IAuthenticator, origins: tuple[str, ...] = ("*",), **options: Any
-) -> tuple[SubscribeResource, StreamRegistry]:
-    registry = StreamRegistry()
-    window = ReplayWindow(Clock(), 60, 100)
-    live = LiveStart(registry, window, Clock(), future_id_grace_seconds=3)
-    live.tail_known(-1)  # an empty stream, read back
-    resource = SubscribeResource(
-        registry,
-        authenticator,
-        Clock(),
-        window,
-        live,
-        cors_origins=origins,
-        retry_milliseconds=2000,
-        max_buffer_bytes=1000,
-        **options,
-    )
-    return resource, registry
-
-
-class StreamingRequest(DummyRequest):
-    """DummyRequest drives any producer as a pull producer; streams are push producers.
-    It also lacks what the access log line reads of a real Request: path, code, sentLength."""
-
-    producer = None
-    sentLength = 0
-
-    @property
-    def code(self) -> int:
-        return self.responseCode or 200
-
-    def registerProducer(self, producer: object, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-
-def request_for(path: str, method: bytes = b"GET", client: str = "192.0.2.1") -> DummyRequest:
-    request = StreamingRequest([part.encode() for part in path.lstrip("/").split("/")[1:]])
-    request.path = path.encode()
-    request.method = method
-    request.client = IPv4Address("TCP", client, 50000)
-    return request
-
-
-def render(resource: SubscribeResource, request: DummyRequest) -> bytes:
-    result = resource.render(request)
-    if isinstance(result, bytes):
-        return result
-    return b"".join(request.written)
 
 
 def test_a_known_subscriber_gets_an_event_stream_that_opens_at_once() -> None:
