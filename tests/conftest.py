@@ -5,14 +5,13 @@ import io
 import logging
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import cast
 
 import psycopg2
 import pytest
 import pytest_twisted
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.logger import LogEvent, capturedLogs, globalLogPublisher
 
 from sse_twisted._logging import JSONLogObserver
 from tests.backends import Pki, PostgresServer, RabbitMQServer
@@ -159,10 +158,7 @@ async def browser(pki: Pki) -> AsyncIterator[Browser]:
 
 
 @pytest.fixture
-def log_events() -> Iterator[list[LogEvent]]:
+def log_events() -> Iterator[Sequence[LogEvent]]:
     """Every log event emitted during the test."""
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    yield events
-    globalLogPublisher.removeObserver(observer)
+    with capturedLogs() as events:
+        yield events

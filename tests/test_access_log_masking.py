@@ -7,11 +7,9 @@ quoting a request) must mask it whichever way it came.
 
 from __future__ import annotations
 
-import io
 import json
 import signal
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -19,20 +17,14 @@ from urllib.parse import unquote
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 
-from sse_twisted._live import LiveStart
-from sse_twisted._logging import JSONLogObserver
 from sse_twisted._paths import loggable_path
-from sse_twisted._replay import ReplayWindow
-from sse_twisted._resource import SubscribeResource
-from sse_twisted._streams import StreamRegistry
+from tests.fakes import ImmediateAuthenticator, make_resource, render, request_for
 from tests.harness import (
     Browser,
     add_local_subscriber,
     bounded,
+    delete_queue,
     found_contract,
     new_token,
     new_uuid,
@@ -40,8 +32,8 @@ from tests.harness import (
     spawn_twistd,
     wait_for,
 )
+from tests.logs import json_log
 from tests.test_hostile_paths import answer_to
-from tests.test_resource import ScriptedAuthenticator, render, request_for
 
 # The least of a token that must not be readable in a line.
 _PIECE = 12
@@ -194,30 +186,9 @@ def mutate(segments: list[str], mutations: list[tuple[Any, ...]], token: str) ->
     return ("/" + text + query).encode("ascii")
 
 
-class OnlyThePair(ScriptedAuthenticator):
-    """Knows one subscriber, as the users table would."""
-
-    def __init__(self, userid: str, token: str) -> None:
-        super().__init__()
-        self.pair = (userid, token)
-
-    def is_subscriber(self, userid: str, nonce: str) -> Deferred[bool]:
-        return succeed((userid, nonce) == self.pair)
-
-
-@contextmanager
-def json_log() -> Iterator[io.StringIO]:
-    """What the JSON observer writes of every event logged meanwhile."""
-    written = io.StringIO()
-    observer = JSONLogObserver("test", "sse", None, stream=written)
-    globalLogPublisher.addObserver(observer)
-    try:
-        yield written
-    finally:
-        globalLogPublisher.removeObserver(observer)
-
-
-def logged_lines_of(target: bytes, method: bytes, authenticator: OnlyThePair) -> list[str]:
+def logged_lines_of(
+    target: bytes, method: bytes, authenticator: ImmediateAuthenticator
+) -> list[str]:
     """Every line the JSON observer writes while the real site answers ``method target``
     and the client leaves."""
     with json_log() as written:
@@ -235,7 +206,7 @@ def test_no_mutation_of_a_subscribe_path_puts_its_token_in_a_log_line(
 ) -> None:
     userid, token = new_uuid(), new_token()
     target = mutate(["subscribe", new_uuid(), userid, token], mutations, token)
-    lines = logged_lines_of(target, method, OnlyThePair(userid, token))
+    lines = logged_lines_of(target, method, ImmediateAuthenticator((userid, token)))
     access = [json.loads(line) for line in lines if '"sse_twisted.access"' in line]
     assert access, (target, lines)
     assert token_pieces_in(lines, token) == [], target
@@ -243,17 +214,8 @@ def test_no_mutation_of_a_subscribe_path_puts_its_token_in_a_log_line(
 
 def test_a_refusal_before_the_database_answered_does_not_name_a_misplaced_token() -> None:
     userid, token = new_uuid(), new_token()
-    registry, window = StreamRegistry(), ReplayWindow(Clock(), 60, 100)
-    resource = SubscribeResource(
-        registry,
-        OnlyThePair(userid, token),
-        Clock(),
-        window,
-        LiveStart(registry, window, Clock(), future_id_grace_seconds=3),
-        cors_origins=("*",),
-        retry_milliseconds=1000,
-        max_buffer_bytes=1000,
-        max_streams=0,
+    resource, _ = make_resource(
+        ImmediateAuthenticator((userid, token)), retry_milliseconds=1000, max_streams=0
     )
     request = request_for(f"/subscribe/{userid}/{token}/{new_uuid()}")
     with json_log() as written:
@@ -312,6 +274,7 @@ async def test_twistd_logs_no_token_of_the_issue_paths_and_no_guest_giveaway(
     finally:
         transport.signalProcess(signal.SIGTERM)
         await bounded(process.ended, 30)
+        delete_queue(5672, queue)
     await bounded(drained.closed)
 
     stream_lines = [

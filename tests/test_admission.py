@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent
 
@@ -29,7 +31,7 @@ def test_an_address_with_nothing_in_flight_is_forgotten() -> None:
 
 
 def test_refusals_are_logged_once_per_interval_with_the_count_since_the_last_line(
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     clock = Clock()
     refusals = RefusalLog(clock, interval_seconds=10)

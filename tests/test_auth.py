@@ -6,11 +6,10 @@ TLS and restart tests use the private TLS server of ``tests.conftest_backends``.
 
 from __future__ import annotations
 
-import gc
 import secrets
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent, formatEvent
 from zope.interface.verify import verifyObject
@@ -32,28 +30,15 @@ from sse_twisted._config import Config, load_config
 from sse_twisted._tls import POSTGRES_CA_FILE
 from sse_twisted.interfaces import BackendBusy, BackendUnavailable, IAuthenticator
 from tests.backends import Pki, PostgresServer, free_port
+from tests.harness import bounded, wait_for
+from tests.logs import log_text, tracebacks, warnings_logged
 
 SYSTEM_POSTGRES: dict[str, Any] = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 PASSWORD = f"pw-{secrets.token_hex(8)}"  # trust auth ignores it; it must never be logged
-WAIT_SECONDS = 10.0
 SERVER_WAIT_SECONDS = 90.0
 
 ALICE = (str(uuid.uuid4()), str(uuid.uuid4()))
 BOB = (str(uuid.uuid4()), str(uuid.uuid4()))
-
-
-def bounded(waiting: Deferred[Any], seconds: float = WAIT_SECONDS) -> Deferred[Any]:
-    """Fail with TimeoutError instead of hanging the run."""
-    return waiting.addTimeout(seconds, reactor)
-
-
-async def wait_for(condition: Callable[[], bool], what: str, seconds: float = WAIT_SECONDS) -> None:
-    """Poll ``condition`` (where no event signals it) until true."""
-    deadline = reactor.seconds() + seconds
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"still waiting for {what} after {seconds} s")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 def _admin(sql: str, database: str = "postgres") -> None:
@@ -88,26 +73,6 @@ def tableless_database() -> Iterator[str]:
     _admin(f"CREATE DATABASE {name}")
     yield name
     _admin(f"DROP DATABASE {name} WITH (FORCE)")
-
-
-def log_text(events: list[LogEvent]) -> str:
-    """Every event, formatted and with all its fields, one per line."""
-    return "\n".join(f"{formatEvent(event)} {event!r}" for event in events)
-
-
-def tracebacks(events: list[LogEvent]) -> list[str]:
-    """Events carrying a failure: unhandled errors, including collected failed Deferreds."""
-    gc.collect()  # "Unhandled error in Deferred" is logged when the Deferred is collected
-    return [
-        formatEvent(event)
-        for event in events
-        if "log_failure" in event or "failure" in event or event.get("isError")
-    ]
-
-
-def warnings_logged(events: list[LogEvent]) -> list[str]:
-    """The formatted warnings."""
-    return [formatEvent(event) for event in events if event["log_level"].name == "warn"]
 
 
 def plain_config(certs_dir: Path, database: str, **options: str) -> Config:
@@ -234,7 +199,7 @@ async def test_another_users_nonce_is_not_a_subscriber(
 )
 @pytest_twisted.ensureDeferred
 async def test_injection_looking_input_is_just_a_non_match(
-    start: Starter, plain_database: str, tmp_path: Path, nonce: str, log_events: list[LogEvent]
+    start: Starter, plain_database: str, tmp_path: Path, nonce: str, log_events: Sequence[LogEvent]
 ) -> None:
     authenticator = await connected(start(plain_config(tmp_path, plain_database)))
     assert await check(authenticator, ALICE[0], nonce) is False
@@ -245,7 +210,7 @@ async def test_injection_looking_input_is_just_a_non_match(
 
 @pytest_twisted.ensureDeferred
 async def test_no_answer_within_the_timeout_is_backend_unavailable(
-    start: Starter, plain_database: str, tmp_path: Path, log_events: list[LogEvent]
+    start: Starter, plain_database: str, tmp_path: Path, log_events: Sequence[LogEvent]
 ) -> None:
     config = plain_config(tmp_path, plain_database, **{"postgres-timeout-seconds": "0.5"})
     authenticator = await connected(start(config))
@@ -267,7 +232,7 @@ async def test_no_answer_within_the_timeout_is_backend_unavailable(
 
 @pytest_twisted.ensureDeferred
 async def test_cancelling_a_check_fails_it_with_cancelled_error_and_logs_nothing(
-    start: Starter, plain_database: str, tmp_path: Path, log_events: list[LogEvent]
+    start: Starter, plain_database: str, tmp_path: Path, log_events: Sequence[LogEvent]
 ) -> None:
     authenticator = await connected(start(plain_config(tmp_path, plain_database)))
     with closing(psycopg2.connect(dbname=plain_database, **SYSTEM_POSTGRES)) as locker:
@@ -293,7 +258,7 @@ async def all_connected(start: Starter, config: Config) -> PostgresAuthenticator
 
 @pytest_twisted.ensureDeferred
 async def test_checks_cancelled_while_waiting_for_a_busy_pool_are_never_sent(
-    start: Starter, plain_database: str, tmp_path: Path, log_events: list[LogEvent]
+    start: Starter, plain_database: str, tmp_path: Path, log_events: Sequence[LogEvent]
 ) -> None:
     config = plain_config(tmp_path, plain_database, **{"postgres-timeout-seconds": "5"})
     authenticator = await all_connected(start, config)
@@ -337,7 +302,7 @@ async def test_checks_whose_wait_timed_out_are_never_sent(
 
 @pytest_twisted.ensureDeferred
 async def test_past_max_pending_checks_a_check_is_refused_at_once_without_a_log_line(
-    start: Starter, plain_database: str, tmp_path: Path, log_events: list[LogEvent]
+    start: Starter, plain_database: str, tmp_path: Path, log_events: Sequence[LogEvent]
 ) -> None:
     options = {"postgres-pool-size": "1", "max-pending-auth-checks": "2"}
     authenticator = await all_connected(start, plain_config(tmp_path, plain_database, **options))
@@ -378,7 +343,7 @@ async def test_the_readiness_probe_goes_ahead_of_waiting_checks(
 
 @pytest_twisted.ensureDeferred
 async def test_missing_users_table_is_unavailable_and_logged_as_an_error(
-    start: Starter, tableless_database: str, tmp_path: Path, log_events: list[LogEvent]
+    start: Starter, tableless_database: str, tmp_path: Path, log_events: Sequence[LogEvent]
 ) -> None:
     authenticator = await connected(start(plain_config(tmp_path, tableless_database)))
     reason = await unavailable(authenticator, *ALICE)
@@ -393,7 +358,7 @@ async def test_missing_users_table_is_unavailable_and_logged_as_an_error(
 
 @pytest_twisted.ensureDeferred
 async def test_started_while_the_database_is_unreachable_answers_unavailable_quietly(
-    start: Starter, tmp_path: Path, log_events: list[LogEvent]
+    start: Starter, tmp_path: Path, log_events: Sequence[LogEvent]
 ) -> None:
     config = plain_config(tmp_path, "sse", **{"postgres-port": str(free_port())})
     authenticator = start(config)  # must not raise although nothing listens
@@ -410,7 +375,7 @@ async def test_started_while_the_database_is_unreachable_answers_unavailable_qui
 
 @pytest_twisted.ensureDeferred
 async def test_an_unresolvable_host_name_is_retried_in_the_background(
-    start: Starter, tmp_path: Path, log_events: list[LogEvent]
+    start: Starter, tmp_path: Path, log_events: Sequence[LogEvent]
 ) -> None:
     # libpq fails this one inside connect(), before the reactor watches any socket.
     authenticator = start(plain_config(tmp_path, "sse", **{"postgres-host": "sse-test.invalid"}))
@@ -429,7 +394,7 @@ async def test_an_unresolvable_host_name_is_retried_in_the_background(
 
 @pytest_twisted.ensureDeferred
 async def test_a_server_that_never_answers_fails_the_connect_after_the_timeout(
-    start: Starter, tmp_path: Path, log_events: list[LogEvent]
+    start: Starter, tmp_path: Path, log_events: Sequence[LogEvent]
 ) -> None:
     silent = await bounded(
         TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Protocol))
@@ -470,7 +435,7 @@ def our_backends(database: str) -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_connections_killed_by_the_server_are_reopened_without_tracebacks(
-    start: Starter, plain_database: str, tmp_path: Path, log_events: list[LogEvent]
+    start: Starter, plain_database: str, tmp_path: Path, log_events: Sequence[LogEvent]
 ) -> None:
     authenticator = await connected(start(plain_config(tmp_path, plain_database)))
     await wait_for(lambda: our_backends(plain_database) == 2, "both pool connections")
@@ -507,7 +472,7 @@ async def test_logs_never_contain_the_nonce_or_the_password(
     plain_database: str,
     tableless_database: str,
     tmp_path: Path,
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     working = await connected(start(plain_config(tmp_path, plain_database)))
     broken = await connected(start(plain_config(tmp_path, tableless_database)))
@@ -558,7 +523,7 @@ async def test_a_server_certificate_from_another_ca_is_refused(
     pki: Pki,
     tls_subscriber: tuple[str, str],
     tmp_path: Path,
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     certs_dir = certs_with_postgres_ca(tmp_path / "certs", pki.wrong_ca_certificate)
     authenticator = start(tls_config(certs_dir, postgres_tls))
@@ -580,7 +545,7 @@ async def test_a_host_name_missing_from_the_certificate_is_refused(
     postgres_tls: PostgresServer,
     pki: Pki,
     tls_subscriber: tuple[str, str],
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # libpq connects to PGHOSTADDR but checks the certificate against the host name.
@@ -609,7 +574,7 @@ async def test_a_database_restart_is_survived_without_restarting_the_service(
     postgres_tls: PostgresServer,
     pki: Pki,
     tls_subscriber: tuple[str, str],
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     authenticator = await connected(start(tls_config(pki.directory, postgres_tls)))
     assert await check(authenticator, *tls_subscriber) is True
@@ -630,7 +595,7 @@ async def test_started_while_the_database_is_down_connects_once_it_is_up(
     postgres_tls: PostgresServer,
     pki: Pki,
     tls_subscriber: tuple[str, str],
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     await in_thread(postgres_tls.stop)
     try:

@@ -14,75 +14,22 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from sse_twisted._auth import PostgresAuthenticator
 from sse_twisted._auth_cache import CachingAuthenticator
 from sse_twisted._config import load_config
 from sse_twisted.interfaces import BackendUnavailable, IAuthenticator
+from tests.fakes import ImmediateAuthenticator, PendingAuthenticator
+from tests.harness import bounded, wait_for
 
 TTL = 10.0
 ALICE = ("0b8e3a52-6a3e-4c1e-9f4a-2d7b1c9e5a10", "3c9d2f7e-1b4a-4e8d-a6c5-7f0e2b9d4c31")
 ALICE_OTHER_TAB = (ALICE[0], "5d2c8e1f-3a4b-4c6d-8e9f-0a1b2c3d4e5f")
 BOB = ("9f8e7d6c-5b4a-4392-a1b0-c9d8e7f6a5b4", "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d")
 CAROL = ("2d4f6a8c-0e1b-4d3f-9a7c-5e8b1d4f7a0c", "7c5a3e1d-9b8f-4e6d-a4c2-b0e8d6f4a2c0")
-
-
-@implementer(IAuthenticator)
-class ScriptedAuthenticator:
-    """Answers nothing by itself: each check waits until the test answers it."""
-
-    connected = True
-
-    def __init__(self) -> None:
-        self.asked: list[tuple[tuple[str, str], Deferred[bool]]] = []
-        self.cancelled = 0
-
-    def is_subscriber(self, userid: str, nonce: str) -> Deferred[bool]:
-        answer: Deferred[bool] = Deferred(canceller=self._cancelled)
-        self.asked.append(((userid, nonce), answer))
-        return answer
-
-    def _cancelled(self, _: Deferred[bool]) -> None:
-        self.cancelled += 1
-
-    def costs_no_query(self, userid: str, nonce: str) -> bool:
-        return False
-
-    def answer(self, result: bool | Exception, index: int = -1) -> None:
-        """Fire check ``index`` (the latest by default)."""
-        _, pending = self.asked[index]
-        if isinstance(result, Exception):
-            pending.errback(result)
-        else:
-            pending.callback(result)
-
-    @property
-    def pairs(self) -> list[tuple[str, str]]:
-        return [pair for pair, _ in self.asked]
-
-
-@implementer(IAuthenticator)
-class ImmediateAuthenticator:
-    """Answers at once, from a fixed set of known pairs."""
-
-    connected = True
-
-    def __init__(self, *known: tuple[str, str]) -> None:
-        self.known = set(known)
-        self.asked: list[tuple[str, str]] = []
-
-    def is_subscriber(self, userid: str, nonce: str) -> Deferred[bool]:
-        self.asked.append((userid, nonce))
-        answer: Deferred[bool] = Deferred()
-        answer.callback((userid, nonce) in self.known)
-        return answer
-
-    def costs_no_query(self, userid: str, nonce: str) -> bool:
-        return False
 
 
 def caching(
@@ -109,7 +56,7 @@ def check_now(cache: CachingAuthenticator, pair: tuple[str, str]) -> Any:
 
 
 def test_provides_the_authenticator_interface_and_reports_the_inner_connection() -> None:
-    inner = ScriptedAuthenticator()
+    inner = PendingAuthenticator()
     cache, _ = caching(inner)
     assert verifyObject(IAuthenticator, cache)
     assert cache.connected is True
@@ -157,7 +104,7 @@ def test_a_refusal_is_never_cached() -> None:
 
 
 def test_backend_unavailable_reaches_every_waiter_and_is_not_cached() -> None:
-    inner = ScriptedAuthenticator()
+    inner = PendingAuthenticator()
     cache, _ = caching(inner)
     first, second = cache.is_subscriber(*ALICE), cache.is_subscriber(*ALICE)
     inner.answer(BackendUnavailable("no live connection"))
@@ -188,7 +135,7 @@ def test_the_cache_holds_at_most_max_entries_dropping_the_least_recently_used() 
 
 
 def test_concurrent_identical_checks_share_one_question() -> None:
-    inner = ScriptedAuthenticator()
+    inner = PendingAuthenticator()
     cache, _ = caching(inner)
     waiting = [cache.is_subscriber(*ALICE) for _ in range(5)]
     bob = cache.is_subscriber(*BOB)
@@ -203,7 +150,7 @@ def test_concurrent_identical_checks_share_one_question() -> None:
 
 
 def test_a_waiter_that_leaves_does_not_cancel_the_question_for_the_others() -> None:
-    inner = ScriptedAuthenticator()
+    inner = PendingAuthenticator()
     cache, _ = caching(inner)
     leaving = cache.is_subscriber(*ALICE)
     staying = cache.is_subscriber(*ALICE)
@@ -217,7 +164,7 @@ def test_a_waiter_that_leaves_does_not_cancel_the_question_for_the_others() -> N
 
 
 def test_a_question_all_waiters_left_is_withdrawn_and_the_next_check_asks_again() -> None:
-    inner = ScriptedAuthenticator()
+    inner = PendingAuthenticator()
     cache, _ = caching(inner)
     waiting = [cache.is_subscriber(*ALICE) for _ in range(3)]
     for leaving in waiting[:2]:
@@ -237,7 +184,7 @@ def test_a_question_all_waiters_left_is_withdrawn_and_the_next_check_asks_again(
 
 
 def test_a_check_joining_one_in_flight_costs_no_query() -> None:
-    inner = ScriptedAuthenticator()
+    inner = PendingAuthenticator()
     cache, _ = caching(inner)
     assert not cache.costs_no_query(*ALICE)
     first = cache.is_subscriber(*ALICE)
@@ -263,7 +210,7 @@ def test_costs_no_query_tells_a_live_grant_without_counting_a_hit() -> None:
 
 
 def test_a_waiter_cancelled_by_another_waiters_callback_is_not_fired_twice() -> None:
-    inner = ScriptedAuthenticator()
+    inner = PendingAuthenticator()
     cache, _ = caching(inner)
     first = cache.is_subscriber(*ALICE)
     second = cache.is_subscriber(*ALICE)
@@ -292,7 +239,7 @@ def test_invalidate_drops_every_pair_of_that_user_and_only_those() -> None:
 
 
 def test_a_yes_read_before_a_revocation_is_asked_again_and_not_cached() -> None:
-    inner = ScriptedAuthenticator()
+    inner = PendingAuthenticator()
     cache, _ = caching(inner)
     waiting = cache.is_subscriber(*ALICE)
     cache.invalidate(ALICE[0])  # the NOTIFY overtakes the query's answer
@@ -305,7 +252,7 @@ def test_a_yes_read_before_a_revocation_is_asked_again_and_not_cached() -> None:
 
 
 def test_a_check_made_after_a_revocation_does_not_join_the_question_before_it() -> None:
-    inner = ScriptedAuthenticator()
+    inner = PendingAuthenticator()
     cache, _ = caching(inner)
     before = cache.is_subscriber(*ALICE)
     cache.invalidate(ALICE[0])
@@ -320,7 +267,7 @@ def test_a_check_made_after_a_revocation_does_not_join_the_question_before_it() 
 
 
 def test_a_refusal_read_before_a_revocation_is_delivered_as_is() -> None:
-    inner = ScriptedAuthenticator()
+    inner = PendingAuthenticator()
     cache, _ = caching(inner)
     waiting = cache.is_subscriber(*ALICE)
     cache.invalidate(ALICE[0])
@@ -341,7 +288,7 @@ def test_clear_forgets_every_user() -> None:
 
 
 def test_a_zero_ttl_caches_nothing_but_still_shares_concurrent_checks() -> None:
-    inner = ScriptedAuthenticator()
+    inner = PendingAuthenticator()
     cache, _ = caching(inner, ttl=0)
     waiting = [cache.is_subscriber(*ALICE) for _ in range(3)]
     assert len(inner.asked) == 1
@@ -374,16 +321,6 @@ def test_an_inner_authenticator_that_answers_at_once_is_handled() -> None:
 
 
 # --- a reconnect storm against the real PostgreSQL ---
-
-WAIT_SECONDS = 20.0
-
-
-async def wait_for(condition: Any, what: str, seconds: float = WAIT_SECONDS) -> None:
-    deadline = reactor.seconds() + seconds
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"still waiting for {what} after {seconds} s")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 @pytest.fixture
@@ -423,7 +360,7 @@ async def test_a_storm_of_1000_subscribes_for_5_users_costs_at_most_5_queries(
 ) -> None:
     cache = CachingAuthenticator(postgres_authenticator, reactor, ttl_seconds=10, max_entries=100)
     storm = [cache.is_subscriber(*users[index % 5]) for index in range(1000)]
-    answers = await gatherResults(storm).addTimeout(WAIT_SECONDS, reactor)
+    answers = await bounded(gatherResults(storm))
     assert answers == [True] * 1000
     assert postgres_authenticator.queries == 5  # one per pair
     assert (cache.misses, cache.coalesced) == (5, 995)
@@ -442,7 +379,7 @@ async def test_without_the_cache_the_same_storm_costs_a_query_per_subscribe(
 ) -> None:
     # The baseline the previous test is measured against: the counter does count.
     storm = [postgres_authenticator.is_subscriber(*users[index % 5]) for index in range(200)]
-    results = await DeferredList(storm, consumeErrors=True).addTimeout(WAIT_SECONDS, reactor)
+    results = await bounded(DeferredList(storm, consumeErrors=True))
     assert all(success and answer is True for success, answer in results)
     assert postgres_authenticator.queries == 200
 
@@ -456,7 +393,7 @@ async def test_a_storm_of_cancelled_checks_leaves_the_survivors_answered(
     checks = [cache.is_subscriber(*users[index % 5]) for index in range(100)]
     for leaving in checks[::2]:
         leaving.cancel()
-    results = await DeferredList(checks, consumeErrors=True).addTimeout(WAIT_SECONDS, reactor)
+    results = await bounded(DeferredList(checks, consumeErrors=True))
     survivors = [answer for success, answer in results[1::2]]
     assert survivors == [True] * 50
     assert all(isinstance(answer, Failure) for _, answer in results[::2])

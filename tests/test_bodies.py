@@ -15,7 +15,7 @@ import socket
 import ssl
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,8 @@ from sse_twisted._metrics import Metrics
 from sse_twisted._resource import EventStreamSite
 from tests.backends import Pki
 from tests.harness import bounded, start_server
-from tests.test_limits import _failures, _read_all, _tls
+from tests.logs import failures
+from tests.test_limits import _read_all, _tls
 
 _MB = 1024 * 1024
 
@@ -216,7 +217,7 @@ def _healthz(port: int, pki: Pki) -> bytes:
         return _read_all(connection)
 
 
-def _refusals(events: list[LogEvent], protocol: str) -> list[LogEvent]:
+def _refusals(events: Sequence[LogEvent], protocol: str) -> list[LogEvent]:
     return [
         event
         for event in events
@@ -257,7 +258,7 @@ async def test_a_chunked_body_gets_413_once_past_the_limit_and_is_not_read_to_it
     plaintext_environ: dict[str, str],
     pki: Pki,
     temporary_files: list[Any],
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     server = await start_server(plaintext_environ)
     try:
@@ -273,7 +274,7 @@ async def test_a_chunked_body_gets_413_once_past_the_limit_and_is_not_read_to_it
         assert temporary_files == []
         assert _refused_count(server.service.metrics, "body_too_large") == 1
         assert len(_refusals(log_events, "HTTP/1.1")) == 1
-        assert _failures(log_events) == []
+        assert failures(log_events) == []
         assert (await deferToThread(_healthz, server.port, pki)).startswith(b"HTTP/1.1 200 ")
     finally:
         await server.stop()
@@ -424,7 +425,7 @@ async def test_an_http2_body_over_the_limit_resets_its_stream_and_the_connection
     plaintext_environ: dict[str, str],
     pki: Pki,
     temporary_files: list[Any],
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     server = await start_server(plaintext_environ)
     try:
@@ -446,7 +447,7 @@ async def test_an_http2_body_over_the_limit_resets_its_stream_and_the_connection
         assert _refused_count(server.service.metrics, "body_too_large") == 2
         # Counted each time, logged once per connection.
         assert len(_refusals(log_events, "HTTP/2")) == 1
-        assert _failures(log_events) == []
+        assert failures(log_events) == []
     finally:
         await server.stop()
 

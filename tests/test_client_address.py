@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 
 import pytest
 import pytest_twisted
@@ -74,7 +75,7 @@ def test_the_client_is_the_right_most_untrusted_forwarded_address(
 async def test_the_access_log_names_the_forwarded_client_only_behind_a_trusted_proxy(
     plaintext_environ: dict[str, str],
     browser: Browser,
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
     trusted_proxies: str,
     client: str,
 ) -> None:

@@ -12,7 +12,7 @@ import shutil
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.threads import deferToThread
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
 
 from sse_twisted import _consumer
@@ -40,13 +40,10 @@ from sse_twisted.devcerts import (
     load_certificate_authority,
 )
 from tests.backends import Pki, RabbitMQServer
+from tests.harness import bounded, delete_queue
+from tests.logs import lines_with
 
 TIMEOUT = 30
-
-
-def within_timeout(waiting: Deferred[Any], seconds: float = TIMEOUT) -> Deferred[Any]:
-    """``waiting``, failed with TimeoutError if it has not fired in ``seconds``."""
-    return waiting.addTimeout(seconds, reactor)
 
 
 @dataclass(frozen=True)
@@ -85,11 +82,6 @@ class Broker:
         with self._connect() as connection:
             connection.channel().queue_declare(queue, durable=True, arguments=arguments)
 
-    def delete(self, queue: str) -> None:
-        """Delete ``queue`` if it is there."""
-        with suppress(pika.exceptions.AMQPError), self._connect() as connection:
-            connection.channel().queue_delete(queue)
-
 
 class Inbox:
     """The ``on_message`` callable: records deliveries; wait for a number of them."""
@@ -117,7 +109,7 @@ class Inbox:
         waiter: Deferred[None] = Deferred()
         self._waiting.append((count, waiter))
         self._wake()
-        return within_timeout(waiter)
+        return bounded(waiter, TIMEOUT)
 
 
 @implementer(ILogObserver)
@@ -134,7 +126,7 @@ class LogWatcher:
 
     def lines(self, text: str = "") -> list[str]:
         """Formatted messages containing ``text``."""
-        return [line for line in map(formatEvent, self.events) if text in line]
+        return lines_with(self.events, text)
 
     def _wake(self) -> None:
         for entry in list(self._waiting):
@@ -149,7 +141,7 @@ class LogWatcher:
         waiter: Deferred[list[str]] = Deferred()
         self._waiting.append((text, count, waiter))
         self._wake()
-        return within_timeout(waiter)
+        return bounded(waiter, TIMEOUT)
 
 
 @pytest.fixture
@@ -183,7 +175,7 @@ def new_queue() -> Iterator[Callable[[Broker], str]]:
 
     yield new
     for broker, name in created:
-        broker.delete(name)
+        delete_queue(broker.port, name)
 
 
 def consumer_config(certs_dir: Path, port: int, queue: str, **changes: Any) -> Config:
@@ -211,7 +203,7 @@ async def running(consumer: StreamConsumerService) -> AsyncIterator[StreamConsum
     try:
         yield consumer
     finally:
-        await within_timeout(consumer.stopService())
+        await bounded(consumer.stopService(), TIMEOUT)
 
 
 def closed_port() -> int:
@@ -299,7 +291,7 @@ async def test_a_classic_queue_of_the_same_name_is_fatal_and_explained_in_one_li
         consumer_config(tmp_path, 5672, queue), reactor, Inbox(), fatal.callback
     )
     async with running(consumer):
-        reason = await within_timeout(fatal)
+        reason = await bounded(fatal, TIMEOUT)
         assert "\n" not in reason
         assert f"{queue!r} exists as a non-stream queue" in reason
         assert "delete it or set SSE_RABBITMQ_QUEUE_NAME to another name" in reason

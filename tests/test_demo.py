@@ -13,30 +13,16 @@ import pytest
 import pytest_twisted
 
 from sse_twisted._demo import _PAGE, _SCRIPT
-from tests.backends import Pki, PostgresServer, RabbitMQServer
-from tests.harness import Browser, new_uuid, start_server
-
-
-@pytest.fixture
-def environ(pki: Pki, postgres_tls: PostgresServer, rabbitmq_tls: RabbitMQServer) -> dict[str, str]:
-    return {
-        "SSE_CERTS_DIR": str(pki.directory),
-        "SSE_POSTGRES_HOST": postgres_tls.host,
-        "SSE_POSTGRES_PORT": str(postgres_tls.port),
-        "SSE_POSTGRES_USERNAME": postgres_tls.user,
-        "SSE_POSTGRES_DB_NAME": postgres_tls.database,
-        "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
-        "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),
-        "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
-    }
+from tests.backends import Pki
+from tests.harness import Browser, start_server
 
 
 @pytest.mark.parametrize(("app_env", "status"), [("dev", 200), ("prod", 404)])
 @pytest_twisted.ensureDeferred
 async def test_the_demo_page_is_served_in_dev_only(
-    environ: dict[str, str], pki: Pki, app_env: str, status: int
+    tls_environ: dict[str, str], pki: Pki, app_env: str, status: int
 ) -> None:
-    server = await start_server({**environ, "SSE_APP_ENV": app_env})
+    server = await start_server({**tls_environ, "SSE_APP_ENV": app_env})
     browser = Browser(pki.ca_certificate)
     try:
         response = await browser.get(server.base_url + "/demo")

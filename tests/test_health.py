@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
@@ -26,27 +25,21 @@ from sse_twisted._health import (
 )
 from sse_twisted.interfaces import BackendUnavailable
 from tests.backends import PostgresServer, RabbitMQServer
+from tests.fakes import PendingAuthenticator
 from tests.harness import TIMEOUT, Browser, RunningServer, start_server
-
-
-@dataclass
-class FakeAuthenticator:
-    connected: bool = True
-    questions: list[Deferred[bool]] = field(default_factory=list)
-    refusal: str | None = None
-
-    def probe(self) -> Deferred[bool]:
-        if self.refusal is not None:
-            return fail(BackendUnavailable(self.refusal))
-        question: Deferred[bool] = Deferred()
-        self.questions.append(question)
-        return question
 
 
 @dataclass
 class FakeConsumer:
     consuming: bool
     behind: str | None = None
+
+
+def _disconnected() -> PendingAuthenticator:
+    """An authenticator whose pool has no live connection."""
+    authenticator = PendingAuthenticator()
+    authenticator.connected = False
+    return authenticator
 
 
 def state_of(check: PostgresCheck) -> DependencyState | None:
@@ -56,31 +49,31 @@ def state_of(check: PostgresCheck) -> DependencyState | None:
 
 
 def test_a_disconnected_pool_is_not_ready_at_once_and_costs_no_query() -> None:
-    authenticator = FakeAuthenticator(connected=False)
+    authenticator = _disconnected()
     state = state_of(PostgresCheck(authenticator, Clock()))
     assert state == DependencyState(False, "disconnected", "no live connection (reconnecting)")
-    assert authenticator.questions == []
+    assert authenticator.probes == []
 
 
 def test_concurrent_probes_share_one_query_and_its_answer_stays_fresh_one_second() -> None:
-    authenticator, clock = FakeAuthenticator(), Clock()
+    authenticator, clock = PendingAuthenticator(), Clock()
     check = PostgresCheck(authenticator, clock)
     first, second = [], []
     check.check().addCallback(first.append)
     check.check().addCallback(second.append)
-    assert len(authenticator.questions) == 1
-    authenticator.questions[0].callback(False)  # the probe pair is no subscriber: still an answer
+    assert len(authenticator.probes) == 1
+    authenticator.probes[0].callback(False)  # the probe pair is no subscriber: still an answer
     assert first == second == [DependencyState(True, "answering")]
     clock.advance(0.5)
     assert state_of(check) == DependencyState(True, "answering")
-    assert len(authenticator.questions) == 1
+    assert len(authenticator.probes) == 1
     clock.advance(0.6)
     assert state_of(check) is None
-    assert len(authenticator.questions) == 2
+    assert len(authenticator.probes) == 2
 
 
 def test_a_query_without_answer_is_not_ready_after_the_probe_timeout() -> None:
-    authenticator, clock = FakeAuthenticator(), Clock()
+    authenticator, clock = PendingAuthenticator(), Clock()
     answers: list[DependencyState] = []
     PostgresCheck(authenticator, clock, timeout_seconds=1.0).check().addCallback(answers.append)
     clock.advance(0.9)
@@ -90,16 +83,18 @@ def test_a_query_without_answer_is_not_ready_after_the_probe_timeout() -> None:
 
 
 def test_an_unavailable_backend_gives_its_reason() -> None:
-    authenticator = FakeAuthenticator(refusal='relation "users" does not exist')
-    state = state_of(PostgresCheck(authenticator, Clock()))
-    assert state == DependencyState(False, "not answering", 'relation "users" does not exist')
+    authenticator = PendingAuthenticator()
+    answers: list[DependencyState] = []
+    PostgresCheck(authenticator, Clock()).check().addCallback(answers.append)
+    authenticator.probes[0].errback(BackendUnavailable('relation "users" does not exist'))
+    assert answers == [DependencyState(False, "not answering", 'relation "users" does not exist')]
 
 
 def test_readiness_is_200_only_when_every_dependency_is_ready() -> None:
     consumer = FakeConsumer(consuming=True)
     checks = [
         ConsumerCheck(consumer, "messages"),
-        PostgresCheck(FakeAuthenticator(connected=False), Clock()),
+        PostgresCheck(_disconnected(), Clock()),
     ]
     resource = ReadinessResource(checks)
     request = DummyRequest([b""])
@@ -124,13 +119,13 @@ def test_readiness_is_200_only_when_every_dependency_is_ready() -> None:
 
 
 def test_a_client_gone_before_the_answer_gets_nothing_written() -> None:
-    authenticator = FakeAuthenticator()
+    authenticator = PendingAuthenticator()
     resource = ReadinessResource([PostgresCheck(authenticator, Clock())])
     request = DummyRequest([b""])
     resource.render(request)
     # How DummyRequest reports a lost connection to notifyFinish() observers.
     request.processingFailed(Failure(ConnectionDone("gone")))
-    authenticator.questions[0].callback(False)
+    authenticator.probes[0].callback(False)
     assert request.written == []
     assert request.finished == 0
 

@@ -20,24 +20,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from sse_twisted._live import LiveStart
-from sse_twisted._replay import ReplayWindow
-from sse_twisted._resource import EventStreamSite, SubscribeResource, root_resource
-from sse_twisted._streams import StreamRegistry
-from tests.test_resource import ScriptedAuthenticator
+from sse_twisted._resource import EventStreamSite, root_resource
+from sse_twisted.interfaces import IAuthenticator
+from tests.fakes import ImmediateAuthenticator, make_resource
 
 _V4 = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
-
-
-class AlwaysYes(ScriptedAuthenticator):
-    """Every pair is a subscriber: only the path decides."""
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    def is_subscriber(self, userid: str, nonce: str):  # type: ignore[no-untyped-def]
-        self.answers.append(True)
-        return super().is_subscriber(userid, nonce)
 
 
 def expected_status(target: bytes) -> int:
@@ -95,21 +82,12 @@ def targets(draw: st.DrawFn) -> bytes:
 
 
 def answer_to(
-    target: bytes, method: bytes = b"GET", authenticator: ScriptedAuthenticator | None = None
+    target: bytes, method: bytes = b"GET", authenticator: IAuthenticator | None = None
 ) -> tuple[bytes, int]:
     """The server's answer to ``method target``, and how many streams it opened; every
     pair is a subscriber unless ``authenticator`` says otherwise."""
-    registry = StreamRegistry()
-    window = ReplayWindow(Clock(), 60, 100)
-    live = LiveStart(registry, window, Clock(), future_id_grace_seconds=3)
-    live.tail_known(-1)  # an empty stream, read back
-    resource = SubscribeResource(
-        registry,
-        authenticator if authenticator is not None else AlwaysYes(),
-        Clock(),
-        window,
-        live,
-        cors_origins=("*",),
+    resource, registry = make_resource(
+        authenticator if authenticator is not None else ImmediateAuthenticator(admit_everyone=True),
         retry_milliseconds=1000,
         max_buffer_bytes=10_000,
     )

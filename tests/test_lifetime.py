@@ -24,6 +24,7 @@ from tests.harness import (
     EventCollector,
     RunningServer,
     add_subscriber,
+    bounded,
     found_contract,
     new_uuid,
     publish,
@@ -191,7 +192,7 @@ async def test_an_expired_stream_closes_with_a_jittered_retry_and_its_resume_los
     bobs_event = await bobs_tab.next_event()
 
     for tab in tabs:
-        await tab.closed.addTimeout(5, reactor)
+        await bounded(tab.closed, 5)
     assert reactor.seconds() - opened_at >= 0.9 * 2
     assert [tab.received for tab in tabs] == [[]] * 4
     assert {tab.parser.last_event_id for tab in tabs} == {bobs_event["id"]}

@@ -9,13 +9,12 @@ PostgreSQL and RabbitMQ (``plaintext_environ``); the raw-socket clients run in t
 
 from __future__ import annotations
 
-import gc
 import json
 import re
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogEvent, LogLevel, formatEvent
+from twisted.logger import LogEvent
 from twisted.protocols.policies import ProtocolWrapper
 
 from tests.backends import Pki, PostgresServer, RabbitMQServer
@@ -40,6 +39,7 @@ from tests.harness import (
     start_server,
     wait_for,
 )
+from tests.logs import failures, lines_with
 from tests.sse_parser import EventParser
 
 
@@ -293,18 +293,6 @@ async def test_an_http2_flood_of_streams_is_bounded_and_others_are_still_served(
         await server.stop()
 
 
-def _failures(events: list[LogEvent]) -> list[str]:
-    """The events that report an error: failures, unhandled errors, error and critical lines."""
-    gc.collect()  # "Unhandled error in Deferred" is logged when the Deferred is collected
-    return [
-        formatEvent(event)
-        for event in events
-        if "log_failure" in event
-        or event.get("isError")
-        or event.get("log_level") in (LogLevel.error, LogLevel.critical)
-    ]
-
-
 def _subscribe_request(topic: str, userid: str, token: str) -> bytes:
     return b"GET /subscribe/%s/%s/%s HTTP/1.1\r\nHost: localhost\r\n\r\n" % (
         topic.encode(),
@@ -450,7 +438,7 @@ async def test_junk_pipelined_after_requests_gets_400_after_their_answers_then_t
     plaintext_environ: dict[str, str],
     pki: Pki,
     browser: Browser,
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
     junk: bytes,
 ) -> None:
     server = await start_server(plaintext_environ)
@@ -469,14 +457,12 @@ async def test_junk_pipelined_after_requests_gets_400_after_their_answers_then_t
             (b"HTTP/1.1 400 Bad Request", b"malformed HTTP request\n"),
         ]
         assert rest == b""
-        assert "refused a request: malformed HTTP request" in [
-            formatEvent(event) for event in log_events
-        ]
+        assert "refused a request: malformed HTTP request" in lines_with(log_events, "refused")
         await publish(
             server.config.rabbitmq_port, server.config.rabbitmq_queue_name, found_contract(userid)
         )
         assert json.loads((await other.next_event())["data"]) == found_contract(userid)
-        assert _failures(log_events) == []
+        assert failures(log_events) == []
     finally:
         await browser.close_all()
         await server.stop()
@@ -487,7 +473,7 @@ async def test_requests_pipelined_behind_an_open_stream_are_never_answered_nor_s
     plaintext_environ: dict[str, str],
     pki: Pki,
     browser: Browser,
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     server = await start_server(plaintext_environ)
     registry = server.service.registry
@@ -540,7 +526,7 @@ async def test_requests_pipelined_behind_an_open_stream_are_never_answered_nor_s
         connection.close()
         await wait_for(lambda: registry.count_of(alice) == 0, "Alice's stream is still open")
         assert registry.count_of(bob) == 1
-        assert _failures(log_events) == []
+        assert failures(log_events) == []
     finally:
         if connection is not None:
             connection.close()
@@ -562,7 +548,7 @@ async def test_a_pipelined_flood_behind_an_open_stream_is_held_back_by_tcp(
     plaintext_environ: dict[str, str],
     pki: Pki,
     browser: Browser,
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
     client_reads: bool,
 ) -> None:
     server = await start_server(
@@ -641,7 +627,7 @@ async def test_a_pipelined_flood_behind_an_open_stream_is_held_back_by_tcp(
         connection.close()
         await wait_for(lambda: registry.count_of(alice) == 0, "Alice's stream is still open")
         assert registry.count_of(bob) == 1
-        assert _failures(log_events) == []
+        assert failures(log_events) == []
     finally:
         if connection is not None:
             connection.close()

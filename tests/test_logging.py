@@ -9,12 +9,13 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from twisted.logger import Logger, LogLevel, LogPublisher, globalLogPublisher
+from twisted.logger import Logger, LogLevel, LogPublisher
 from twisted.python.logfile import DailyLogFile
 
 import sse_twisted._logging
 from sse_twisted._logging import JSONLogObserver, bridge_standard_logging, mask_subscribe_path
 from tests.harness import new_password
+from tests.logs import json_log
 
 NONCE = "3c9d2f7e-1b4a-4e8d-a6c5-7f0e2b9d4c31"
 
@@ -86,17 +87,12 @@ def test_levels_are_named_as_logstash_expects() -> None:
 
 
 def test_standard_logging_records_reach_the_json_log() -> None:
-    stdout = io.StringIO()
-    observer = JSONLogObserver("dev", "sse", None, stream=stdout)
-    globalLogPublisher.addObserver(observer)
     bridge_standard_logging()
     bridge_standard_logging()
-    try:
+    with json_log() as written:
         logging.getLogger("pika.adapters.test").error("connection_lost: %s", "refused")
         logging.getLogger("pika.adapters.test").info("not forwarded")
-    finally:
-        globalLogPublisher.removeObserver(observer)
-    [record] = [json.loads(line) for line in stdout.getvalue().splitlines()]
+    [record] = [json.loads(line) for line in written.getvalue().splitlines()]
     assert record["message"] == "connection_lost: refused"
     assert record["@level"] == "error"
     assert record["logger"] == "pika.adapters.test"

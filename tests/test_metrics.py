@@ -23,6 +23,7 @@ from sse_twisted._metrics import (
     metrics_site,
 )
 from sse_twisted._tls_reload import ReloadableServerTLS
+from tests.fakes import ImmediateAuthenticator
 from tests.harness import EventCollector, bounded, renew_certificate
 
 
@@ -63,11 +64,6 @@ class FakeStream:
 class FakeConsumer:
     consuming: bool = False
     last_offset: int | None = None
-
-
-@dataclass
-class FakeAuthenticator:
-    connected: bool = False
 
 
 @dataclass
@@ -127,7 +123,8 @@ def test_a_publisher_clock_ahead_of_ours_is_not_a_negative_latency() -> None:
 def test_gauges_are_read_from_the_live_objects_at_each_scrape() -> None:
     metrics = Metrics()
     streams = FakeRegistry()
-    consumer, authenticator, cache = FakeConsumer(), FakeAuthenticator(), FakeAuthCache()
+    consumer, authenticator, cache = FakeConsumer(), ImmediateAuthenticator(), FakeAuthCache()
+    authenticator.connected = False
     metrics.watch(streams, consumer, authenticator, cache)
     assert value(metrics, "sse_open_streams", protocol="h1") == 0
     assert value(metrics, "sse_open_streams", protocol="h2") == 0
@@ -157,7 +154,7 @@ async def test_the_served_certificates_expiry_and_each_reload_outcome_are_metric
 ) -> None:
     server_tls = ReloadableServerTLS(certs_dir, reactor)
     metrics = Metrics()
-    metrics.watch(FakeRegistry(), FakeConsumer(), FakeAuthenticator(), None, server_tls)
+    metrics.watch(FakeRegistry(), FakeConsumer(), ImmediateAuthenticator(), None, server_tls)
     first = value(metrics, "sse_tls_certificate_expiry_timestamp_seconds")
     assert value(metrics, "sse_tls_reloads_total", outcome="ok") == 0
 

@@ -28,21 +28,9 @@ from tests.test_metrics import read_body
 
 
 @pytest.fixture
-def metrics_environ(
-    pki: Pki, postgres_tls: PostgresServer, rabbitmq_tls: RabbitMQServer
-) -> dict[str, str]:
-    return {
-        "SSE_CERTS_DIR": str(pki.directory),
-        "SSE_POSTGRES_HOST": postgres_tls.host,
-        "SSE_POSTGRES_PORT": str(postgres_tls.port),
-        "SSE_POSTGRES_USERNAME": postgres_tls.user,
-        "SSE_POSTGRES_DB_NAME": postgres_tls.database,
-        "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
-        "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),
-        "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
-        "SSE_MAX_MESSAGE_BYTES": "2000",
-        "SSE_METRICS_PORT": str(free_port()),
-    }
+def metrics_environ(tls_environ: dict[str, str]) -> dict[str, str]:
+    """``tls_environ`` with a metrics port the test knows and a small message limit."""
+    return {**tls_environ, "SSE_MAX_MESSAGE_BYTES": "2000", "SSE_METRICS_PORT": str(free_port())}
 
 
 async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

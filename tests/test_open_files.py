@@ -4,6 +4,7 @@ limit cannot hold SSE_MAX_STREAMS, and warns once per burst when descriptors run
 from __future__ import annotations
 
 import resource
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import tcp
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, LogLevel, LogPublisher, formatEvent
+from twisted.logger import LogEvent, LogLevel, LogPublisher
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from sse_twisted._limits import (
@@ -31,6 +32,7 @@ from tests.harness import (
     spawn_twistd,
     wait_for,
 )
+from tests.logs import warnings_logged
 
 HARD_LIMIT = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
@@ -53,10 +55,6 @@ class _Limits:
         self.limits = limits
 
 
-def _warnings(events: list[LogEvent]) -> list[str]:
-    return [formatEvent(event) for event in events if event["log_level"] == LogLevel.warn]
-
-
 def test_the_soft_limit_is_raised_to_the_hard_limit() -> None:
     limits = _Limits(1024, 524288)
     raised = raise_open_file_limit(limits.getrlimit, limits.setrlimit)
@@ -64,10 +62,10 @@ def test_the_soft_limit_is_raised_to_the_hard_limit() -> None:
     assert limits.limits == (524288, 524288)
 
 
-def test_a_refused_raise_keeps_the_soft_limit_and_says_why(log_events: list[LogEvent]) -> None:
+def test_a_refused_raise_keeps_the_soft_limit_and_says_why(log_events: Sequence[LogEvent]) -> None:
     limits = _Limits(1024, 524288, refuse=True)
     assert raise_open_file_limit(limits.getrlimit, limits.setrlimit).soft == 1024
-    assert _warnings(log_events) == [
+    assert warnings_logged(log_events) == [
         "cannot raise the open-file limit from 1024 to 524288: not allowed to raise maximum limit"
     ]
 
@@ -78,10 +76,10 @@ def test_an_unlimited_hard_limit_is_not_set_as_the_soft_limit() -> None:
 
 
 def test_a_limit_below_max_streams_is_one_warning_naming_both_and_what_to_set(
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     assert warn_if_limit_below_streams(OpenFileLimit(1024, 1024, 1024), 50_000)
-    [warning] = _warnings(log_events)
+    [warning] = warnings_logged(log_events)
     assert "open-file limit 1024 cannot hold SSE_MAX_STREAMS=50000" in warning
     needed = 50_000 + OWN_DESCRIPTORS
     assert f"LimitNOFILE={needed} in the systemd unit" in warning
@@ -89,9 +87,9 @@ def test_a_limit_below_max_streams_is_one_warning_naming_both_and_what_to_set(
     assert f"lower SSE_MAX_STREAMS to {1024 - OWN_DESCRIPTORS}" in warning
 
 
-def test_a_limit_that_holds_max_streams_gives_no_warning(log_events: list[LogEvent]) -> None:
+def test_a_limit_that_holds_max_streams_gives_no_warning(log_events: Sequence[LogEvent]) -> None:
     assert not warn_if_limit_below_streams(OpenFileLimit(1024, 1_048_576, 1_048_576), 50_000)
-    assert _warnings(log_events) == []
+    assert warnings_logged(log_events) == []
 
 
 def test_twisteds_emfile_recovery_line_is_the_one_watched() -> None:
@@ -115,7 +113,7 @@ def _closed(publisher: LogPublisher, count: int = 1) -> None:
 
 
 def test_a_burst_of_closed_connections_is_one_warning_with_the_count(
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     clock, publisher = Clock(), LogPublisher()
     watch = DescriptorShortageWarnings(clock, lambda: 1024, publisher=publisher)
@@ -124,24 +122,24 @@ def test_a_burst_of_closed_connections_is_one_warning_with_the_count(
     clock.advance(0.5)
     _closed(publisher, 10)
     clock.advance(0.9)
-    assert _warnings(log_events) == []
+    assert warnings_logged(log_events) == []
     clock.advance(0.1)
-    assert _warnings(log_events) == [
+    assert warnings_logged(log_events) == [
         "out of file descriptors: closed 50 new connections unanswered (open-file limit 1024)"
     ]
     clock.advance(30)
     _closed(publisher, 3)
     clock.advance(1)
-    assert len(_warnings(log_events)) == 2
-    assert "closed 3 new connections" in _warnings(log_events)[1]
+    assert len(warnings_logged(log_events)) == 2
+    assert "closed 3 new connections" in warnings_logged(log_events)[1]
     watch.stopService()
     _closed(publisher)
     clock.advance(1)
-    assert len(_warnings(log_events)) == 2
+    assert len(warnings_logged(log_events)) == 2
 
 
 def test_a_burst_that_does_not_stop_is_reported_every_ten_seconds(
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     clock, publisher = Clock(), LogPublisher()
     watch = DescriptorShortageWarnings(clock, lambda: 1024, publisher=publisher)
@@ -149,7 +147,7 @@ def test_a_burst_that_does_not_stop_is_reported_every_ten_seconds(
     for _ in range(40):
         _closed(publisher)
         clock.advance(0.5)
-    assert [warning.split(" new")[0] for warning in _warnings(log_events)] == [
+    assert [warning.split(" new")[0] for warning in warnings_logged(log_events)] == [
         "out of file descriptors: closed 20",
         "out of file descriptors: closed 20",
     ]

@@ -6,105 +6,25 @@ cover each answer, including backend faults a real server cannot produce on dema
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
 import pytest
-from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
-from zope.interface import implementer
-from zope.interface.verify import verifyObject
 
 from sse_twisted._auth_cache import CachingAuthenticator
-from sse_twisted._live import LiveStart
 from sse_twisted._metrics import Metrics
-from sse_twisted._replay import ReplayWindow
-from sse_twisted._resource import SubscribeResource, path_problem, root_resource
-from sse_twisted._streams import StreamRegistry
-from sse_twisted.interfaces import BackendBusy, BackendUnavailable, IAuthenticator
+from sse_twisted._resource import path_problem, root_resource
+from sse_twisted.interfaces import BackendBusy, BackendUnavailable
+from tests.fakes import ScriptedAuthenticator, make_resource, render, request_for
 from tests.sse_parser import EventParser
 
 TOPIC = "7a1f4c2e-9d3b-4f6a-8e2c-5b0d1a7c3e94"
 USERID = "0b8e3a52-6a3e-4c1e-9f4a-2d7b1c9e5a10"
 NONCE = "3c9d2f7e-1b4a-4e8d-a6c5-7f0e2b9d4c31"
-
-
-@implementer(IAuthenticator)
-class ScriptedAuthenticator:
-    """Answers each check with the next scripted result."""
-
-    connected = True
-
-    def __init__(self, *answers: bool | Exception | Deferred[bool]) -> None:
-        self.answers = list(answers)
-        self.asked: list[tuple[str, str]] = []
-        self.cached: set[tuple[str, str]] = set()
-
-    def is_subscriber(self, userid: str, nonce: str) -> Deferred[bool]:
-        self.asked.append((userid, nonce))
-        answer = self.answers.pop(0)
-        if isinstance(answer, Deferred):
-            return answer
-        if isinstance(answer, Exception):
-            return fail(answer)
-        return succeed(answer)
-
-    def costs_no_query(self, userid: str, nonce: str) -> bool:
-        return (userid, nonce) in self.cached
-
-
-def make_resource(
-    authenticator: ScriptedAuthenticator, origins: tuple[str, ...] = ("*",), **options: Any
-) -> tuple[SubscribeResource, StreamRegistry]:
-    registry = StreamRegistry()
-    window = ReplayWindow(Clock(), 60, 100)
-    live = LiveStart(registry, window, Clock(), future_id_grace_seconds=3)
-    live.tail_known(-1)  # an empty stream, read back
-    resource = SubscribeResource(
-        registry,
-        authenticator,
-        Clock(),
-        window,
-        live,
-        cors_origins=origins,
-        retry_milliseconds=2000,
-        max_buffer_bytes=1000,
-        **options,
-    )
-    return resource, registry
-
-
-class StreamingRequest(DummyRequest):
-    """DummyRequest drives any producer as a pull producer; streams are push producers."""
-
-    producer = None
-
-    def registerProducer(self, producer: object, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-
-def request_for(path: str, method: bytes = b"GET", client: str = "192.0.2.1") -> DummyRequest:
-    request = StreamingRequest([part.encode() for part in path.lstrip("/").split("/")[1:]])
-    request.method = method
-    request.client = IPv4Address("TCP", client, 50000)
-    return request
-
-
-def render(resource: SubscribeResource, request: DummyRequest) -> bytes:
-    result = resource.render(request)
-    if isinstance(result, bytes):
-        return result
-    return b"".join(request.written)
-
-
-def test_the_scripted_authenticator_provides_the_interface() -> None:
-    verifyObject(IAuthenticator, ScriptedAuthenticator())
 
 
 def test_a_known_subscriber_gets_an_event_stream_that_opens_at_once() -> None:
@@ -256,13 +176,13 @@ def test_a_new_stream_is_given_the_newest_offset_consumed_as_its_last_event_id()
     assert parser.last_event_id == "41"
 
 
-def _stream_opened(events: list[LogEvent]) -> LogEvent:
+def _stream_opened(events: Sequence[LogEvent]) -> LogEvent:
     [opened] = [e for e in events if e.get("log_format", "").startswith("stream opened")]
     return opened
 
 
 def test_stream_opened_counts_no_replayed_event_for_a_new_stream(
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     resource, _ = make_resource(ScriptedAuthenticator(True))
     resource._window.consumed(41)
@@ -271,7 +191,7 @@ def test_stream_opened_counts_no_replayed_event_for_a_new_stream(
 
 
 def test_stream_opened_counts_the_replayed_events_as_the_metric_does(
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     metrics = Metrics()
     resource, _ = make_resource(ScriptedAuthenticator(True), metrics=metrics)

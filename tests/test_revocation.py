@@ -20,8 +20,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
-from twisted.internet.task import Clock, deferLater
-from twisted.logger import LogEvent, formatEvent
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent
 from twisted.web.test.requesthelper import DummyRequest
 
 from sse_twisted._auth_cache import CachingAuthenticator
@@ -30,17 +30,20 @@ from sse_twisted._revocation import CHANNEL, RevocationEnforcer, RevocationListe
 from sse_twisted._streams import EventStream, StreamRegistry
 from sse_twisted.interfaces import BackendUnavailable
 from tests.backends import PostgresServer, RabbitMQServer
+from tests.fakes import ImmediateAuthenticator
 from tests.harness import (
     Browser,
     RunningServer,
     add_local_subscriber,
+    bounded,
     found_contract,
     new_token,
     new_uuid,
     publish,
     start_server,
+    wait_for,
 )
-from tests.test_auth_cache import ImmediateAuthenticator
+from tests.logs import lines_with, log_text, tracebacks, warnings_logged
 
 SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
 WAIT_SECONDS = 10.0
@@ -155,27 +158,6 @@ def test_the_schema_file_can_be_applied_again(database: str) -> None:
 # --- the listener ---
 
 
-def tracebacks(events: list[LogEvent]) -> list[str]:
-    return [
-        formatEvent(event)
-        for event in events
-        if "log_failure" in event or "failure" in event or event.get("isError")
-    ]
-
-
-def warnings_logged(events: list[LogEvent]) -> list[str]:
-    return [formatEvent(event) for event in events if event["log_level"].name == "warn"]
-
-
-async def wait_for(condition: Callable[[], bool], what: str, seconds: float = WAIT_SECONDS) -> None:
-    """Poll ``condition`` (where no event signals it) until true."""
-    deadline = reactor.seconds() + seconds
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"still waiting for {what} after {seconds} s")
-        await deferLater(reactor, 0.02, lambda: None)
-
-
 class Recorder:
     """The listener's callbacks, as queues the test waits on."""
 
@@ -190,7 +172,7 @@ class Recorder:
         self.resynchronised += 1
 
     async def next_revoked(self) -> str:
-        userid: str = await self.revoked.get().addTimeout(WAIT_SECONDS, reactor)
+        userid: str = await bounded(self.revoked.get(), WAIT_SECONDS)
         return userid
 
     def nothing_pending(self) -> bool:
@@ -251,7 +233,7 @@ def listener_backends(database: str) -> list[int]:
 
 @pytest_twisted.ensureDeferred
 async def test_the_listener_delivers_the_userid_of_a_deleted_row(
-    start: Starter, database: str, tmp_path: Path, log_events: list[LogEvent]
+    start: Starter, database: str, tmp_path: Path, log_events: Sequence[LogEvent]
 ) -> None:
     listener, recorder = start(config_for(database, tmp_path))
     await listening(listener)
@@ -275,7 +257,7 @@ async def test_the_listener_delivers_a_token_change(
 
 @pytest_twisted.ensureDeferred
 async def test_a_payload_that_is_not_a_uuid_is_ignored_with_a_warning(
-    start: Starter, database: str, tmp_path: Path, log_events: list[LogEvent]
+    start: Starter, database: str, tmp_path: Path, log_events: Sequence[LogEvent]
 ) -> None:
     listener, recorder = start(config_for(database, tmp_path))
     await listening(listener)
@@ -307,7 +289,7 @@ async def test_a_star_asks_to_resynchronise_everything(
 
 @pytest_twisted.ensureDeferred
 async def test_a_killed_connection_listens_again_and_still_delivers(
-    start: Starter, database: str, tmp_path: Path, log_events: list[LogEvent]
+    start: Starter, database: str, tmp_path: Path, log_events: Sequence[LogEvent]
 ) -> None:
     listener, recorder = start(config_for(database, tmp_path))
     await listening(listener)
@@ -328,7 +310,7 @@ async def test_a_killed_connection_listens_again_and_still_delivers(
 
 @pytest_twisted.ensureDeferred
 async def test_a_database_that_is_missing_at_start_is_listened_to_once_it_exists(
-    start: Starter, tmp_path: Path, log_events: list[LogEvent]
+    start: Starter, tmp_path: Path, log_events: Sequence[LogEvent]
 ) -> None:
     name = f"sse_test_{secrets.token_hex(4)}"
     listener, recorder = start(config_for(name, tmp_path))
@@ -388,7 +370,7 @@ async def test_deleting_a_user_closes_its_open_streams_and_it_is_refused_after(
     server: RunningServer,
     browser: Browser,
     postgres_tls: PostgresServer,
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     alice, alice_token = tls_subscriber(postgres_tls)
     bob, bob_token = tls_subscriber(postgres_tls)
@@ -403,16 +385,16 @@ async def test_deleting_a_user_closes_its_open_streams_and_it_is_refused_after(
     postgres_tls.execute("DELETE FROM users WHERE uuid = %s", (alice,))
 
     for tab in (first_tab, second_tab):
-        await tab.closed.addTimeout(REVOCATION_SECONDS, reactor)
+        await bounded(tab.closed, REVOCATION_SECONDS)
     assert list(server.service.registry.streams_of(alice)) == []
     assert not bobs_tab.closed.called
     # ...and forgotten: the browser coming back is refused, so EventSource stops.
     response = await browser.get(url)
     assert response.code == 403
     assert (await browser.read_body(response)) == b"unknown subscriber\n"
-    revoked = [formatEvent(event) for event in log_events if "access revoked" in formatEvent(event)]
+    revoked = lines_with(log_events, "access revoked")
     assert revoked == [f"access revoked for {alice}: 2 open streams closed"]
-    text = "\n".join(f"{formatEvent(event)} {event!r}" for event in log_events)
+    text = log_text(log_events)
     assert alice_token not in text
 
 
@@ -428,7 +410,7 @@ async def test_a_new_token_closes_the_stream_and_only_the_new_token_gets_back_in
     replacement = new_token()
     postgres_tls.execute("UPDATE users SET sse_token = %s WHERE uuid = %s", (replacement, userid))
 
-    await tab.closed.addTimeout(REVOCATION_SECONDS, reactor)
+    await bounded(tab.closed, REVOCATION_SECONDS)
     refused = await browser.get(server.subscribe_url(topic, userid, old_token))
     assert refused.code == 403
     await browser.read_body(refused)
@@ -480,17 +462,13 @@ async def open_tab(server: RunningServer, browser: Browser, userid: str, token: 
     return tab
 
 
-def logged(events: list[LogEvent], text: str) -> list[str]:
-    return [line for line in map(formatEvent, events) if text in line]
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_forged_notification_closes_nothing_while_a_real_delete_still_closes(
     own_server: RunningServer,
     own_database: str,
     browser: Browser,
     rabbitmq_tls: RabbitMQServer,
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     alice, alice_token = add_local_subscriber(own_database)
     bob, bob_token = add_local_subscriber(own_database)
@@ -503,13 +481,13 @@ async def test_a_forged_notification_closes_nothing_while_a_real_delete_still_cl
 
     # Notifications are handled in order: once Bob's stream is closed, Alice's notice was
     # checked too.
-    await bobs_tab.closed.addTimeout(REVOCATION_SECONDS, reactor)
+    await bounded(bobs_tab.closed, REVOCATION_SECONDS)
     assert not alices_tab.closed.called
-    assert logged(log_events, "revocation notice for") == [
+    assert lines_with(log_events, "revocation notice for") == [
         f"revocation notice for {alice}: the database still grants its 1 open streams here,"
         " none closed"
     ]
-    assert logged(log_events, "access revoked") == [
+    assert lines_with(log_events, "access revoked") == [
         f"access revoked for {bob}: 1 open streams closed"
     ]
     # Alice's stream still works.
@@ -517,13 +495,13 @@ async def test_a_forged_notification_closes_nothing_while_a_real_delete_still_cl
     await publish(rabbitmq_tls.amqp_port, queue, found_contract(alice))
     event = await alices_tab.next_event()
     assert json.loads(event["data"])["userid"] == alice
-    text = "\n".join(f"{formatEvent(event)} {event!r}" for event in log_events)
+    text = log_text(log_events)
     assert alice_token not in text and bob_token not in text
 
 
 @pytest_twisted.ensureDeferred
 async def test_truncating_users_closes_every_open_stream(
-    own_server: RunningServer, own_database: str, browser: Browser, log_events: list[LogEvent]
+    own_server: RunningServer, own_database: str, browser: Browser, log_events: Sequence[LogEvent]
 ) -> None:
     tabs = []
     for _ in range(3):
@@ -533,9 +511,9 @@ async def test_truncating_users_closes_every_open_stream(
     sql(own_database, "TRUNCATE users")
 
     for tab in tabs:
-        await tab.closed.addTimeout(REVOCATION_SECONDS, reactor)
+        await bounded(tab.closed, REVOCATION_SECONDS)
     assert len(own_server.service.registry) == 0
-    assert logged(log_events, "re-checked") == [
+    assert lines_with(log_events, "re-checked") == [
         "re-checked 3 open streams against PostgreSQL: 3 closed"
     ]
 
@@ -546,7 +524,7 @@ def allow_connections(database: str, allowed: bool) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_revocation_missed_while_listen_was_down_is_enforced_after_it_reconnects(
-    own_server: RunningServer, own_database: str, browser: Browser, log_events: list[LogEvent]
+    own_server: RunningServer, own_database: str, browser: Browser, log_events: Sequence[LogEvent]
 ) -> None:
     alice, alice_token = add_local_subscriber(own_database)
     bob, bob_token = add_local_subscriber(own_database)
@@ -563,7 +541,7 @@ async def test_a_revocation_missed_while_listen_was_down_is_enforced_after_it_re
         try:
             held.cursor().execute("SELECT pg_terminate_backend(%s)", (backend,))
             await wait_for(
-                lambda: bool(logged(log_events, "cannot connect to PostgreSQL")),
+                lambda: bool(lines_with(log_events, "cannot connect to PostgreSQL")),
                 "a refused reconnection",
             )
             assert not revocations.listening
@@ -571,9 +549,9 @@ async def test_a_revocation_missed_while_listen_was_down_is_enforced_after_it_re
         finally:
             allow_connections(own_database, True)
 
-    await alices_tab.closed.addTimeout(WAIT_SECONDS, reactor)
+    await bounded(alices_tab.closed, WAIT_SECONDS)
     assert not bobs_tab.closed.called
-    assert logged(log_events, "access revoked") == [
+    assert lines_with(log_events, "access revoked") == [
         f"access revoked for {alice}: 1 open streams closed"
     ]
     response = await browser.get(own_server.subscribe_url(new_uuid(), alice, alice_token))
@@ -623,7 +601,7 @@ def enforcer_with_streams(
 
 
 def test_a_database_outage_keeps_the_streams_open_and_the_check_is_retried_later(
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     alice = (new_uuid(), new_token())
     enforcer, grants, clock, [stream] = enforcer_with_streams([alice])
@@ -663,7 +641,7 @@ def test_every_stream_is_checked_in_batches_and_only_the_ungranted_are_closed() 
 
 
 def test_an_outage_in_the_middle_of_a_round_keeps_what_was_closed_and_retries_the_rest(
-    log_events: list[LogEvent],
+    log_events: Sequence[LogEvent],
 ) -> None:
     alice, bob = (new_uuid(), new_token()), (new_uuid(), new_token())
     enforcer, grants, clock, [alices, bobs] = enforcer_with_streams([alice, bob], batch_pairs=1)
@@ -671,7 +649,7 @@ def test_an_outage_in_the_middle_of_a_round_keeps_what_was_closed_and_retries_th
     grants.answer(set())  # Alice's pair is gone
     grants.answer(BackendUnavailable("no answer within 2.0 seconds"))
     assert alices.request.finished and not bobs.request.finished
-    assert [line for line in map(formatEvent, log_events) if "access revoked" in line] == [
+    assert lines_with(log_events, "access revoked") == [
         f"access revoked for {alice[0]}: 1 open streams closed"
     ]
     clock.advance(1)

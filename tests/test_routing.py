@@ -5,7 +5,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import capturedLogs
 from twisted.web.test.requesthelper import DummyRequest
 
 from sse_twisted._replay import ReplayWindow
@@ -75,15 +75,11 @@ def test_removed_streams_receive_nothing_and_leave_no_entry() -> None:
 def test_an_invalid_message_is_logged_with_offset_and_reason_and_skipped() -> None:
     registry = StreamRegistry()
     stream = open_stream(registry, ALICE, NEWS)
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
+    with capturedLogs() as events:
         router = router_for(registry)
         router(b'{"type": "foundcontract", "userid": "nobody"}', 41)
         router(b"x" * 20_000, 42)
         router(body(ALICE), 43)
-    finally:
-        globalLogPublisher.removeObserver(events.append)
     skipped = [
         event
         for event in events

@@ -20,6 +20,7 @@ from tests.harness import (
     Browser,
     add_subscriber,
     bounded,
+    delete_queue,
     found_contract,
     leaked_secrets,
     new_password,
@@ -121,6 +122,7 @@ async def test_no_token_or_password_in_any_line_of_a_server_driven_through_every
     finally:
         transport.signalProcess(signal.SIGTERM)
         await bounded(process.ended, 30)
+        delete_queue(rabbitmq_tls.amqp_port, queue)
 
     output = [process.raw.decode(), process.stderr.decode()]
     log_file = (tmp_path / "logs" / "sse.log").read_text()

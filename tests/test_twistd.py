@@ -20,6 +20,7 @@ import pytest_twisted
 from sse_twisted.devcerts import create_certificate_authority, issue_certificate, write_private_key
 from tests.backends import Pki
 from tests.harness import (
+    TWISTD,
     Browser,
     add_local_subscriber,
     bounded,
@@ -31,7 +32,6 @@ from tests.harness import (
 )
 
 REPOSITORY = Path(__file__).parent.parent
-TWISTD = Path(sys.executable).parent / "twistd"
 
 
 def run_twistd(
