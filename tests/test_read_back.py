@@ -22,6 +22,7 @@ from tests.harness import (
     EventCollector,
     add_subscriber,
     bounded,
+    delete_queue,
     found_contract,
     new_uuid,
     publish,
@@ -159,7 +160,7 @@ async def test_a_queue_deleted_while_consumed_resets_open_streams_and_loses_noth
         )
         await receive(tab, 3)
 
-        await deferToThread(Broker(rabbitmq_tls.amqp_port).delete, queue)
+        await deferToThread(delete_queue, rabbitmq_tls.amqp_port, queue)
         [line] = await logs.wait_for("is a new stream")
         # Publishing to a stream still being created can fail: wait until it is consumed.
         await wait_for(lambda: server.service.consumer.consuming, "consuming the new stream")
@@ -215,7 +216,7 @@ async def test_a_queue_recreated_while_disconnected_is_noticed_on_return(
         await receive(tab, 3)
 
         await consumer.stopService()
-        await deferToThread(broker.delete, queue)
+        await deferToThread(delete_queue, rabbitmq_tls.amqp_port, queue)
         await deferToThread(broker.declare, queue, STREAM)
         new = [f"new {n}" for n in range(published_while_away + 1)]
         away = [found_contract(userid, filename=name) for name in new[:-1]]
