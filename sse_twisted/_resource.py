@@ -23,9 +23,10 @@ from ._framing import comment_frame, retry_frame
 from ._lifetime import stream_lifetime
 from ._live import LiveStart
 from ._metrics import Metrics
-from ._paths import MASK, is_v4_uuid, loggable_path
+from ._paths import MASK, loggable_path
 from ._replay import ReplayWindow
 from ._streams import EventStream, StreamRegistry
+from ._uuids import is_v4_uuid
 from .interfaces import BackendBusy, BackendUnavailable, IAuthenticator
 
 __all__ = ["EventStreamSite", "SubscribeResource", "TrackedRequest", "root_resource"]
