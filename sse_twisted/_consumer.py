@@ -185,7 +185,7 @@ class StreamConsumerService(Service):
         reactor: Any,
         on_message: Callable[[bytes, int], object],
         on_fatal: Callable[[str], None],
-        metrics: Metrics | None = None,
+        metrics: Metrics,
         live: LiveStart | None = None,
     ) -> None:
         self.consuming = False
@@ -212,7 +212,7 @@ class StreamConsumerService(Service):
         self._read_back_seconds = config.replay_seconds
         self._ack_batch = max(1, config.rabbitmq_prefetch // 2)
         self._on_message = on_message
-        self._metrics = metrics if metrics is not None else Metrics()
+        self._metrics = metrics
         self._on_fatal = on_fatal
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
             reactor, config.rabbitmq_host, config.rabbitmq_port

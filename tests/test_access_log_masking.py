@@ -25,6 +25,7 @@ from twisted.logger import globalLogPublisher
 
 from sse_twisted._live import LiveStart
 from sse_twisted._logging import JSONLogObserver
+from sse_twisted._metrics import Metrics
 from sse_twisted._paths import loggable_path
 from sse_twisted._replay import ReplayWindow
 from sse_twisted._resource import SubscribeResource
@@ -254,6 +255,7 @@ def test_a_refusal_before_the_database_answered_does_not_name_a_misplaced_token(
         retry_milliseconds=1000,
         max_buffer_bytes=1000,
         max_streams=0,
+        metrics=Metrics(),
     )
     request = request_for(f"/subscribe/{userid}/{token}/{new_uuid()}")
     with json_log() as written:

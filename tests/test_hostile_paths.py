@@ -21,6 +21,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from sse_twisted._live import LiveStart
+from sse_twisted._metrics import Metrics
 from sse_twisted._replay import ReplayWindow
 from sse_twisted._resource import EventStreamSite, SubscribeResource, root_resource
 from sse_twisted._streams import StreamRegistry
@@ -112,8 +113,9 @@ def answer_to(
         cors_origins=("*",),
         retry_milliseconds=1000,
         max_buffer_bytes=10_000,
+        metrics=Metrics(),
     )
-    site = EventStreamSite(root_resource(resource), Clock())
+    site = EventStreamSite(root_resource(resource), Clock(), metrics=Metrics())
     site.reactor = Clock()  # type: ignore[assignment]
     channel = site.buildProtocol(None)
     transport = StringTransport()

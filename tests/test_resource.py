@@ -72,7 +72,7 @@ def make_resource(
         cors_origins=origins,
         retry_milliseconds=2000,
         max_buffer_bytes=1000,
-        **options,
+        **({"metrics": Metrics()} | options),
     )
     return resource, registry
 
