@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import signal
@@ -115,7 +116,7 @@ def machine(options: argparse.Namespace) -> dict[str, Any]:
             " + uncommitted changes" if dirty else ""
         )
     return {
-        "nproc": len(__import__("os").sched_getaffinity(0)),
+        "nproc": len(os.sched_getaffinity(0)),
         "cpu": model,
         "kernel": platform.release(),
         "python": platform.python_version(),

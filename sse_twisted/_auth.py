@@ -1,35 +1,35 @@
 """Subscriber authentication against PostgreSQL, through a self-healing txpostgres pool.
 
-txpostgres 1.7 needs workarounds, each explained where it is made: reconnection is opt-in
-per connection and does not cover the first connect, an idle connection's death escapes
-from ``doRead`` as an "Unhandled Error" traceback, the pool hands out dead connections, and
-query cancellation cannot be used from a timeout.
+The pool's connections are L{ReconnectingConnection}s (``_postgres.py``). txpostgres 1.7
+needs two more workarounds here, each explained where it is made: the pool hands out dead
+connections, and query cancellation cannot be used from a timeout.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import psycopg2
 from twisted.application.service import Service
-from twisted.internet.base import DelayedCall
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector, defaultDeathChecker
-from txpostgres.retrying import simpleBackoffIterator
-from txpostgres.txpostgres import Connection, ConnectionPool
+from txpostgres.reconnection import ConnectionDead
+from txpostgres.txpostgres import ConnectionPool
 from zope.interface import implementer
 
 from ._check_line import CheckLine
 from ._config import Config
-from ._tls import POSTGRES_CA_FILE
+from ._postgres import (
+    OUTAGES,
+    ReconnectingConnection,
+    connection_parameters,
+    describe_postgres_error,
+)
 from .interfaces import BackendBusy, BackendUnavailable, IAuthenticator
 
 __all__ = ["PostgresAuthenticator"]
@@ -42,150 +42,7 @@ _GRANTED_QUERY = (
 )
 # A pair no subscriber has: the readiness probe runs the subscribe query, whatever it answers.
 _PROBE_USERID = _PROBE_NONCE = "00000000-0000-0000-0000-000000000000"
-_VERIFYING_SSLMODES = ("verify-ca", "verify-full")
 _MASK = "****"
-
-# "PostgreSQL cannot answer now", as opposed to a broken schema or a bug.
-_OUTAGES = (
-    ConnectionDead,
-    ConnectionClosed,
-    psycopg2.OperationalError,
-    psycopg2.InterfaceError,
-    DeferredTimeoutError,
-)
-
-
-def _reconnect_delays() -> Iterator[float]:
-    """Seconds before each reconnection attempt: none, then about 1 s doubling up to 10 s."""
-    return simpleBackoffIterator(initialDelay=0.5, maxDelay=10.0, factor=2.0, maxRetries=0)
-
-
-def _describe(error: object) -> str:
-    """The error on one line, and of a server error only the primary message.
-
-    The rest of psycopg2's text for a server error quotes the query with its parameters.
-    A failed connect keeps every line: libpq writes one per address it tried.
-    """
-    if isinstance(error, psycopg2.Error) and error.diag.message_primary:
-        return str(error.diag.message_primary)
-    return " ".join(str(error).split()) or type(error).__name__
-
-
-def _connection_parameters(config: Config) -> dict[str, Any]:
-    parameters: dict[str, Any] = {
-        "host": config.postgres_host,
-        "port": config.postgres_port,
-        "user": config.postgres_username,
-        "password": config.postgres_password,
-        "dbname": config.postgres_db_name,
-        "sslmode": config.postgres_sslmode,
-        "connect_timeout": math.ceil(config.postgres_timeout_seconds),
-        # A server that vanishes without closing the socket is noticed by TCP keepalives
-        # (otherwise only by a failing query), and a query stuck behind a lock gives its
-        # connection back once the caller has stopped waiting.
-        "keepalives": 1,
-        "keepalives_idle": 10,
-        "keepalives_interval": 5,
-        "keepalives_count": 3,
-        "options": f"-c statement_timeout={math.ceil(config.postgres_timeout_seconds * 1000)}",
-    }
-    if config.postgres_sslmode in _VERIFYING_SSLMODES:
-        parameters["sslrootcert"] = str(config.certs_dir / POSTGRES_CA_FILE)
-    return parameters
-
-
-class _ReconnectingConnection(Connection):
-    """A txpostgres connection that reopens itself, with backoff, whenever it is lost."""
-
-    log = Logger()
-
-    def __init__(self, reactor: Any, cooperator: Any, connect_timeout_seconds: float) -> None:
-        # txpostgres reconnects only connections given a detector; ConnectionPool gives none.
-        detector = DeadConnectionDetector(
-            deathChecker=self._is_dead, reconnectionIterator=_reconnect_delays, reactor=reactor
-        )
-        super().__init__(reactor, cooperator, detector=detector)
-        self._connect_timeout_seconds = connect_timeout_seconds
-        self._open = False
-        self._shut_down = False
-
-    @property
-    def alive(self) -> bool:
-        """Whether queries can be sent: connected and not known to be dead."""
-        return self._open and not self.detector.connectionIsDead
-
-    def _is_dead(self, failure: Failure) -> bool:
-        # A closed socket counts too (our connect timeout, a hang-up), unless we closed it.
-        return not self._shut_down and bool(
-            defaultDeathChecker(failure) or failure.check(ConnectionClosed)
-        )
-
-    def open(self, **parameters: Any) -> Deferred[None]:
-        """Connect now and keep retrying in the background until it works.
-
-        The result fires once the first attempt is over, whatever its outcome: L{alive} then
-        tells whether it worked. A connection made by a later retry (after a failed first
-        attempt or a lost connection) is announced to the detector's recovery handlers; one
-        made by the first attempt is not.
-        """
-        # The detector only reconnects what was connected once: hand it a failed first try.
-        attempt = self.connect(**parameters)
-        attempt.addErrback(self.detector.checkForDeadConnection)
-        attempt.addErrback(lambda _: None)  # logged by _connect_finished
-        return attempt.addCallback(lambda _: None)
-
-    def shut_down(self) -> None:
-        """Close for good: no reconnection after this."""
-        self._shut_down = True
-        self._open = False
-        if self.pollable() is not None:
-            self.close()
-
-    def connect(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        """Open the connection; give up when the server has not answered in time."""
-        if self._shut_down:
-            # The detector's retry loop cannot be cancelled, and logs an error when it fails
-            # or runs out: a pretend success is the quiet way to end it.
-            return succeed(None)
-        self._open = False
-        attempt: Deferred[Any] = super().connect(*args, **kwargs)
-        # libpq ignores connect_timeout for non-blocking connects; closing the socket ends the
-        # attempt with ConnectionDone.
-        give_up = self.reactor.callLater(self._connect_timeout_seconds, self.close)
-        return attempt.addBoth(self._connect_finished, give_up, kwargs)
-
-    def _connect_finished(
-        self, result: object, give_up: DelayedCall, parameters: dict[str, Any]
-    ) -> object:
-        timed_out = not give_up.active()
-        if not timed_out:
-            give_up.cancel()
-        where = {key: parameters[key] for key in ("host", "port", "dbname")}
-        if not isinstance(result, Failure):
-            self._open = True
-            self.log.info("connected to PostgreSQL {host}:{port}/{dbname}", **where)
-        elif not self._shut_down:
-            reason = _describe(result.value)
-            if timed_out:
-                reason = f"no answer within {self._connect_timeout_seconds} seconds"
-            self.log.warn(
-                "cannot connect to PostgreSQL {host}:{port}/{dbname}: {reason}",
-                reason=reason,
-                **where,
-            )
-        return result
-
-    def doRead(self) -> BaseException | None:
-        """Read from the socket; a lost connection is returned for the reactor to close."""
-        # txpostgres lets poll()'s error escape when an idle connection dies (the server
-        # restarts, say) and the reactor logs it as "Unhandled Error". Returned instead, it
-        # makes the reactor call connectionLost quietly, which starts the reconnection.
-        try:
-            super().doRead()
-        except (psycopg2.OperationalError, psycopg2.InterfaceError) as error:
-            self.log.warn("lost connection to PostgreSQL: {reason}", reason=_describe(error))
-            return error
-        return None
 
 
 class _LiveConnectionPool(ConnectionPool):
@@ -199,12 +56,12 @@ class _LiveConnectionPool(ConnectionPool):
         # global reactor when it has none.
         self.reactor = reactor
         self.connectionFactory = partial(
-            _ReconnectingConnection, connect_timeout_seconds=connect_timeout_seconds
+            ReconnectingConnection, connect_timeout_seconds=connect_timeout_seconds
         )
         super().__init__(None, min=size)
         # txpostgres's own set holds only the idle connections.
-        self.all_connections: list[_ReconnectingConnection] = list(self.connections)
-        self.line: CheckLine[_ReconnectingConnection] = CheckLine(max_waiting)
+        self.all_connections: list[ReconnectingConnection] = list(self.connections)
+        self.line: CheckLine[ReconnectingConnection] = CheckLine(max_waiting)
         self.queries_sent = 0
         self._dispatching = False
 
@@ -231,7 +88,7 @@ class _LiveConnectionPool(ConnectionPool):
         return turn
 
     def _send(
-        self, connection: _ReconnectingConnection, query: str, parameters: tuple[Any, ...]
+        self, connection: ReconnectingConnection, query: str, parameters: tuple[Any, ...]
     ) -> Deferred[Any]:
         self.connections.remove(connection)
         self.queries_sent += 1
@@ -244,7 +101,7 @@ class _LiveConnectionPool(ConnectionPool):
         sent.chainDeferred(answer)
         return answer
 
-    def _returned(self, result: object, connection: _ReconnectingConnection) -> object:
+    def _returned(self, result: object, connection: ReconnectingConnection) -> object:
         self.connections.add(connection)
         self._dispatch()
         return result
@@ -313,7 +170,7 @@ class PostgresAuthenticator(Service):
     def startService(self) -> None:
         """Open every connection, retrying in the background the ones that fail."""
         super().startService()
-        parameters = _connection_parameters(self._config)
+        parameters = connection_parameters(self._config)
         for connection in self._connections:
             connection.open(**parameters)
 
@@ -361,11 +218,11 @@ class PostgresAuthenticator(Service):
         elif failure.check(DeferredTimeoutError):
             reason = f"no answer within {self._config.postgres_timeout_seconds} seconds"
         else:
-            reason = _describe(failure.value)
+            reason = describe_postgres_error(failure.value)
             if nonce:
                 # A server message can quote a parameter, in a type error say.
                 reason = reason.replace(nonce, _MASK)
-        if failure.check(*_OUTAGES):
+        if failure.check(*OUTAGES):
             self.log.warn(
                 # Not the userid: it is the path segment as sent, unchecked, and a path with a
                 # segment missing puts the token there.
@@ -400,9 +257,9 @@ class PostgresAuthenticator(Service):
             reason = "no live connection to PostgreSQL (reconnecting)"
         elif failure.check(DeferredTimeoutError):
             reason = f"no answer within {self._config.postgres_timeout_seconds} seconds"
-        elif failure.check(psycopg2.Error, *_OUTAGES):
+        elif failure.check(psycopg2.Error, *OUTAGES):
             # A server message can quote a parameter.
-            reason = _describe(failure.value)
+            reason = describe_postgres_error(failure.value)
             for _, nonce in pairs:
                 if nonce:
                     reason = reason.replace(nonce, _MASK)

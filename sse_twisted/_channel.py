@@ -60,14 +60,14 @@ class LimitedHTTPChannel(HTTPChannel):
         self,
         max_header_bytes: int,
         request_timeout: float,
-        max_body_bytes: int = 1024,
-        metrics: Metrics | None = None,
+        max_body_bytes: int,
+        metrics: Metrics,
     ) -> None:
         super().__init__()
         self.max_header_bytes = max_header_bytes
         self.request_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics = metrics
         # Twisted's own checks stay as a backstop, just beyond ours, so ours answer first;
         # a single line longer than the limit ends in lineLengthExceeded.
         self.totalHeadersSize = max_header_bytes + 1
@@ -282,8 +282,8 @@ class DrainingChannelProtocol(_GenericHTTPChannelProtocol):
 def limited_channel_protocol(
     max_header_bytes: int,
     request_timeout: float,
-    max_body_bytes: int = 1024,
-    metrics: Metrics | None = None,
+    max_body_bytes: int,
+    metrics: Metrics,
 ) -> DrainingChannelProtocol:
     """One connection's protocol, as C{Site.protocol} builds it, but with a
     L{LimitedHTTPChannel}, and one that can be drained.

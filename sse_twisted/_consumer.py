@@ -50,7 +50,7 @@ _HANDSHAKE_TIMEOUT_SECONDS = 30.0
 _CLOSE_TIMEOUT_SECONDS = 5.0
 
 
-def _describe(failure: Failure) -> str:
+def _describe_amqp_failure(failure: Failure) -> str:
     # pika's exceptions show their reply code and text in repr(); str() of some is empty.
     if isinstance(failure.value, AMQPError):
         return repr(failure.value)
@@ -185,7 +185,7 @@ class StreamConsumerService(Service):
         reactor: Any,
         on_message: Callable[[bytes, int], object],
         on_fatal: Callable[[str], None],
-        metrics: Metrics | None = None,
+        metrics: Metrics,
         live: LiveStart | None = None,
     ) -> None:
         self.consuming = False
@@ -212,7 +212,7 @@ class StreamConsumerService(Service):
         self._read_back_seconds = config.replay_seconds
         self._ack_batch = max(1, config.rabbitmq_prefetch // 2)
         self._on_message = on_message
-        self._metrics = metrics if metrics is not None else Metrics()
+        self._metrics = metrics
         self._on_fatal = on_fatal
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
             reactor, config.rabbitmq_host, config.rabbitmq_port
@@ -295,7 +295,9 @@ class StreamConsumerService(Service):
     def _start_consuming(self, connection: _StreamConnection) -> None:
         consuming = Deferred.fromCoroutine(self._consume(connection))
         consuming.addErrback(
-            lambda reason: connection.abandon(f"cannot consume {self._queue}: {_describe(reason)}")
+            lambda reason: connection.abandon(
+                f"cannot consume {self._queue}: {_describe_amqp_failure(reason)}"
+            )
         )
 
     async def _consume(self, connection: _StreamConnection) -> None:
@@ -445,7 +447,7 @@ class StreamConsumerService(Service):
                 lambda reason: self.log.warn(
                     "cannot read the newest offset of {queue}: {reason}",
                     queue=self._queue,
-                    reason=_describe(reason),
+                    reason=_describe_amqp_failure(reason),
                 )
             )
 
@@ -595,7 +597,9 @@ class StreamConsumerService(Service):
         self.consuming = False
         if self._connection is not None:
             # A fresh connection redeclares the queue and attaches a new consumer.
-            self._connection.abandon(f"consumer of {self._queue} ended: {_describe(reason)}")
+            self._connection.abandon(
+                f"consumer of {self._queue} ended: {_describe_amqp_failure(reason)}"
+            )
 
     def _acknowledge(self, delivery_tag: int) -> None:
         # Acks on a stream free no message, only prefetch credit. One multiple=True ack per

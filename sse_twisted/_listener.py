@@ -11,7 +11,6 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
@@ -34,6 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._config import Config, ConfigError
+from ._listening import ListeningService
 
 __all__ = ["FIRST_REQUEST_SECONDS", "ListenerService", "tls_endpoint"]
 
@@ -158,7 +158,7 @@ class _ConnectionTracker(WrappingFactory):
         return idle
 
 
-class ListenerService(Service):
+class ListenerService(ListeningService):
     """Listen on ``endpoint`` while running; log the bound port (a readiness signal)."""
 
     log = Logger()
@@ -170,22 +170,13 @@ class ListenerService(Service):
         clock: IReactorTime,
         unacknowledged_seconds: float = 0,
     ) -> None:
-        self._endpoint = endpoint
-        self._unacknowledged_seconds = unacknowledged_seconds
         self._connections = _ConnectionTracker(factory)
+        super().__init__(endpoint, self._connections)
+        self._unacknowledged_seconds = unacknowledged_seconds
         self._clock = clock
-        self._port: IListeningPort | None = None
-        self.listening: Deferred[IListeningPort] = Deferred()
 
-    def startService(self) -> None:
-        """Start listening; a bind failure is logged and stops nothing else."""
-        super().startService()
-        binding = self._endpoint.listen(self._connections)
-        binding.addCallback(self._bound)
-        binding.addErrback(self._failed)
-
-    def _bound(self, port: IListeningPort) -> None:
-        self._port = port
+    def port_bound(self, port: IListeningPort) -> None:
+        """Set the accepted sockets' TCP_USER_TIMEOUT, and log the port."""
         listening_socket = getattr(port, "socket", None)
         if self._unacknowledged_seconds and listening_socket is not None:
             # Accepted sockets inherit it: a client that vanished without a FIN (or stopped
@@ -200,19 +191,10 @@ class ListenerService(Service):
         address = port.getHost()
         assert isinstance(address, IPv4Address | IPv6Address)
         self.log.info("listening on {host}:{port}", host=address.host, port=address.port)
-        self.listening.callback(port)
 
-    def _failed(self, reason: Failure) -> None:
+    def listen_failed(self, reason: Failure) -> None:
+        """Log it: a bind failure stops nothing else."""
         self.log.failure("cannot listen", reason)
-        self.listening.errback(reason)
-
-    def stopService(self) -> Deferred[None]:
-        """Stop accepting new connections."""
-        super().stopService()
-        if self._port is None:
-            return succeed(None)
-        port, self._port = self._port, None
-        return port.stopListening()  # type: ignore[return-value]
 
     def _close_if_silent(self, connection: _TrackedConnection) -> None:
         if connection in self._connections.protocols and not connection.spoke:

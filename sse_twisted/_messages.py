@@ -11,11 +11,12 @@ Adding a message type is one small class::
 from __future__ import annotations
 
 import json
-import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from ._uuids import is_uuid
 
 __all__ = [
     "INVALID_REASONS",
@@ -26,8 +27,6 @@ __all__ = [
     "message_type",
     "parse_message",
 ]
-
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 INVALID_REASONS = ("not_json", "unknown_type", "bad_recipient", "bad_field")
@@ -125,10 +124,10 @@ def parse_message(body: bytes) -> Message:
     if schema is None:
         raise InvalidMessage(f"unknown type {str(kind)[:64]!r}", "unknown_type")
     userid = document.get("userid")
-    if not isinstance(userid, str) or not _UUID.fullmatch(userid):
+    if not isinstance(userid, str) or not is_uuid(userid):
         raise InvalidMessage("field 'userid' is not a UUID", "bad_recipient")
     topic = document.get("topic")
-    if topic is not None and (not isinstance(topic, str) or not _UUID.fullmatch(topic)):
+    if topic is not None and (not isinstance(topic, str) or not is_uuid(topic)):
         raise InvalidMessage("field 'topic' is not a UUID", "bad_recipient")
     for field, expected in schema.required_fields.items():
         if field not in document:

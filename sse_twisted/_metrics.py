@@ -19,16 +19,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
-from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from ._listening import ListeningService
 from ._messages import INVALID_REASONS
 from ._server_name import NamedServerRequest
 
@@ -357,39 +355,19 @@ def metrics_endpoint(reactor: Any, address: str, port: int) -> IStreamServerEndp
     return TCP4ServerEndpoint(reactor, port, interface=address)
 
 
-class MetricsListenerService(Service):
+class MetricsListenerService(ListeningService):
     """Serve ``site`` on ``endpoint`` while running; ``listening`` fires with the port."""
 
     log = Logger()
 
     def __init__(self, endpoint: IStreamServerEndpoint, site: Site) -> None:
-        self._endpoint = endpoint
-        self._site = site
-        self._port: IListeningPort | None = None
-        self.listening: Deferred[IListeningPort] = Deferred()
+        super().__init__(endpoint, site)
 
-    def startService(self) -> None:
-        """Start listening; a failure fires ``listening`` with it."""
-        super().startService()
-        self._endpoint.listen(self._site).addCallbacks(self._bound, self._failed)
-
-    def _bound(self, port: IListeningPort) -> None:
-        self._port = port
+    def port_bound(self, port: IListeningPort) -> None:
+        """Log where the metrics are served."""
         address = port.getHost()
         assert isinstance(address, IPv4Address | IPv6Address)
         # Not "listening on ...": that line announces the public port.
         self.log.info(
             "serving metrics on http://{host}:{port}/metrics", host=address.host, port=address.port
         )
-        self.listening.callback(port)
-
-    def _failed(self, reason: Failure) -> None:
-        self.listening.errback(reason)
-
-    def stopService(self) -> Deferred[None]:
-        """Stop listening."""
-        super().stopService()
-        if self._port is None:
-            return succeed(None)
-        port, self._port = self._port, None
-        return port.stopListening()  # type: ignore[return-value]

@@ -11,20 +11,16 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote_to_bytes
 
-__all__ = ["MASK", "is_v4_uuid", "loggable_path"]
+from ._uuids import is_v4_uuid
+
+__all__ = ["MASK", "loggable_path"]
 
 MASK = "****"
-_V4_UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 # A segment of any other path is shown only when it cannot hold a token, whole or in part,
 # however spelled: no digit, no percent-escape, and a letter that is not a hex digit. Such
 # segments are what scanners and typos send (/favicon.ico, /SUBSCRIBE, /wp-admin).
 _PLAIN_SEGMENT = re.compile(rb"[A-Za-z._~-]{0,32}")
 _NOT_HEX_LETTER = re.compile(rb"[g-zG-Z]")
-
-
-def is_v4_uuid(segment: bytes) -> bool:
-    """Whether ``segment`` is exactly a lowercase v4 UUID (nothing before or after)."""
-    return _V4_UUID.fullmatch(segment) is not None
 
 
 def _shown(segment: bytes) -> bool:

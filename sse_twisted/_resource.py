@@ -23,9 +23,10 @@ from ._framing import comment_frame, retry_frame
 from ._lifetime import stream_lifetime
 from ._live import LiveStart
 from ._metrics import Metrics
-from ._paths import MASK, is_v4_uuid, loggable_path
+from ._paths import MASK, loggable_path
 from ._replay import ReplayWindow
 from ._streams import EventStream, StreamRegistry
+from ._uuids import is_v4_uuid
 from .interfaces import BackendBusy, BackendUnavailable, IAuthenticator
 
 __all__ = ["EventStreamSite", "SubscribeResource", "TrackedRequest", "root_resource"]
@@ -69,10 +70,10 @@ class EventStreamSite(Site):
         self,
         resource: Resource,
         reactor: IReactorTime,
+        metrics: Metrics,
         max_header_bytes: int = 8192,
         request_timeout: float = 10.0,
         max_body_bytes: int = 1024,
-        metrics: Metrics | None = None,
         trusted_proxies: Networks = (),
     ) -> None:
         super().__init__(resource, requestFactory=TrackedRequest)
@@ -81,7 +82,7 @@ class EventStreamSite(Site):
         self._max_header_bytes = max_header_bytes
         self._request_timeout = request_timeout
         self._max_body_bytes = max_body_bytes
-        self._metrics = metrics if metrics is not None else Metrics()
+        self._metrics = metrics
 
     def protocol(self) -> Any:
         """Each connection's channel: HTTP/1.1 request heads get 431 past the size limit,
@@ -206,7 +207,7 @@ class SubscribeResource(Resource):
         cors_origins: tuple[str, ...],
         retry_milliseconds: int,
         max_buffer_bytes: int,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
         max_streams_per_user: int = 16,
         max_streams: int = 50000,
         max_stream_seconds: float = math.inf,
@@ -214,7 +215,7 @@ class SubscribeResource(Resource):
         retry_jitter_milliseconds: int = 0,
     ) -> None:
         super().__init__()
-        self._metrics = metrics if metrics is not None else Metrics()
+        self._metrics = metrics
         self._registry = registry
         self._authenticator = authenticator
         self._clock = reactor

@@ -14,7 +14,6 @@ grants are closed.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -26,8 +25,14 @@ from twisted.internet.task import Cooperator, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._auth import _OUTAGES, _connection_parameters, _describe, _ReconnectingConnection
 from ._config import Config
+from ._postgres import (
+    OUTAGES,
+    ReconnectingConnection,
+    connection_parameters,
+    describe_postgres_error,
+)
+from ._uuids import is_uuid
 from .interfaces import BackendUnavailable
 
 if TYPE_CHECKING:
@@ -39,7 +44,6 @@ __all__ = ["CHANNEL", "RevocationEnforcer", "RevocationListener"]
 _Pair = tuple[str, str]
 
 CHANNEL = "sse_revocations"
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 _PAYLOAD_SHOWN = 64
 # Pairs asked in one query: a few hundred keep each query well within the timeout.
 _BATCH_PAIRS = 500
@@ -76,7 +80,7 @@ class RevocationListener(Service):
         # txpostgres hands notifications to observers through a cooperator; its default one
         # runs on the global reactor.
         self._cooperator = Cooperator(scheduler=partial(reactor.callLater, 0))
-        self._connection = _ReconnectingConnection(
+        self._connection = ReconnectingConnection(
             reactor, self._cooperator, config.postgres_timeout_seconds
         )
         self._connection.addNotifyObserver(self._notified)
@@ -96,7 +100,7 @@ class RevocationListener(Service):
     def startService(self) -> None:
         """Connect and LISTEN, retrying in the background until it works."""
         super().startService()
-        first = self._connection.open(**_connection_parameters(self._config))
+        first = self._connection.open(**connection_parameters(self._config))
         first.addCallback(self._first_attempt_over)
 
     def stopService(self) -> Deferred[None]:
@@ -136,9 +140,10 @@ class RevocationListener(Service):
         if not self.running:
             return
         # A lost connection is reconnected by the detector, which LISTENs again.
-        if failure.check(*_OUTAGES):
+        if failure.check(*OUTAGES):
             self.log.warn(
-                "cannot LISTEN for revocations yet: {reason}", reason=_describe(failure.value)
+                "cannot LISTEN for revocations yet: {reason}",
+                reason=describe_postgres_error(failure.value),
             )
         else:
             self.log.failure("cannot LISTEN for revocations", failure)
@@ -151,7 +156,7 @@ class RevocationListener(Service):
             self.log.info("every grant may be revoked (users truncated): re-checking all")
             self._resynchronise()
             return
-        if not _UUID.fullmatch(payload):
+        if not is_uuid(payload):
             self.log.warn(
                 "ignored a revocation whose payload is not a user id: {payload!r}",
                 payload=payload[:_PAYLOAD_SHOWN],

@@ -29,9 +29,9 @@ class MessageRouter:
         registry: StreamRegistry,
         window: ReplayWindow,
         max_message_bytes: int,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
     ) -> None:
-        self._metrics = metrics if metrics is not None else Metrics()
+        self._metrics = metrics
         self._registry = registry
         self._window = window
         self._max_message_bytes = max_message_bytes

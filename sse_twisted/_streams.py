@@ -114,11 +114,6 @@ class EventStream:
         """Whether frames still wait to go to the transport (a replay being paced out)."""
         return bool(self._backlog)
 
-    @property
-    def protocol(self) -> str:
-        """``h2`` or ``h1``: how the browser reached us."""
-        return "h2" if self.request.clientproto == b"HTTP/2" else "h1"
-
     def write(self, frame: bytes) -> None:
         """Queue bytes on the connection; drop the connection of a client that stopped reading."""
         if self._backlog:

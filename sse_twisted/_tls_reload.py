@@ -33,7 +33,7 @@ from ._tls import server_identity
 __all__ = ["ReloadOnHangup", "ReloadableServerTLS"]
 
 
-def _describe(leaf: x509.Certificate) -> dict[str, str]:
+def _certificate_log_fields(leaf: x509.Certificate) -> dict[str, str]:
     """Log fields that tell an operator which certificate is being served."""
     return {
         "subject": leaf.subject.rfc4514_string(),
@@ -68,7 +68,7 @@ class ReloadableServerTLS:
         self.reloads = {"ok": 0, "refused": 0}
         self.log.info(
             "serving TLS certificate {subject}, valid until {not_after}, sha256 {sha256}",
-            **_describe(leaf),
+            **_certificate_log_fields(leaf),
         )
 
     def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> Connection:  # noqa: N803
@@ -103,7 +103,7 @@ class ReloadableServerTLS:
         self.reloads["ok"] += 1
         self.log.info(
             "TLS certificate reloaded: {subject}, valid until {not_after}, sha256 {sha256}",
-            **_describe(leaf),
+            **_certificate_log_fields(leaf),
         )
         return True
 

@@ -14,6 +14,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
 from sse_twisted._live import LiveStart
+from sse_twisted._metrics import Metrics
 from sse_twisted._replay import ReplayWindow
 from sse_twisted._resource import SubscribeResource
 from sse_twisted._streams import StreamRegistry
@@ -133,7 +134,7 @@ def make_resource(
         window,
         live,
         cors_origins=origins,
-        **{"retry_milliseconds": 2000, "max_buffer_bytes": 1000, **options},
+        **{"retry_milliseconds": 2000, "max_buffer_bytes": 1000, "metrics": Metrics(), **options},
     )
     return resource, registry
 

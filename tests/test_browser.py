@@ -329,7 +329,7 @@ async def test_one_page_holds_twenty_streams_over_http2_all_receiving(
         streams = list(server.service.registry)
         assert len(streams) == 20
         # Over HTTP/1.1 Chromium would hold at most six connections to one origin.
-        assert {stream.protocol for stream in streams} == {"h2"}
+        assert {stream.request.clientproto for stream in streams} == {b"HTTP/2"}
         await publish(
             5672,
             server.config.rabbitmq_queue_name,
@@ -369,7 +369,7 @@ async def test_on_stop_the_page_is_told_to_come_back_and_the_draining_server_ope
     url = server.subscribe_url(new_uuid(), userid, token)
     await chromium.evaluate(page, "([url]) => openStream('a', url)", url)
     await chromium.wait_until(page, "() => window.sse.a.opens === 1")
-    assert {stream.protocol for stream in server.service.registry} == {"h2"}
+    assert {stream.request.clientproto for stream in server.service.registry} == {b"HTTP/2"}
     stopping = Deferred.fromCoroutine(server.stop())
     # The stream ends with its retry:; 300 ms later the page comes back, on a new
     # connection (its own got GOAWAY), which nothing accepts: it keeps trying.

@@ -34,6 +34,7 @@ from zope.interface import implementer
 from sse_twisted import _consumer
 from sse_twisted._config import Config, load_config
 from sse_twisted._consumer import StreamConsumerService
+from sse_twisted._metrics import Metrics
 from sse_twisted.devcerts import (
     DEV_CERTIFICATE_FILES,
     issue_certificate,
@@ -223,7 +224,7 @@ async def test_messages_after_start_arrive_in_order_with_increasing_offsets(
     inbox = Inbox()
     # A small window: were acks lost, delivery would stall after 10 messages.
     config = consumer_config(tmp_path, 5672, queue, rabbitmq_prefetch=10, replay_seconds=0)
-    consumer = StreamConsumerService(config, reactor, inbox, unexpected_fatal)
+    consumer = StreamConsumerService(config, reactor, inbox, unexpected_fatal, Metrics())
     bodies = [f"message {number}".encode() for number in range(500)]
     async with running(consumer):
         await logs.wait_for(f"consuming {queue} at ")
@@ -246,7 +247,11 @@ async def test_a_fresh_consumer_reads_back_the_replay_window(
     await deferToThread(system_broker.publish, queue, [b"published before start"])
     inbox = Inbox()
     consumer = StreamConsumerService(
-        consumer_config(tmp_path, 5672, queue, replay_seconds=300), reactor, inbox, unexpected_fatal
+        consumer_config(tmp_path, 5672, queue, replay_seconds=300),
+        reactor,
+        inbox,
+        unexpected_fatal,
+        Metrics(),
     )
     async with running(consumer):
         await inbox.wait_for(1)
@@ -268,7 +273,7 @@ async def test_a_failing_on_message_is_logged_and_consumption_goes_on(
             raise ValueError("cannot route this")
 
     consumer = StreamConsumerService(
-        consumer_config(tmp_path, 5672, queue), reactor, on_message, unexpected_fatal
+        consumer_config(tmp_path, 5672, queue), reactor, on_message, unexpected_fatal, Metrics()
     )
     async with running(consumer):
         await logs.wait_for(f"consuming {queue} at ")
@@ -288,7 +293,7 @@ async def test_a_classic_queue_of_the_same_name_is_fatal_and_explained_in_one_li
     await deferToThread(system_broker.declare, queue)
     fatal: Deferred[str] = Deferred()
     consumer = StreamConsumerService(
-        consumer_config(tmp_path, 5672, queue), reactor, Inbox(), fatal.callback
+        consumer_config(tmp_path, 5672, queue), reactor, Inbox(), fatal.callback, Metrics()
     )
     async with running(consumer):
         reason = await bounded(fatal, TIMEOUT)
@@ -307,7 +312,7 @@ async def test_a_stream_declared_with_other_retention_is_consumed_as_it_is(
     await deferToThread(system_broker.declare, queue, {"x-queue-type": "stream", "x-max-age": "2D"})
     inbox = Inbox()
     config = consumer_config(tmp_path, 5672, queue, rabbitmq_max_age="1D")
-    consumer = StreamConsumerService(config, reactor, inbox, unexpected_fatal)
+    consumer = StreamConsumerService(config, reactor, inbox, unexpected_fatal, Metrics())
     async with running(consumer):
         await logs.wait_for(f"consuming {queue} at ")
         await deferToThread(system_broker.publish, queue, [b"kept for two days"])
@@ -328,7 +333,7 @@ async def test_a_wrong_password_logs_the_brokers_reason_but_never_the_password(
     caplog.set_level(logging.DEBUG)
     password = f"not-the-password-{uuid4().hex}"
     config = consumer_config(tmp_path, 5672, new_queue(system_broker), rabbitmq_password=password)
-    consumer = StreamConsumerService(config, reactor, Inbox(), unexpected_fatal)
+    consumer = StreamConsumerService(config, reactor, Inbox(), unexpected_fatal, Metrics())
     async with running(consumer):
         # Two refusals: the first is logged with its reason, and the service retried.
         refusals = await logs.wait_for("ACCESS_REFUSED", count=2)
@@ -345,7 +350,11 @@ async def test_an_unreachable_broker_is_retried_with_the_refusal_logged(
 ) -> None:
     port = closed_port()
     consumer = StreamConsumerService(
-        consumer_config(tmp_path, port, "never-declared"), reactor, Inbox(), unexpected_fatal
+        consumer_config(tmp_path, port, "never-declared"),
+        reactor,
+        Inbox(),
+        unexpected_fatal,
+        Metrics(),
     )
     async with running(consumer):
         refusals = await logs.wait_for("Connection refused", count=2)
@@ -367,6 +376,7 @@ async def test_a_peer_that_never_answers_the_handshake_is_dropped_and_retried(
             reactor,
             Inbox(),
             unexpected_fatal,
+            Metrics(),
         )
         async with running(consumer):
             await logs.wait_for("no AMQP handshake within 0.2 seconds", count=2)
@@ -381,7 +391,7 @@ async def test_a_restart_before_any_message_still_gets_those_published_meanwhile
     queue = new_queue(system_broker)
     inbox = Inbox()
     consumer = StreamConsumerService(
-        consumer_config(tmp_path, 5672, queue), reactor, inbox, unexpected_fatal
+        consumer_config(tmp_path, 5672, queue), reactor, inbox, unexpected_fatal, Metrics()
     )
     async with running(consumer):
         await logs.wait_for(f"consuming {queue} at ")
@@ -415,7 +425,7 @@ async def test_a_broker_outage_mid_stream_loses_and_repeats_nothing(
         rabbitmq_password=password,
     )
     inbox = Inbox()
-    consumer = StreamConsumerService(config, reactor, inbox, unexpected_fatal)
+    consumer = StreamConsumerService(config, reactor, inbox, unexpected_fatal, Metrics())
     first = [f"before {number}".encode() for number in range(50)]
     second = [f"after {number}".encode() for number in range(50)]
     try:
@@ -465,7 +475,7 @@ async def test_amqps_with_our_client_certificate_consumes(
     queue = new_queue(private_broker)
     inbox = Inbox()
     config = tls_config(pki.directory, rabbitmq_tls, queue, "localhost")
-    consumer = StreamConsumerService(config, reactor, inbox, unexpected_fatal)
+    consumer = StreamConsumerService(config, reactor, inbox, unexpected_fatal, Metrics())
     async with running(consumer):
         await logs.wait_for(f"consuming {queue} at amqps://localhost:{rabbitmq_tls.amqps_port}")
         await deferToThread(private_broker.publish, queue, [b"over TLS"])
@@ -491,7 +501,7 @@ async def test_amqps_rejects_a_broker_certificate_from_another_ca(
         shutil.copy(pki.directory / name, tmp_path / name)
     shutil.copy(pki.wrong_ca_certificate, tmp_path / files.rabbitmq_ca)
     config = tls_config(tmp_path, rabbitmq_tls, "never-declared", "localhost")
-    consumer = StreamConsumerService(config, reactor, Inbox(), unexpected_fatal)
+    consumer = StreamConsumerService(config, reactor, Inbox(), unexpected_fatal, Metrics())
     async with running(consumer):
         failures = await logs.wait_for("certificate verify failed")
         assert not consumer.consuming
@@ -513,7 +523,7 @@ async def test_amqps_rejects_a_certificate_for_another_host(pki: Pki, logs: LogW
     try:
         port = impostor.getHost().port
         config = consumer_config(pki.directory, port, "never-declared", rabbitmq_tls=True)
-        consumer = StreamConsumerService(config, reactor, Inbox(), unexpected_fatal)
+        consumer = StreamConsumerService(config, reactor, Inbox(), unexpected_fatal, Metrics())
         async with running(consumer):
             failures = await logs.wait_for("ended before consuming")
             assert not consumer.consuming

@@ -20,6 +20,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from sse_twisted._metrics import Metrics
 from sse_twisted._resource import EventStreamSite, root_resource
 from sse_twisted.interfaces import IAuthenticator
 from tests.fakes import ImmediateAuthenticator, make_resource
@@ -91,7 +92,7 @@ def answer_to(
         retry_milliseconds=1000,
         max_buffer_bytes=10_000,
     )
-    site = EventStreamSite(root_resource(resource), Clock())
+    site = EventStreamSite(root_resource(resource), Clock(), metrics=Metrics())
     site.reactor = Clock()  # type: ignore[assignment]
     channel = site.buildProtocol(None)
     transport = StringTransport()

@@ -7,6 +7,7 @@ from twisted.internet.testing import StringTransport
 from twisted.web.test.requesthelper import DummyRequest
 
 from sse_twisted._framing import event_frame
+from sse_twisted._metrics import Metrics
 from sse_twisted._replay import ReplayWindow
 from sse_twisted._router import MessageRouter
 from sse_twisted._streams import EventStream, StreamRegistry
@@ -95,7 +96,7 @@ def test_a_stream_resuming_before_anything_was_consumed_learns_of_a_gap_from_the
     stream = EventStream(ALICE, NEWS, request, "c", max_unsent_bytes=10_000, resume_after=41)
     stream.coverage_unknown = True
     registry.add(stream)
-    router = MessageRouter(registry, window, max_message_bytes=10_000)
+    router = MessageRouter(registry, window, max_message_bytes=10_000, metrics=Metrics())
     body = {"type": "foundcontract", "userid": ALICE, "filename": "f", "filepath": "/f"}
     router(json.dumps(body | {"finished": False}).encode(), 50)
     events = EventParser().feed(b"".join(request.written))

@@ -8,6 +8,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.web.test.requesthelper import DummyRequest
 
+from sse_twisted._metrics import Metrics
 from sse_twisted._replay import ReplayWindow
 from sse_twisted._router import MessageRouter
 from sse_twisted._streams import EventStream, StreamRegistry
@@ -28,7 +29,9 @@ def open_stream(registry: StreamRegistry, userid: str, topic: str) -> EventStrea
 
 
 def router_for(registry: StreamRegistry) -> MessageRouter:
-    return MessageRouter(registry, ReplayWindow(Clock(), 60, 100), max_message_bytes=10_000)
+    return MessageRouter(
+        registry, ReplayWindow(Clock(), 60, 100), max_message_bytes=10_000, metrics=Metrics()
+    )
 
 
 def received(stream: EventStream) -> list[dict[str, str]]:
