@@ -94,8 +94,9 @@ class EventStream:
         self.paused = False
         self.unsent_bytes = 0
         # Frames not yet handed to the transport: references to the window's shared
-        # bytes, never copies. The first _replay_bytes of it are the replay.
-        self._backlog: deque[bytes] = deque()
+        # bytes, never copies. The first _replay_bytes of it are the replay. None while
+        # empty, as for almost every stream: an empty deque costs about 600 bytes.
+        self._backlog: deque[bytes] | None = None
         self._backlog_bytes = 0
         self._replay_bytes = 0
         # Heartbeats met with a backlog since the transport last asked for more.
@@ -143,6 +144,8 @@ class EventStream:
     def send_first(self, frames: Iterable[bytes]) -> None:
         """Write ``frames`` (the response's head and the replay) as fast as the transport
         takes them; what L{write} gets meanwhile follows them."""
+        if self._backlog is None:
+            self._backlog = deque()
         for frame in frames:
             self._backlog.append(frame)
             self._backlog_bytes += len(frame)
@@ -164,9 +167,11 @@ class EventStream:
             self.unsent_bytes = self._backlog_bytes - self._replay_bytes
             # Joined: one chunk on the wire per batch, and one copy of at most a batch.
             self.request.write(b"".join(batch))
+        if not backlog:
+            self._backlog = None
 
     def _forget_backlog(self) -> None:
-        self._backlog.clear()
+        self._backlog = None
         self._backlog_bytes = self._replay_bytes = 0
 
     def close(self, last_words: bytes = b"") -> None:
