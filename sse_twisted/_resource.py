@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 import re
 from typing import Any
 from uuid import uuid4
@@ -19,7 +18,7 @@ from ._admission import ChecksPerClient, RefusalLog
 from ._bodies import BodyLimits, BoundedBodyRequest, ConnectionRequests
 from ._channel import limited_channel_protocol
 from ._client_address import Networks, client_address
-from ._framing import comment_frame, retry_frame
+from ._framing import comment_frame, jittered_retry_frame, retry_frame
 from ._lifetime import stream_lifetime
 from ._live import LiveStart
 from ._metrics import Metrics
@@ -423,7 +422,9 @@ class SubscribeResource(Resource):
             reason=reason.getErrorMessage(),
             correlation_id=getattr(request, "correlation_id", None),
         )
-        self._retry_later(request, "backend unavailable, retry", self._retry_milliseconds)
+        self._retry_later(
+            request, "backend unavailable, retry", retry_frame(self._retry_milliseconds)
+        )
 
     def _come_back_later(self, request: Request, outcome: str, reason: str) -> None:
         """Refuse for load: counted as ``outcome``, logged as a summary (no access line: a
@@ -435,23 +436,24 @@ class SubscribeResource(Resource):
             outcome, reason, _client_of(request), getattr(request, "correlation_id", None)
         )
         # The jitter spreads the comebacks of everyone refused in the same moment.
-        delay = self._retry_milliseconds + random.randint(0, self._retry_jitter_milliseconds)
-        self._retry_later(request, "server busy, retry", delay)
+        self._retry_later(request, "server busy, retry", self._jittered_retry())
 
     def _come_back_elsewhere(self, request: Request) -> None:
         """The server is draining: the browser comes back after a jittered delay, and
         reaches another server (this one no longer accepts connections)."""
         self._metrics.subscribed("draining")
-        delay = self._retry_milliseconds + random.randint(0, self._retry_jitter_milliseconds)
-        self._retry_later(request, "server stopping, retry", delay)
+        self._retry_later(request, "server stopping, retry", self._jittered_retry())
 
-    def _retry_later(self, request: Request, comment: str, delay_milliseconds: int) -> None:
+    def _jittered_retry(self) -> bytes:
+        return jittered_retry_frame(self._retry_milliseconds, self._retry_jitter_milliseconds)
+
+    def _retry_later(self, request: Request, comment: str, retry: bytes) -> None:
         # EventSource never retries a non-200 answer; a 200 stream that ends at once
         # makes it come back after the retry delay.
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
-        request.write(retry_frame(delay_milliseconds) + comment_frame(comment))
+        request.write(retry + comment_frame(comment))
         request.finish()
 
     def _unexpected(self, reason: Failure, request: Request) -> None:
