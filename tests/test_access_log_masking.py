@@ -19,21 +19,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sse_twisted._paths import loggable_path
+from tests.browser import Browser
 from tests.fakes import ImmediateAuthenticator, make_resource, render, request_for
-from tests.harness import (
-    Browser,
-    add_local_subscriber,
-    bounded,
-    delete_queue,
-    found_contract,
-    new_token,
-    new_uuid,
-    publish,
-    spawn_twistd,
-    wait_for,
-)
 from tests.logs import json_log
+from tests.publishing import delete_queue, found_contract, publish
+from tests.secrets_tracking import new_token, new_uuid
+from tests.subscribers import add_local_subscriber
 from tests.test_hostile_paths import answer_to
+from tests.twistd_processes import spawn_twistd
+from tests.waiting import bounded, wait_for
 
 # The least of a token that must not be readable in a line.
 _PIECE = 12

@@ -32,15 +32,11 @@ from twisted.internet.threads import deferToThread
 from twisted.protocols import portforward
 
 from tests.backends import Pki
-from tests.harness import (
-    Browser,
-    EventCollector,
-    add_local_subscriber,
-    bounded,
-    new_uuid,
-    spawn_twistd,
-    wait_for,
-)
+from tests.browser import Browser, EventCollector
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_local_subscriber
+from tests.twistd_processes import spawn_twistd
+from tests.waiting import bounded, wait_for
 
 FLOOD = 5000
 REAL_USERS = 50

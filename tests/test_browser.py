@@ -28,18 +28,12 @@ from twisted.internet.threads import deferToThread
 
 from sse_twisted.devcerts import DevCertificateFiles
 from tests.backends import Pki, PostgresServer
-from tests.harness import (
-    RunningServer,
-    add_local_subscriber,
-    bounded,
-    found_contract,
-    new_token,
-    new_uuid,
-    publish,
-    start_server,
-    wait_for,
-)
+from tests.in_process_server import RunningServer, start_server
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_token, new_uuid
+from tests.subscribers import add_local_subscriber
 from tests.test_drain import http2_until_closed, signal_from_thread
+from tests.waiting import bounded, wait_for
 
 CHROMIUM_FLAGS = [
     "--headless",

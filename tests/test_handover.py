@@ -38,19 +38,13 @@ from twisted.python.failure import Failure
 
 from sse_twisted._listener import FIRST_REQUEST_SECONDS, ListenerService
 from tests.backends import Pki, free_port
-from tests.harness import (
-    TWISTD,
-    Browser,
-    TwistdProcess,
-    add_local_subscriber,
-    bounded,
-    found_contract,
-    new_uuid,
-    publish,
-    spawn_twistd,
-    wait_for,
-)
+from tests.browser import Browser
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_local_subscriber
 from tests.test_deploy_manifests import SERVICE_UNIT, unit_values
+from tests.twistd_processes import TWISTD, TwistdProcess, spawn_twistd
+from tests.waiting import bounded, wait_for
 
 CLIENTS = 4
 # Restarts each restart test makes; the README's figures are from

@@ -14,17 +14,13 @@ from twisted.internet.threads import deferToThread
 from twisted.web.client import Agent
 
 from tests.backends import Pki, PostgresServer, RabbitMQServer, free_port
-from tests.harness import (
-    Browser,
-    bounded,
-    found_contract,
-    new_token,
-    new_uuid,
-    start_server,
-    wait_for,
-)
+from tests.browser import Browser
+from tests.in_process_server import start_server
+from tests.publishing import found_contract
+from tests.secrets_tracking import new_token, new_uuid
 from tests.test_end_to_end import CurlStream
 from tests.test_metrics import read_body
+from tests.waiting import bounded, wait_for
 
 
 @pytest.fixture

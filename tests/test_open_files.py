@@ -23,16 +23,12 @@ from sse_twisted._limits import (
     raise_open_file_limit,
     warn_if_limit_below_streams,
 )
-from tests.harness import (
-    Browser,
-    TwistdProcess,
-    add_local_subscriber,
-    bounded,
-    new_uuid,
-    spawn_twistd,
-    wait_for,
-)
+from tests.browser import Browser
 from tests.logs import warnings_logged
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_local_subscriber
+from tests.twistd_processes import TwistdProcess, spawn_twistd
+from tests.waiting import bounded, wait_for
 
 HARD_LIMIT = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 

@@ -30,20 +30,14 @@ from sse_twisted._revocation import CHANNEL, RevocationEnforcer, RevocationListe
 from sse_twisted._streams import EventStream, StreamRegistry
 from sse_twisted.interfaces import BackendUnavailable
 from tests.backends import PostgresServer, RabbitMQServer
+from tests.browser import Browser
 from tests.fakes import ImmediateAuthenticator
-from tests.harness import (
-    Browser,
-    RunningServer,
-    add_local_subscriber,
-    bounded,
-    found_contract,
-    new_token,
-    new_uuid,
-    publish,
-    start_server,
-    wait_for,
-)
+from tests.in_process_server import RunningServer, start_server
 from tests.logs import lines_with, log_text, tracebacks, warnings_logged
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_token, new_uuid
+from tests.subscribers import add_local_subscriber
+from tests.waiting import bounded, wait_for
 
 SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
 WAIT_SECONDS = 10.0

@@ -16,20 +16,12 @@ import pytest
 import pytest_twisted
 
 from tests.backends import Pki, PostgresServer, RabbitMQServer
-from tests.harness import (
-    Browser,
-    add_subscriber,
-    bounded,
-    delete_queue,
-    found_contract,
-    leaked_secrets,
-    new_password,
-    new_token,
-    new_uuid,
-    publish,
-    spawn_twistd,
-    wait_for,
-)
+from tests.browser import Browser
+from tests.publishing import delete_queue, found_contract, publish
+from tests.secrets_tracking import leaked_secrets, new_password, new_token, new_uuid
+from tests.subscribers import add_subscriber
+from tests.twistd_processes import spawn_twistd
+from tests.waiting import bounded, wait_for
 
 
 def test_the_session_audit_finds_a_secret_in_any_case_and_names_its_line() -> None:

@@ -15,18 +15,13 @@ from cryptography.hazmat.primitives import hashes
 from twisted.internet.threads import deferToThread
 
 from tests.backends import Pki
-from tests.harness import (
-    Browser,
-    TwistdProcess,
-    add_local_subscriber,
-    bounded,
-    found_contract,
-    new_uuid,
-    publish,
-    renew_certificate,
-    spawn_twistd,
-    wait_for,
-)
+from tests.browser import Browser
+from tests.certificates import renew_certificate
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_local_subscriber
+from tests.twistd_processes import TwistdProcess, spawn_twistd
+from tests.waiting import bounded, wait_for
 
 
 def _served_certificate(port: int, ca: Path) -> x509.Certificate:

@@ -19,17 +19,12 @@ import pytest_twisted
 
 from sse_twisted.devcerts import create_certificate_authority, issue_certificate, write_private_key
 from tests.backends import Pki
-from tests.harness import (
-    TWISTD,
-    Browser,
-    add_local_subscriber,
-    bounded,
-    delete_queue,
-    found_contract,
-    new_uuid,
-    publish,
-    spawn_twistd,
-)
+from tests.browser import Browser
+from tests.publishing import delete_queue, found_contract, publish
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_local_subscriber
+from tests.twistd_processes import TWISTD, spawn_twistd
+from tests.waiting import bounded
 
 REPOSITORY = Path(__file__).parent.parent
 
