@@ -15,9 +15,9 @@ import psycopg2
 import pytest
 import pytest_twisted
 
-from tests.backends import Pki, PostgresServer, RabbitMQServer
+from tests.backends import PostgresServer, RabbitMQServer
 from tests.browser import Browser
-from tests.publishing import delete_queue, found_contract, publish
+from tests.publishing import found_contract, publish
 from tests.secrets_tracking import leaked_secrets, new_password, new_token, new_uuid
 from tests.subscribers import add_subscriber
 from tests.twistd_processes import spawn_twistd
@@ -34,7 +34,7 @@ def test_the_session_audit_finds_a_secret_in_any_case_and_names_its_line() -> No
 @pytest_twisted.ensureDeferred
 async def test_no_token_or_password_in_any_line_of_a_server_driven_through_every_path(
     tmp_path: Path,
-    pki: Pki,
+    tls_environ: dict[str, str],
     postgres_tls: PostgresServer,
     rabbitmq_tls: RabbitMQServer,
     browser: Browser,
@@ -43,28 +43,19 @@ async def test_no_token_or_password_in_any_line_of_a_server_driven_through_every
     rabbitmq_user = f"sse-{new_uuid()}"
     rabbitmq_tls.rabbitmqctl("add_user", rabbitmq_user, rabbitmq_password)
     rabbitmq_tls.rabbitmqctl("set_permissions", "-p", "/", rabbitmq_user, ".*", ".*", ".*")
-    queue = f"messages-{new_uuid()}"
+    queue = tls_environ["SSE_RABBITMQ_QUEUE_NAME"]
     userid, token = new_uuid(), new_token()
     postgres_tls.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
     process, transport = spawn_twistd(
         {
+            **tls_environ,
             "SSE_APP_ENV": "dev",
-            "SSE_PORT": "0",
-            "SSE_LISTEN_ADDRESS": "127.0.0.1",
-            "SSE_METRICS_PORT": "0",
-            "SSE_CERTS_DIR": str(pki.directory),
             "SSE_LOGS_DIR": str(tmp_path / "logs"),
-            "SSE_POSTGRES_HOST": postgres_tls.host,
-            "SSE_POSTGRES_PORT": str(postgres_tls.port),
-            "SSE_POSTGRES_DB_NAME": postgres_tls.database,
             "SSE_POSTGRES_PASSWORD": postgres_password,
             "SSE_POSTGRES_TIMEOUT_SECONDS": "1",
             "SSE_AUTH_CACHE_SECONDS": "0",
-            "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
-            "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),
             "SSE_RABBITMQ_USERNAME": rabbitmq_user,
             "SSE_RABBITMQ_PASSWORD": rabbitmq_password,
-            "SSE_RABBITMQ_QUEUE_NAME": queue,
             "SSE_HEARTBEAT_SECONDS": "1",
         },
         tmp_path,
@@ -114,7 +105,6 @@ async def test_no_token_or_password_in_any_line_of_a_server_driven_through_every
     finally:
         transport.signalProcess(signal.SIGTERM)
         await bounded(process.ended, 30)
-        delete_queue(rabbitmq_tls.amqp_port, queue)
 
     output = [process.raw.decode(), process.stderr.decode()]
     log_file = (tmp_path / "logs" / "sse.log").read_text()
