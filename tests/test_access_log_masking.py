@@ -8,7 +8,6 @@ quoting a request) must mask it whichever way it came.
 from __future__ import annotations
 
 import json
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -232,7 +231,7 @@ async def test_twistd_logs_no_token_of_the_issue_paths_and_no_guest_giveaway(
     # The RabbitMQ password is the default "guest": a queue named with that word must be
     # logged as it is, not as "****-events".
     queue = f"guest-events-{new_uuid()}"
-    process, transport = spawn_twistd(
+    process, _transport = spawn_twistd(
         {**plaintext_environ, "SSE_RABBITMQ_QUEUE_NAME": queue}, tmp_path
     )
     try:
@@ -266,8 +265,7 @@ async def test_twistd_logs_no_token_of_the_issue_paths_and_no_guest_giveaway(
             assert refused.code in (400, 404), path
             await browser.read_body(refused)
     finally:
-        transport.signalProcess(signal.SIGTERM)
-        await bounded(process.ended, 30)
+        await process.terminate()
         delete_queue(5672, queue)
     await bounded(drained.closed)
 

@@ -8,7 +8,6 @@ made by ``new_token``/``new_password`` is in any line logged during the session.
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import psycopg2
@@ -46,7 +45,7 @@ async def test_no_token_or_password_in_any_line_of_a_server_driven_through_every
     queue = tls_environ["SSE_RABBITMQ_QUEUE_NAME"]
     userid, token = new_uuid(), new_token()
     postgres_tls.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
-    process, transport = spawn_twistd(
+    process, _transport = spawn_twistd(
         {
             **tls_environ,
             "SSE_APP_ENV": "dev",
@@ -103,8 +102,7 @@ async def test_no_token_or_password_in_any_line_of_a_server_driven_through_every
         finally:
             postgres_tls.start()
     finally:
-        transport.signalProcess(signal.SIGTERM)
-        await bounded(process.ended, 30)
+        await process.terminate()
 
     output = [process.raw.decode(), process.stderr.decode()]
     log_file = (tmp_path / "logs" / "sse.log").read_text()
@@ -134,7 +132,7 @@ async def test_twistd_in_prod_logs_in_to_postgresql_with_the_password_from_its_f
         with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
             psycopg2.connect(postgres_tls.dsn, user=role, password=new_password()).close()
         userid, token = add_subscriber(postgres_tls)
-        process, transport = spawn_twistd(
+        process, _transport = spawn_twistd(
             {
                 **tls_environ,
                 "SSE_APP_ENV": "prod",
@@ -161,8 +159,7 @@ async def test_twistd_in_prod_logs_in_to_postgresql_with_the_password_from_its_f
             assert response.code == 200
             await wait_for(lambda: "connected" in tab.parser.comments, "the stream to open")
         finally:
-            transport.signalProcess(signal.SIGTERM)
-            await bounded(process.ended, 30)
+            await process.terminate()
     finally:
         hba.write_text(trusting)
         postgres_tls.execute("SELECT pg_reload_conf()")

@@ -93,8 +93,7 @@ async def test_sighup_serves_a_renewed_certificate_to_new_connections_and_open_s
         assert json.loads(event["data"]) == found_contract(userid)
         assert not tab.closed.called
     finally:
-        transport.signalProcess("TERM")
-        await bounded(process.ended, 30)
+        await process.terminate()
     assert b"PRIVATE KEY" not in process.raw
 
 
@@ -125,6 +124,5 @@ async def test_a_half_written_renewal_is_refused_on_sighup_and_the_current_certi
         now = await served_certificate(port, pki.ca_certificate)
         assert now.serial_number == completed.serial_number
     finally:
-        transport.signalProcess("TERM")
-        await bounded(process.ended, 30)
+        await process.terminate()
     assert b"PRIVATE KEY" not in process.raw

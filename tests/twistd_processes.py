@@ -57,6 +57,12 @@ class TwistdProcess(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         self.ended.callback((reason.value.exitCode, reason.value.signal))  # type: ignore[attr-defined]
 
+    async def terminate(self, seconds: float = 30) -> tuple[int | None, int | None]:
+        """Send SIGTERM, as systemd stops a service; its (exit code, signal) once it ends."""
+        assert self.transport is not None, "terminate() before the process started"
+        self.transport.signalProcess("TERM")
+        return await bounded(self.ended, seconds)
+
 
 # Sets RLIMIT_NOFILE to (argv[1], argv[2]), then becomes argv[3:], as a shell's `ulimit` would.
 _WITH_OPEN_FILES = (
