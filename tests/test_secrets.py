@@ -43,8 +43,7 @@ async def test_no_token_or_password_in_any_line_of_a_server_driven_through_every
     rabbitmq_tls.rabbitmqctl("add_user", rabbitmq_user, rabbitmq_password)
     rabbitmq_tls.rabbitmqctl("set_permissions", "-p", "/", rabbitmq_user, ".*", ".*", ".*")
     queue = tls_environ["SSE_RABBITMQ_QUEUE_NAME"]
-    userid, token = new_uuid(), new_token()
-    postgres_tls.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
+    userid, token = add_subscriber(postgres_tls)
     process, _transport = spawn_twistd(
         {
             **tls_environ,
