@@ -37,9 +37,10 @@ from twisted.web.server import Request
 from sse_twisted._metrics import Metrics
 from sse_twisted._resource import EventStreamSite
 from tests.backends import Pki
-from tests.harness import bounded, start_server
+from tests.in_process_server import start_server
 from tests.logs import failures
 from tests.test_limits import _read_all, _tls
+from tests.waiting import bounded
 
 _MB = 1024 * 1024
 
