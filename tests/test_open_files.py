@@ -186,8 +186,10 @@ async def test_under_a_soft_limit_of_64_twistd_holds_200_streams(
         codes = await _open_streams(browser, port, userid, token, 200)
         assert codes == [200] * 200
     finally:
-        await browser.close_all()
-        await process.terminate()
+        try:
+            await browser.close_all()
+        finally:
+            await process.terminate()
     limit = f"open-file limit {HARD_LIMIT} (was 64) holds SSE_MAX_STREAMS=500"
     assert limit in _messages(process)
 
@@ -217,8 +219,10 @@ async def test_under_a_hard_limit_of_128_twistd_warns_at_start_and_counts_what_i
 
         await wait_for(lambda: reported() == unanswered, "no warning with the count")
     finally:
-        await browser.close_all()
-        await process.terminate()
+        try:
+            await browser.close_all()
+        finally:
+            await process.terminate()
     [start_up] = [m for m in _messages(process) if m.startswith("open-file limit")]
     assert start_up.startswith("open-file limit 128 cannot hold SSE_MAX_STREAMS=50000")
     warned = [line for line in process.lines if line["message"].startswith("out of file")]
