@@ -180,7 +180,7 @@ async def test_the_listener_serves_metrics_over_plain_http_and_nothing_else() ->
     metrics = Metrics()
     metrics.subscribed("bad_request")
     listener = MetricsListenerService(
-        metrics_endpoint(reactor, "127.0.0.1", 0), metrics_site(metrics)
+        metrics_endpoint(reactor, "127.0.0.1", 0), metrics_site(metrics, reactor)
     )
     listener.startService()
     try:
