@@ -65,7 +65,9 @@ class MemoryConnection:
     def client_stops_reading(self) -> None:
         """The client's receive window is full: the transport asks the server to stop
         writing, as a TCP transport does when its send buffer fills."""
-        self.transport.producer.pauseProducing()
+        producer = self.transport.producer
+        assert producer is not None, "the channel registers itself on connecting"
+        producer.pauseProducing()
 
     def close(self) -> None:
         """The connection ends: the client went away, or read the server's close."""
