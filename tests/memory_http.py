@@ -1,6 +1,7 @@
 """An in-memory HTTP layer: the real L{EventStreamSite} (its channel, its request limits,
 the subscribe resource on a fake authenticator, ``/healthz``) with its connections on
-L{StringTransport} and every timer on a L{Clock}.
+L{StringTransport} and the site's timers (request deadlines, aborts, idle timeouts) on
+L{MemoryServer.clock}; the subscribe resource has fake clocks of its own (tests/fakes.py).
 
 As treq's C{RequestTraversalAgent} drives a real C{Site} in memory, but the client side is
 raw bytes: these tests are about how the channel reads what no well-formed client sends
