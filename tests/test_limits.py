@@ -30,11 +30,10 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent
 from twisted.protocols.policies import ProtocolWrapper
 
-from tests.backends import Pki, PostgresServer, RabbitMQServer
+from tests.backends import Pki
 from tests.harness import (
     Browser,
     add_local_subscriber,
-    add_subscriber,
     bounded,
     found_contract,
     new_uuid,
@@ -264,15 +263,11 @@ def _flood_http2(port: int, ca: Path, streams: int) -> dict[str, int]:
 
 @pytest_twisted.ensureDeferred
 async def test_an_http2_flood_of_streams_is_bounded_and_others_are_still_served(
-    tls_environ: dict[str, str],
-    browser: Browser,
-    postgres_tls: PostgresServer,
-    rabbitmq_tls: RabbitMQServer,
-    pki: Pki,
+    plaintext_environ: dict[str, str], browser: Browser, pki: Pki
 ) -> None:
-    server = await start_server(tls_environ)
+    server = await start_server(plaintext_environ)
     try:
-        userid, token = add_subscriber(postgres_tls)
+        userid, token = add_local_subscriber(plaintext_environ["SSE_POSTGRES_DB_NAME"])
         _, tab = await browser.open(server.subscribe_url(new_uuid(), userid, token))
         port = server.port
         tally = await deferToThread(_flood_http2, port, pki.ca_certificate, 1000)
@@ -280,7 +275,7 @@ async def test_an_http2_flood_of_streams_is_bounded_and_others_are_still_served(
         assert tally["responses"] < 1000
         assert tally["goaway"] or tally["resets"] or tally["closed"]
         queue = server.config.rabbitmq_queue_name
-        await publish(rabbitmq_tls.amqp_port, queue, found_contract(userid))
+        await publish(server.config.rabbitmq_port, queue, found_contract(userid))
         assert json.loads((await tab.next_event())["data"]) == found_contract(userid)
     finally:
         await server.stop()
