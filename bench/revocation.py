@@ -44,7 +44,9 @@ from twisted.internet.threads import deferToThread
 
 import sse_twisted
 from tests.backends import Pki
-from tests.harness import Browser, EventCollector, found_contract, publish, start_server
+from tests.browser import Browser, EventCollector
+from tests.in_process_server import start_server
+from tests.publishing import found_contract, publish
 
 SCHEMA = Path(sse_twisted.__file__).parent.parent / "schema" / "users.sql"
 LIFETIME_SECONDS = 2.0

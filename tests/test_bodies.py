@@ -33,10 +33,11 @@ from twisted.web.server import Request
 
 from sse_twisted._metrics import Metrics
 from tests.backends import Pki
-from tests.harness import bounded, start_server
+from tests.in_process_server import start_server
 from tests.logs import failures
 from tests.memory_http import MemoryConnection, MemoryServer
 from tests.test_limits import _read_all, _tls
+from tests.waiting import bounded
 
 _MB = 1024 * 1024
 

@@ -8,7 +8,7 @@ from twisted.plugin import getPlugins
 
 from sse_twisted._config import SETTINGS, ConfigError, load_config
 from sse_twisted.tap import Options
-from tests.harness import new_password
+from tests.secrets_tracking import new_password
 
 
 @pytest.fixture

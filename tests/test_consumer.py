@@ -41,8 +41,9 @@ from sse_twisted.devcerts import (
     load_certificate_authority,
 )
 from tests.backends import Pki, RabbitMQServer
-from tests.harness import bounded, delete_queue
 from tests.logs import lines_with
+from tests.publishing import delete_queue
+from tests.waiting import bounded
 
 TIMEOUT = 30
 

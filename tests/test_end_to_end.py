@@ -22,18 +22,13 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from tests.backends import Pki, PostgresServer, RabbitMQServer
-from tests.harness import (
-    Browser,
-    RunningServer,
-    add_subscriber,
-    bounded,
-    found_contract,
-    new_uuid,
-    publish,
-    start_server,
-    wait_for,
-)
+from tests.browser import Browser
+from tests.in_process_server import RunningServer, start_server
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_uuid
 from tests.sse_parser import EventParser
+from tests.subscribers import add_subscriber
+from tests.waiting import bounded, wait_for
 
 
 @pytest_twisted.async_yield_fixture

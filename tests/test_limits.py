@@ -31,19 +31,15 @@ from twisted.logger import LogEvent
 from twisted.protocols.policies import ProtocolWrapper
 
 from tests.backends import Pki
-from tests.harness import (
-    Browser,
-    add_local_subscriber,
-    bounded,
-    found_contract,
-    new_uuid,
-    publish,
-    start_server,
-    wait_for,
-)
+from tests.browser import Browser
+from tests.in_process_server import start_server
 from tests.logs import failures, lines_with
 from tests.memory_http import decode_chunks, responses
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_uuid
 from tests.sse_parser import EventParser
+from tests.subscribers import add_local_subscriber
+from tests.waiting import bounded, wait_for
 
 
 @pytest.fixture

@@ -25,8 +25,10 @@ from sse_twisted._metrics import (
     metrics_site,
 )
 from sse_twisted._tls_reload import ReloadableServerTLS
+from tests.browser import EventCollector
+from tests.certificates import renew_certificate
 from tests.fakes import ImmediateAuthenticator
-from tests.harness import EventCollector, bounded, renew_certificate
+from tests.waiting import bounded
 
 
 async def read_body(response: Response) -> bytes:

@@ -30,20 +30,14 @@ from sse_twisted._revocation import CHANNEL, RevocationEnforcer, RevocationListe
 from sse_twisted._streams import EventStream, StreamRegistry
 from sse_twisted.interfaces import BackendUnavailable
 from tests.backends import PostgresServer, RabbitMQServer
+from tests.browser import Browser
 from tests.fakes import ImmediateAuthenticator
-from tests.harness import (
-    Browser,
-    RunningServer,
-    add_local_subscriber,
-    bounded,
-    found_contract,
-    new_token,
-    new_uuid,
-    publish,
-    start_server,
-    wait_for,
-)
+from tests.in_process_server import RunningServer, start_server
 from tests.logs import lines_with, log_text, tracebacks, warnings_logged
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_token, new_uuid
+from tests.subscribers import add_local_subscriber, add_subscriber
+from tests.waiting import bounded, wait_for
 
 SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
 WAIT_SECONDS = 10.0
@@ -356,12 +350,6 @@ async def server(tls_environ: dict[str, str]) -> AsyncIterator[RunningServer]:
     await running.stop()
 
 
-def tls_subscriber(postgres: PostgresServer) -> tuple[str, str]:
-    userid, token = new_uuid(), new_token()
-    postgres.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
-    return userid, token
-
-
 REVOCATION_SECONDS = 5.0
 
 
@@ -372,8 +360,8 @@ async def test_deleting_a_user_closes_its_open_streams_and_it_is_refused_after(
     postgres_tls: PostgresServer,
     log_events: Sequence[LogEvent],
 ) -> None:
-    alice, alice_token = tls_subscriber(postgres_tls)
-    bob, bob_token = tls_subscriber(postgres_tls)
+    alice, alice_token = add_subscriber(postgres_tls)
+    bob, bob_token = add_subscriber(postgres_tls)
     url = server.subscribe_url(new_uuid(), alice, alice_token)
     _, first_tab = await browser.open(url)
     _, second_tab = await browser.open(server.subscribe_url(new_uuid(), alice, alice_token))
@@ -402,7 +390,7 @@ async def test_deleting_a_user_closes_its_open_streams_and_it_is_refused_after(
 async def test_a_new_token_closes_the_stream_and_only_the_new_token_gets_back_in(
     server: RunningServer, browser: Browser, postgres_tls: PostgresServer
 ) -> None:
-    userid, old_token = tls_subscriber(postgres_tls)
+    userid, old_token = add_subscriber(postgres_tls)
     topic = new_uuid()
     _, tab = await browser.open(server.subscribe_url(topic, userid, old_token))
     await wait_for(lambda: len(server.service.registry) == 1, "stream registered")

@@ -13,7 +13,8 @@ from twisted.internet.threads import deferToThread
 
 from sse_twisted._metrics import Metrics, metrics_site
 from tests.backends import Pki
-from tests.harness import Browser, RunningServer, start_server
+from tests.browser import Browser
+from tests.in_process_server import RunningServer, start_server
 
 
 @pytest_twisted.async_yield_fixture
