@@ -21,7 +21,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -341,11 +341,12 @@ class _QuietSite(Site):
         """Nothing: a line per scrape would only bury the access log of streams."""
 
 
-def metrics_site(metrics: Metrics) -> Site:
-    """The plain-HTTP site serving ``GET /metrics`` (text format, or OpenMetrics on request)."""
+def metrics_site(metrics: Metrics, reactor: IReactorTime) -> Site:
+    """The plain-HTTP site serving ``GET /metrics`` (text format, or OpenMetrics on request);
+    its connections' timeouts run on ``reactor``."""
     root = _MetricsRoot()
     root.putChild(b"metrics", _MetricsPage(metrics.registry))
-    return _QuietSite(root)
+    return _QuietSite(root, reactor=reactor)
 
 
 def metrics_endpoint(reactor: Any, address: str, port: int) -> IStreamServerEndpoint:

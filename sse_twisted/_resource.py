@@ -75,7 +75,7 @@ class EventStreamSite(Site):
         max_body_bytes: int = 1024,
         trusted_proxies: Networks = (),
     ) -> None:
-        super().__init__(resource, requestFactory=TrackedRequest)
+        super().__init__(resource, requestFactory=TrackedRequest, reactor=reactor)
         self._clock = reactor
         self._trusted_proxies = trusted_proxies
         self._max_header_bytes = max_header_bytes

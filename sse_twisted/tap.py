@@ -271,7 +271,7 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     if config.metrics_port:
         metrics_listener = MetricsListenerService(
             metrics_endpoint(reactor, config.metrics_address, config.metrics_port),
-            metrics_site(metrics),
+            metrics_site(metrics, reactor),
         )
         metrics_listener.setName("metrics")
         metrics_listener.listening.addErrback(

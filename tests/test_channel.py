@@ -10,8 +10,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from sse_twisted._channel import DrainingChannelProtocol
-from sse_twisted._metrics import Metrics
-from sse_twisted._resource import EventStreamSite
+from tests.memory_http import MemoryServer
 
 
 class _Held(Resource):
@@ -29,15 +28,10 @@ class _Held(Resource):
 
 
 def _connection() -> tuple[DrainingChannelProtocol, StringTransport, _Held]:
-    clock = Clock()
     held = _Held()
-    site = EventStreamSite(held, clock, request_timeout=10, metrics=Metrics())
-    site.reactor = clock  # type: ignore[assignment]
-    protocol = site.buildProtocol(None)
-    assert isinstance(protocol, DrainingChannelProtocol)
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-    return protocol, transport, held
+    connection = MemoryServer(held, request_timeout=10).connect()
+    assert isinstance(connection.protocol, DrainingChannelProtocol)
+    return connection.protocol, connection.transport, held
 
 
 def _end(request: Request) -> None:

@@ -93,7 +93,6 @@ def answer_to(
         max_buffer_bytes=10_000,
     )
     site = EventStreamSite(root_resource(resource), Clock(), metrics=Metrics())
-    site.reactor = Clock()  # type: ignore[assignment]
     channel = site.buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)

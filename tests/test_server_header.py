@@ -63,7 +63,7 @@ async def test_http2_responses_carry_a_server_header_without_a_version(
 
 @pytest_twisted.ensureDeferred
 async def test_the_metrics_port_carries_a_server_header_without_a_version() -> None:
-    port = reactor.listenTCP(0, metrics_site(Metrics()), interface="127.0.0.1")  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, metrics_site(Metrics(), reactor), interface="127.0.0.1")  # type: ignore[attr-defined]
     try:
         assert await deferToThread(_metrics_server_header, port.getHost().port) == ["sse-twisted"]
     finally:
