@@ -28,10 +28,12 @@ from ._live import LiveStart
 from ._logging import JSONLogObserver, bridge_standard_logging
 from ._metrics import Metrics, MetricsListenerService, metrics_endpoint, metrics_site
 from ._replay import ReplayWindow
-from ._resource import EventStreamSite, SubscribeResource, root_resource
+from ._resource import root_resource
 from ._revocation import RevocationEnforcer, RevocationListener
 from ._router import MessageRouter
+from ._site import EventStreamSite
 from ._streams import StreamRegistry
+from ._subscribe import SubscribeResource
 from ._tls_reload import ReloadableServerTLS, ReloadOnHangup
 
 __all__ = ["Options", "SSEService", "build_service", "makeService"]

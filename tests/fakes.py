@@ -16,8 +16,8 @@ from zope.interface import implementer
 from sse_twisted._live import LiveStart
 from sse_twisted._metrics import Metrics
 from sse_twisted._replay import ReplayWindow
-from sse_twisted._resource import SubscribeResource
 from sse_twisted._streams import StreamRegistry
+from sse_twisted._subscribe import SubscribeResource
 from sse_twisted.interfaces import IAuthenticator
 
 __all__ = [

@@ -35,7 +35,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from sse_twisted._metrics import Metrics
-from sse_twisted._resource import EventStreamSite
+from sse_twisted._site import EventStreamSite
 from tests.backends import Pki
 from tests.harness import bounded, start_server
 from tests.logs import failures

@@ -11,7 +11,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from sse_twisted._channel import DrainingChannelProtocol
 from sse_twisted._metrics import Metrics
-from sse_twisted._resource import EventStreamSite
+from sse_twisted._site import EventStreamSite
 
 
 class _Held(Resource):

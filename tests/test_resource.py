@@ -17,7 +17,8 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from sse_twisted._auth_cache import CachingAuthenticator
 from sse_twisted._metrics import Metrics
-from sse_twisted._resource import path_problem, root_resource
+from sse_twisted._resource import root_resource
+from sse_twisted._subscribe import path_problem
 from sse_twisted.interfaces import BackendBusy, BackendUnavailable
 from tests.fakes import ScriptedAuthenticator, make_resource, render, request_for
 from tests.sse_parser import EventParser
