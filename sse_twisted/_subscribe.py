@@ -14,6 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ._admission import ChecksPerClient, RefusalLog
+from ._config import Config
 from ._cors import CrossOrigin
 from ._framing import comment_frame, jittered_retry_frame, retry_frame
 from ._lifetime import stream_lifetime
@@ -64,36 +65,25 @@ class SubscribeResource(Resource):
 
     def __init__(
         self,
+        config: Config,
         registry: StreamRegistry,
         authenticator: IAuthenticator,
         reactor: IReactorTime,
         window: ReplayWindow,
         live: LiveStart,
-        cors_origins: tuple[str, ...],
-        retry_milliseconds: int,
-        max_buffer_bytes: int,
         metrics: Metrics,
-        max_streams_per_user: int = 16,
-        max_streams: int = 50000,
-        max_stream_seconds: float = math.inf,
-        max_checks_per_client: int = 4,
-        retry_jitter_milliseconds: int = 0,
     ) -> None:
+        """Limits, CORS origins and retry delays come from ``config``."""
         super().__init__()
+        self._config = config
         self._metrics = metrics
         self._registry = registry
         self._authenticator = authenticator
         self._clock = reactor
         self._window = window
         self._live = live
-        self._cors = CrossOrigin(cors_origins)
-        self._retry_milliseconds = retry_milliseconds
-        self._max_buffer_bytes = max_buffer_bytes
-        self._max_streams_per_user = max_streams_per_user
-        self._max_streams = max_streams
-        self._max_stream_seconds = max_stream_seconds
-        self._checks_per_client = ChecksPerClient(max_checks_per_client)
-        self._retry_jitter_milliseconds = retry_jitter_milliseconds
+        self._cors = CrossOrigin(config.cors_origins)
+        self._checks_per_client = ChecksPerClient(config.max_auth_checks_per_client)
         self._refusals = RefusalLog(reactor)
         self._draining = False
 
@@ -154,10 +144,10 @@ class SubscribeResource(Resource):
 
     def _refused_for_limits(self, request: Request, userid: str) -> bool:
         """Answer 429 (and finish the request) when a stream limit is reached."""
-        if len(self._registry) >= self._max_streams:
-            reason, limit = "too many open streams on this server", self._max_streams
-        elif self._registry.count_of(userid) >= self._max_streams_per_user:
-            reason, limit = "too many open streams for this user", self._max_streams_per_user
+        if len(self._registry) >= self._config.max_streams:
+            reason, limit = "too many open streams on this server", self._config.max_streams
+        elif self._registry.count_of(userid) >= self._config.max_streams_per_user:
+            reason, limit = "too many open streams for this user", self._config.max_streams_per_user
         else:
             return False
         self._metrics.subscribed("too_many_streams")
@@ -172,7 +162,7 @@ class SubscribeResource(Resource):
             correlation_id=getattr(request, "correlation_id", None),
         )
         request.setHeader(
-            b"retry-after", str(math.ceil(self._retry_milliseconds / 1000)).encode("ascii")
+            b"retry-after", str(math.ceil(self._config.retry_milliseconds / 1000)).encode("ascii")
         )
         request.write(plain_answer(request, 429, reason))
         request.finish()
@@ -219,14 +209,14 @@ class SubscribeResource(Resource):
             topic=topic,
             request=request,
             correlation_id=getattr(request, "correlation_id", ""),
-            max_unsent_bytes=self._max_buffer_bytes,
+            max_unsent_bytes=self._config.max_buffer_bytes,
             metrics=self._metrics,
             nonce=nonce,
-            expires_at=self._clock.seconds() + stream_lifetime(self._max_stream_seconds),
+            expires_at=self._clock.seconds() + stream_lifetime(self._config.max_stream_seconds),
         )
         self._metrics.subscribed("ok")
         # Sent at once, so that proxies and the browser see the stream open.
-        head = [comment_frame("connected"), retry_frame(self._retry_milliseconds)]
+        head = [comment_frame("connected"), retry_frame(self._config.retry_milliseconds)]
         last_event_id = _last_event_id(request)
         replayed = 0
         if last_event_id is not None:
@@ -271,7 +261,7 @@ class SubscribeResource(Resource):
             correlation_id=getattr(request, "correlation_id", None),
         )
         self._retry_later(
-            request, "backend unavailable, retry", retry_frame(self._retry_milliseconds)
+            request, "backend unavailable, retry", retry_frame(self._config.retry_milliseconds)
         )
 
     def _come_back_later(self, request: Request, outcome: str, reason: str) -> None:
@@ -293,7 +283,9 @@ class SubscribeResource(Resource):
         self._retry_later(request, "server stopping, retry", self._jittered_retry())
 
     def _jittered_retry(self) -> bytes:
-        return jittered_retry_frame(self._retry_milliseconds, self._retry_jitter_milliseconds)
+        return jittered_retry_frame(
+            self._config.retry_milliseconds, self._config.reconnect_jitter_milliseconds
+        )
 
     def _retry_later(self, request: Request, comment: str, retry: bytes) -> None:
         # EventSource never retries a non-200 answer; a 200 stream that ends at once

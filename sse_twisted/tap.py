@@ -221,33 +221,6 @@ def _consumer(
     )
 
 
-def _subscribe_resource(
-    config: Config,
-    reactor: Any,
-    registry: StreamRegistry,
-    authenticator: CachingAuthenticator,
-    window: ReplayWindow,
-    live: LiveStart,
-    metrics: Metrics,
-) -> SubscribeResource:
-    return SubscribeResource(
-        registry,
-        authenticator,
-        reactor,
-        window,
-        live,
-        cors_origins=config.cors_origins,
-        retry_milliseconds=config.retry_milliseconds,
-        max_buffer_bytes=config.max_buffer_bytes,
-        metrics=metrics,
-        max_streams_per_user=config.max_streams_per_user,
-        max_streams=config.max_streams,
-        max_stream_seconds=config.max_stream_seconds,
-        max_checks_per_client=config.max_auth_checks_per_client,
-        retry_jitter_milliseconds=config.reconnect_jitter_milliseconds,
-    )
-
-
 def _url_tree(
     config: Config,
     reactor: Any,
@@ -377,7 +350,7 @@ def build_service(
         authenticator, reactor, config.auth_cache_seconds, config.auth_cache_size
     )
     consumer = _consumer(config, reactor, registry, window, live, metrics, on_fatal)
-    subscribe = _subscribe_resource(config, reactor, registry, auth_cache, window, live, metrics)
+    subscribe = SubscribeResource(config, registry, auth_cache, reactor, window, live, metrics)
     server_tls = ReloadableServerTLS(config.certs_dir, reactor)
     root = _url_tree(config, reactor, subscribe, consumer, authenticator)
     metrics.watch(registry, consumer, authenticator, auth_cache, server_tls, replay_window=window)
