@@ -92,8 +92,14 @@ class SSEService(MultiService):
     """The whole server, one child service per subsystem.
 
     Children start in the order given (the authenticator, the consumer, the listener, then
-    the rest) and stop in reverse, once the drain has closed the streams. Each has a name
-    (L{getServiceNamed}).
+    ``others``) and stop in reverse, once the drain has closed the streams. Each has a name
+    (L{getServiceNamed}): its key in ``others``, or its role for the first three.
+
+    @ivar registry: the open streams.
+    @ivar metrics: what ``/metrics`` serves.
+    @ivar log_observer: the JSON log, handed to twistd's application.
+    @ivar consumer: the RabbitMQ stream consumer.
+    @ivar listener: the public TLS listener.
     """
 
     log = Logger()
@@ -119,9 +125,7 @@ class SSEService(MultiService):
         self.listener = listener
         # Asked to let no stream start once the drain has begun.
         self._subscribe = subscribe
-        self._drain_seconds = config.drain_seconds
-        self._retry_milliseconds = config.retry_milliseconds
-        self._jitter_milliseconds = config.reconnect_jitter_milliseconds
+        self._config = config
         children = {
             "authenticator": authenticator,
             "consumer": consumer,
@@ -144,9 +148,10 @@ class SSEService(MultiService):
         self.listener.drain_connections()
         streams = list(self.registry)
         self.log.info("draining {count} streams", count=len(streams))
+        retry, jitter = self._config.retry_milliseconds, self._config.reconnect_jitter_milliseconds
         for stream in streams:
-            stream.close(jittered_retry_frame(self._retry_milliseconds, self._jitter_milliseconds))
-        await self.listener.close_connections(self._drain_seconds)
+            stream.close(jittered_retry_frame(retry, jitter))
+        await self.listener.close_connections(self._config.drain_seconds)
         await super().stopService()
 
     def setServiceParent(self, parent: Any) -> None:
