@@ -93,6 +93,11 @@ def amqp_timestamp_seconds(timestamp: int | None) -> float | None:
     return seconds / 1000 if seconds > 1e11 else seconds
 
 
+def _bound(counter: Counter, values: Iterable[str]) -> dict[str, Counter]:
+    """The child of ``counter`` (one label) for each of ``values``, bound once."""
+    return {value: counter.labels(value) for value in values}
+
+
 class Metrics:
     """Every counter and histogram of one server, in a registry of its own.
 
@@ -104,10 +109,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
-        subscribes = Counter(
-            "sse_subscribes", "Subscribe requests, by outcome.", ["outcome"], registry=registry
+        self.subscribes = _bound(
+            Counter(
+                "sse_subscribes", "Subscribe requests, by outcome.", ["outcome"], registry=registry
+            ),
+            SUBSCRIBE_OUTCOMES,
         )
-        self.subscribes = {outcome: subscribes.labels(outcome) for outcome in SUBSCRIBE_OUTCOMES}
         self.messages_consumed = Counter(
             "sse_messages_consumed", "Messages read from the stream queue.", registry=registry
         )
@@ -116,20 +123,24 @@ class Metrics:
             "Live events written to streams; one message to three streams counts three.",
             registry=registry,
         )
-        skipped = Counter(
-            "sse_messages_skipped",
-            "Messages not delivered because they are invalid, by reason.",
-            ["reason"],
-            registry=registry,
+        self.messages_skipped = _bound(
+            Counter(
+                "sse_messages_skipped",
+                "Messages not delivered because they are invalid, by reason.",
+                ["reason"],
+                registry=registry,
+            ),
+            SKIP_REASONS,
         )
-        self.messages_skipped = {reason: skipped.labels(reason) for reason in SKIP_REASONS}
-        refused = Counter(
-            "sse_requests_refused",
-            "Requests refused before they reached a resource, by reason.",
-            ["reason"],
-            registry=registry,
+        self.requests_refused = _bound(
+            Counter(
+                "sse_requests_refused",
+                "Requests refused before they reached a resource, by reason.",
+                ["reason"],
+                registry=registry,
+            ),
+            REFUSAL_REASONS,
         )
-        self.requests_refused = {reason: refused.labels(reason) for reason in REFUSAL_REASONS}
         self.replay_events_sent = Counter(
             "sse_replay_events_sent",
             "Events replayed to reconnecting browsers (Last-Event-ID).",

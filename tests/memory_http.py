@@ -23,7 +23,8 @@ from twisted.web.resource import Resource
 
 from sse_twisted._health import LivenessResource
 from sse_twisted._metrics import Metrics
-from sse_twisted._resource import EventStreamSite, root_resource
+from sse_twisted._resource import root_resource
+from sse_twisted._site import EventStreamSite
 from sse_twisted.interfaces import IAuthenticator
 from tests.fakes import ImmediateAuthenticator, make_resource
 

@@ -17,7 +17,8 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from sse_twisted._auth_cache import CachingAuthenticator
 from sse_twisted._metrics import Metrics
-from sse_twisted._resource import path_problem, root_resource
+from sse_twisted._resource import root_resource
+from sse_twisted._subscribe import path_problem
 from sse_twisted.interfaces import BackendBusy, BackendUnavailable
 from tests.fakes import ScriptedAuthenticator, make_resource, render, request_for
 from tests.sse_parser import EventParser
@@ -134,7 +135,7 @@ def test_other_methods_are_405_with_allow(method: bytes) -> None:
 
 def test_a_preflight_is_answered_without_a_lookup() -> None:
     authenticator = ScriptedAuthenticator()
-    resource, _ = make_resource(authenticator, origins=("https://app.example",))
+    resource, _ = make_resource(authenticator, cors_origins=("https://app.example",))
     request = request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}", b"OPTIONS")
     request.requestHeaders.setRawHeaders(b"origin", [b"https://app.example"])
     render(resource, request)
@@ -147,7 +148,7 @@ def test_a_preflight_is_answered_without_a_lookup() -> None:
 
 def test_an_origin_not_configured_is_refused_before_the_lookup() -> None:
     authenticator = ScriptedAuthenticator()
-    resource, _ = make_resource(authenticator, origins=("https://app.example",))
+    resource, _ = make_resource(authenticator, cors_origins=("https://app.example",))
     request = request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}")
     request.requestHeaders.setRawHeaders(b"origin", [b"https://evil.example"])
     body = render(resource, request)
@@ -231,7 +232,10 @@ def test_past_four_checks_in_flight_an_address_is_asked_to_come_back_at_jittered
     authenticator = ScriptedAuthenticator(*pending)
     metrics = Metrics()
     resource, _ = make_resource(
-        authenticator, metrics=metrics, max_checks_per_client=4, retry_jitter_milliseconds=1000
+        authenticator,
+        metrics=metrics,
+        max_auth_checks_per_client=4,
+        reconnect_jitter_milliseconds=1000,
     )
     path = f"/subscribe/{TOPIC}/{USERID}/{NONCE}"
     for _ in range(4):
@@ -257,7 +261,7 @@ def test_an_address_gets_its_place_back_on_every_outcome_of_its_check() -> None:
     authenticator = ScriptedAuthenticator(
         True, False, BackendUnavailable("db down"), leaving, Deferred()
     )
-    resource, _ = make_resource(authenticator, max_checks_per_client=1)
+    resource, _ = make_resource(authenticator, max_auth_checks_per_client=1)
     path = f"/subscribe/{TOPIC}/{USERID}/{NONCE}"
     render(resource, request_for(path))  # allowed: a stream opens
     render(resource, request_for(path))  # forbidden
@@ -278,7 +282,7 @@ def test_an_address_gets_its_place_back_on_every_outcome_of_its_check() -> None:
 def test_a_cached_grant_is_let_in_even_when_the_address_is_at_its_limit() -> None:
     authenticator = ScriptedAuthenticator(Deferred(), True)
     authenticator.cached.add((USERID, NONCE))
-    resource, registry = make_resource(authenticator, max_checks_per_client=1)
+    resource, registry = make_resource(authenticator, max_auth_checks_per_client=1)
     other_nonce = "5d3c1b2a-0f9e-4d8c-b7a6-958473625140"
     render(resource, request_for(f"/subscribe/{TOPIC}/{USERID}/{other_nonce}"))
     render(resource, request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}"))
@@ -291,7 +295,7 @@ def test_a_page_opening_twenty_tabs_at_once_takes_one_place_of_its_address() -> 
         ScriptedAuthenticator(answer), Clock(), ttl_seconds=10, max_entries=10
     )
     resource, registry = make_resource(
-        authenticator, max_checks_per_client=4, max_streams_per_user=20
+        authenticator, max_auth_checks_per_client=4, max_streams_per_user=20
     )
     requests = [request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}") for _ in range(20)]
     for request in requests:
@@ -305,7 +309,7 @@ def test_a_full_line_of_checks_asks_the_browser_to_come_back_later() -> None:
     authenticator = ScriptedAuthenticator(BackendBusy("256 subscriber checks are waiting"))
     metrics = Metrics()
     resource, registry = make_resource(
-        authenticator, metrics=metrics, retry_jitter_milliseconds=500
+        authenticator, metrics=metrics, reconnect_jitter_milliseconds=500
     )
     request = request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}")
     render(resource, request)
@@ -329,7 +333,7 @@ def test_a_draining_resource_opens_no_stream_and_asks_the_browser_to_come_back()
     authenticator = ScriptedAuthenticator(True)
     metrics = Metrics()
     resource, registry = make_resource(
-        authenticator, metrics=metrics, retry_jitter_milliseconds=1000
+        authenticator, metrics=metrics, reconnect_jitter_milliseconds=1000
     )
     resource.drain()
     request = request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}")
@@ -344,7 +348,7 @@ def test_a_check_answered_after_the_drain_began_opens_no_stream() -> None:
     pending: Deferred[bool] = Deferred()
     metrics = Metrics()
     resource, registry = make_resource(
-        ScriptedAuthenticator(pending), metrics=metrics, retry_jitter_milliseconds=1000
+        ScriptedAuthenticator(pending), metrics=metrics, reconnect_jitter_milliseconds=1000
     )
     request = request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}")
     render(resource, request)
