@@ -58,26 +58,25 @@ def _describe_amqp_failure(failure: Failure) -> str:
 
 
 class _StreamConnection(TwistedProtocolConnection):
-    """pika's Twisted protocol, reporting to its consumer why each connection really ended.
+    """pika's Twisted protocol, telling why each connection really ended.
+
+    @ivar lost: fires with why the connection ended, once it has.
 
     pika turns every failure before ``ready`` into ``AMQPConnectionError(1)`` and, once the
     socket closes, replaces its record of why it closed (the broker's ``Connection.Close``
-    reply code and text, a missed heartbeat) with ``ConnectionDone``: that record is read
-    just before, in L{connectionLost}.
+    reply code and text, a missed heartbeat) with ``ConnectionDone``, also in what its
+    ``closed`` Deferred and close callbacks are given: that record is read just before, in
+    L{connectionLost}, from pika's private ``_impl._error``, which nothing public exposes.
+    Checked with pika 1.3.2 and 1.4.4 (pyproject.toml pins the range);
+    tests/test_private_names.py fails if it goes.
     """
 
-    def __init__(
-        self, consumer: StreamConsumerService, parameters: pika.ConnectionParameters, reactor: Any
-    ) -> None:
+    def __init__(self, parameters: pika.ConnectionParameters, reactor: Any) -> None:
         super().__init__(parameters, custom_reactor=reactor)
-        self._consumer = consumer
         self._reactor = reactor
         self._end_reason: str | None = None
         self._deadline: DelayedCall | None = None
-        self.lost: Deferred[None] = Deferred()
-        if self.ready is not None:
-            # connectionLost reports the reason; AMQPConnectionError(1) would add nothing.
-            self.ready.addErrback(lambda _: None)
+        self.lost: Deferred[str] = Deferred()
 
     def makeConnection(self, transport: ITransport) -> None:
         super().makeConnection(transport)
@@ -87,7 +86,6 @@ class _StreamConnection(TwistedProtocolConnection):
 
     def connectionReady(self) -> _StreamConnection:
         self._cancel_deadline()
-        self._consumer._connection_ready(self)
         return self
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -100,8 +98,7 @@ class _StreamConnection(TwistedProtocolConnection):
             # the socket after a close (ConnectionLost when the broker resets it) as an error.
             reason = Failure(ConnectionDone())
         super().connectionLost(reason)
-        self._consumer._connection_lost(self._end_reason or reason.getErrorMessage())
-        self.lost.callback(None)
+        self.lost.callback(self._end_reason or reason.getErrorMessage())
 
     def abandon(self, reason: str) -> None:
         """Close the connection cleanly, reporting ``reason`` as the cause once it is closed."""
@@ -225,7 +222,8 @@ class StreamConsumerService(Service):
         self._address = f"{scheme}://{config.rabbitmq_host}:{config.rabbitmq_port}"
         self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=10.0)
         self._failed_attempts = 0
-        factory = Factory.forProtocol(lambda: _StreamConnection(self, parameters, reactor))
+        self._parameters = parameters
+        factory = Factory.forProtocol(self._new_connection)
         factory.noisy = False
         self._client = ClientService(
             _ReportingEndpoint(endpoint, self._address, self._connect_failed),
@@ -261,9 +259,20 @@ class StreamConsumerService(Service):
         # Also cancels a pending retry or drops a connection still in its handshake.
         await self._client.stopService()
 
+    def _new_connection(self) -> _StreamConnection:
+        connection = _StreamConnection(self._parameters, self._reactor)
+        if connection.ready is not None:
+            # lost tells why it failed; AMQPConnectionError(1) would add nothing.
+            connection.ready.addCallbacks(self._connection_ready, lambda _: None)
+        connection.lost.addCallback(self._connection_lost)
+        return connection
+
     def _retry_delay(self, attempt: int) -> float:
         # ClientService counts failed TCP connects only, and a refused login follows a
         # successful one: count every attempt that did not end up consuming instead.
+        # ClientService(prepareConnection=...) would count them, but in Twisted 26.10 a
+        # connection that closes before its preparation succeeded (as a refused one does)
+        # is an unhandled automat.NoTransition, logged as an error on every attempt.
         return self._backoff(self._failed_attempts)
 
     def _connect_failed(self, reason: Failure) -> None:

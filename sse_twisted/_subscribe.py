@@ -244,6 +244,7 @@ class SubscribeResource(Resource):
         )
 
     def _closed(self, result: Failure | None, stream: EventStream) -> None:
+        stream.response_ended()
         self._registry.remove(stream)
         if isinstance(result, Failure):
             # The client went away: Site.log only sees requests the server finished.

@@ -51,7 +51,6 @@ def open_stream(
     registry: StreamRegistry, clock: Clock, max_seconds: float, resume_after: int = -1
 ) -> EventStream:
     request = DummyRequest([b""])
-    request._disconnected = False
     stream = EventStream(
         USERID,
         new_uuid(),
@@ -62,8 +61,13 @@ def open_stream(
         expires_at=clock.seconds() + stream_lifetime(max_seconds),
     )
     registry.add(stream)
-    # As the resource does: a finished request leaves the registry.
-    request.notifyFinish().addBoth(lambda _: registry.remove(stream))
+
+    def ended(_: object) -> None:
+        # As the resource does: a finished request ends the stream and leaves the registry.
+        stream.response_ended()
+        registry.remove(stream)
+
+    request.notifyFinish().addBoth(ended)
     return stream
 
 

@@ -97,7 +97,6 @@ class _PacedRequest(DummyRequest):
 
     def __init__(self, room: int) -> None:
         super().__init__([b""])
-        self._disconnected = False
         self.channel = type("Channel", (), {"transport": StringTransport()})()
         self.room = room
         self.buffered = 0

@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
@@ -18,6 +20,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from sse_twisted._auth_cache import CachingAuthenticator
 from sse_twisted._metrics import Metrics
 from sse_twisted._resource import root_resource
+from sse_twisted._site import EventStreamSite
 from sse_twisted._subscribe import path_problem
 from sse_twisted.interfaces import BackendBusy, BackendUnavailable
 from tests.fakes import ScriptedAuthenticator, make_resource, render, request_for
@@ -54,6 +57,28 @@ def test_a_closed_stream_leaves_the_registry_at_once() -> None:
     render(resource, request)
     request.processingFailed(Failure(ConnectionError("client went away")))
     assert len(registry) == 0
+
+
+def test_a_stream_whose_client_disconnects_is_no_longer_open() -> None:
+    # A real Request on Twisted's HTTP/1.1 channel, in memory, whose connection is lost.
+    resource, registry = make_resource(ScriptedAuthenticator(True))
+    clock = Clock()
+    site = EventStreamSite(root_resource(resource), clock, metrics=Metrics())
+    site.reactor = clock  # type: ignore[assignment]
+    protocol = site.buildProtocol(None)
+    assert protocol is not None
+    protocol.makeConnection(StringTransport())
+    protocol.dataReceived(
+        f"GET /subscribe/{TOPIC}/{USERID}/{NONCE} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+    )
+    [stream] = registry
+    assert stream.is_open
+    protocol.connectionLost(Failure(ConnectionDone("client went away")))
+    assert not stream.is_open
+    assert len(registry) == 0
+    # What the lifetime and the revocation do to a stream they hold: nothing, no error
+    # (Twisted raises on finishing a request whose connection is lost).
+    stream.close(b"retry: 1000\n\n")
 
 
 def test_an_unknown_subscriber_is_forbidden() -> None:

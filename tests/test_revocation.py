@@ -574,6 +574,12 @@ class ScriptedGrants:
             pending.callback(granted)
 
 
+def _ended(_: object, stream: EventStream, registry: StreamRegistry) -> None:
+    # As the resource does: a finished request ends the stream and leaves the registry.
+    stream.response_ended()
+    registry.remove(stream)
+
+
 def enforcer_with_streams(
     pairs: list[tuple[str, str]], batch_pairs: int = 500
 ) -> tuple[RevocationEnforcer, ScriptedGrants, Clock, list[EventStream]]:
@@ -584,10 +590,9 @@ def enforcer_with_streams(
     streams = []
     for userid, nonce in pairs:
         request = DummyRequest([b""])
-        request._disconnected = False
         stream = EventStream(userid, new_uuid(), request, "c", 1000, nonce=nonce)
         registry.add(stream)
-        request.notifyFinish().addBoth(lambda _, stream=stream: registry.remove(stream))
+        request.notifyFinish().addBoth(_ended, stream, registry)
         streams.append(stream)
     return enforcer, grants, clock, streams
 
