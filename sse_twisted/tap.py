@@ -250,6 +250,7 @@ def _partitions(
     count = config.rabbitmq_partitions
     super_stream = None
     if count > 1:
+        on_fatal = _first_only(on_fatal)
         super_stream = SuperStream(
             config.rabbitmq_queue_name,
             count,
@@ -274,6 +275,19 @@ def _partitions(
     if count > 1:
         metrics.registry.register(PartitionGauges(partitions))
     return partitions
+
+
+def _first_only(on_fatal: Callable[[str], None]) -> Callable[[str], None]:
+    """``on_fatal``, called once: every partition's consumer refuses a layout that does not
+    match, and one line says it."""
+    said: list[str] = []
+
+    def fatal(reason: str) -> None:
+        if not said:
+            said.append(reason)
+            on_fatal(reason)
+
+    return fatal
 
 
 def _url_tree(
