@@ -29,6 +29,7 @@ from typing import Any
 
 from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
 from pika.exceptions import ChannelClosedByBroker
+from twisted.internet.defer import Deferred, DeferredLock
 
 __all__ = ["SINGLE", "Partition", "SuperStream", "partition_of"]
 
@@ -102,6 +103,10 @@ class SuperStream:
         self.name = name
         self.count = count
         self.queue_arguments = {**queue_arguments, "x-queue-leader-locator": "balanced"}
+        # The check for a partition too many answers with a 404, which pika logs as a
+        # warning: made once per process, not by every consumer at every connection.
+        self._checking = DeferredLock()
+        self._checked = False
 
     def partitions(self) -> list[str]:
         """The partition queues, in order."""
@@ -109,13 +114,11 @@ class SuperStream:
 
     async def declare(self, connection: TwistedProtocolConnection) -> str | None:
         """Declare what is missing of the layout; the reason it cannot be, or None."""
-        beyond = Partition(self.count + 1, self.count).queue(self.name)
-        if await _exists(connection, queue=beyond):
-            return (
-                f"RabbitMQ super stream {self.name!r} has more partitions than "
-                f"SSE_RABBITMQ_PARTITIONS={self.count} ({beyond!r} exists): set the number "
-                f"it was made with, or delete it"
-            )
+        problem = await self._checking.run(
+            lambda: Deferred.fromCoroutine(self._partition_too_many(connection))
+        )
+        if problem is not None:
+            return problem
         channel: TwistedChannel = await connection.channel()
         for queue in self.partitions():
             try:
@@ -156,6 +159,19 @@ class SuperStream:
                 arguments={"x-stream-partition-order": number},
             )
         channel.close()
+        return None
+
+    async def _partition_too_many(self, connection: TwistedProtocolConnection) -> str | None:
+        if self._checked:
+            return None
+        beyond = Partition(self.count + 1, self.count).queue(self.name)
+        if await _exists(connection, queue=beyond):
+            return (
+                f"RabbitMQ super stream {self.name!r} has more partitions than "
+                f"SSE_RABBITMQ_PARTITIONS={self.count} ({beyond!r} exists): set the number "
+                f"it was made with, or delete it"
+            )
+        self._checked = True
         return None
 
 
