@@ -18,6 +18,7 @@ import pika.exceptions
 import psycopg2
 import pytest
 import pytest_twisted
+from twisted.application.service import Service
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
@@ -26,11 +27,14 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from sse_twisted import publish as publish_tool
 from sse_twisted._config import ConfigError, load_config
+from sse_twisted._health import ConsumerCheck
+from sse_twisted._lifetime import StreamLifetimeService
 from sse_twisted._live import LiveStart
 from sse_twisted._metrics import Metrics
 from sse_twisted._partitions import SINGLE, Partition, partition_of
 from sse_twisted._replay import ReplayWindow
 from sse_twisted._router import MessageRouter
+from sse_twisted._shard import PartitionedConsumer
 from sse_twisted._streams import EventStream, StreamRegistry
 from sse_twisted.tap import build_service
 from tests.browser import Browser
@@ -100,6 +104,56 @@ def test_a_resume_with_an_id_of_another_layout_gets_a_reset_in_this_layout() -> 
         assert b"id: 4-2-4\n" in reset  # just before the first event kept
         assert json.loads(reset.split(b"data: ")[1]) == {"lastEventId": foreign, "resumeFrom": 5}
         assert events == [b"event 5", b"event 6", b"event 7"]
+
+
+def test_an_unpartitioned_server_resets_a_resume_with_a_partitioned_id() -> None:
+    window = ReplayWindow(Clock(), 300, 100)
+    userid = new_uuid()
+    window.record(userid, None, 3, b"event 3")
+    reset, event = window.replay(userid, new_uuid(), "4-0-2").frames
+    assert b"event: reset" in reset
+    assert b"id: 2\n" in reset
+    assert event == b"event 3"
+
+
+def test_a_stream_at_the_end_of_its_life_gets_the_newest_id_of_its_own_partition() -> None:
+    clock = Clock()
+    registry = StreamRegistry()
+    windows = {n: ReplayWindow(clock, 300, 100, partition=Partition(4, n)) for n in (0, 1)}
+    windows[0].consumed(7)
+    windows[1].consumed(41)
+    lifetimes = StreamLifetimeService(
+        registry, lambda userid: windows.get(partition_of(userid, 4)), clock, 1000, 0
+    )
+    requests = {}
+    for number in (0, 1):
+        requests[number] = DummyRequest([b""])
+        registry.add(
+            EventStream(user_in(number), new_uuid(), requests[number], "c", 1000, expires_at=1)
+        )
+    clock.advance(2)
+    assert lifetimes.close_expired() == 2
+    assert b"".join(requests[0].written).startswith(b"id: 4-0-7\n\n")
+    assert b"".join(requests[1].written).startswith(b"id: 4-1-41\n\n")
+
+
+def test_readiness_names_the_partition_still_reading_back() -> None:
+    class Consumer(Service):
+        consuming = True
+        behind: str | None = None
+        last_offset = None
+
+    zero, one = Consumer(), Consumer()
+    one.behind = "reading back"
+    both = PartitionedConsumer([(0, zero), (1, one)])  # type: ignore[list-item]
+    check = ConsumerCheck(both, "messages-0, messages-1")
+    state = check.check().result
+    assert not state.ready
+    assert state.state == "reading back (partition 1)"
+    one.behind = None
+    assert check.check().result.ready
+    zero.consuming = False
+    assert check.check().result.state == "not consuming"
 
 
 def test_a_message_published_to_a_partition_its_user_does_not_live_in_is_skipped() -> None:
@@ -288,6 +342,8 @@ async def test_an_instance_delivers_its_partitions_users_messages_and_sends_othe
     assert [json.loads(event["data"])["userid"] for event in zeros + ones] == [zero, one, one]
     assert [event["id"] for event in zeros] == ["4-0-0"]
     assert [event["id"] for event in ones] == ["4-1-0", "4-1-1"]
+    consumed = server.service.metrics.registry.get_sample_value("sse_messages_consumed_total")
+    assert consumed == 3  # none of partition 3's two
     # Partitions 2 and 3 are not consumed here: their messages stay in the broker, unread.
     consumers = await deferToThread(consumers_by_queue)
     assert [consumers[f"{name}-{n}"] for n in range(4)] == [1, 1, 0, 0]
