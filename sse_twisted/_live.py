@@ -34,7 +34,8 @@ def settle_uncovered(
     for what they missed."""
     for stream in registry.take_uncovered(_users_of(partition)):
         if stream.resume_after + 1 < first_offset:
-            stream.write(reset_frame(str(stream.resume_after), first_offset, partition))
+            requested = str(partition.event_id(stream.resume_after))
+            stream.write(reset_frame(requested, first_offset, partition))
 
 
 def _users_of(partition: Partition) -> Callable[[str], bool] | None:
@@ -96,6 +97,9 @@ class LiveStart:
     def _id_frame(self, offset: int) -> bytes:
         return id_frame(self._partition.event_id(offset))
 
+    def _text_id(self, offset: int | None) -> str:
+        return str(offset if offset is None else self._partition.event_id(offset))
+
     def tail_known(self, tail: int) -> None:
         """The read-back ends at ``tail``: held streams start there, getting what the
         consumer already read past it from the replay window."""
@@ -106,7 +110,7 @@ class LiveStart:
                 continue
             frames = self._id_frame(tail) if tail >= 0 else b""
             if self._window.newest is not None and self._window.newest > tail:
-                replay = self._window.replay(stream.userid, stream.topic, str(tail))
+                replay = self._window.replay(stream.userid, stream.topic, self._text_id(tail))
                 frames += b"".join(replay.frames)
             stream.resume_after = tail
             if frames:
@@ -140,7 +144,7 @@ class LiveStart:
         self._held.clear()
         self._ahead.clear()
         self._window.clear()
-        frame = reset_frame(str(previous_offset), 0, self._partition)
+        frame = reset_frame(self._text_id(previous_offset), 0, self._partition)
         users = _users_of(self._partition)
         for stream in self._registry:
             if users is not None and not users(stream.userid):

@@ -173,6 +173,22 @@ def test_a_message_published_to_a_partition_its_user_does_not_live_in_is_skipped
     assert skipped == 1
 
 
+def test_a_new_stream_held_during_the_read_back_starts_at_its_partitions_tail() -> None:
+    registry = StreamRegistry()
+    window = ReplayWindow(Clock(), 300, 100, partition=Partition(4, 1))
+    live = LiveStart(registry, window, Clock(), 3)
+    userid = user_in(1)
+    request = DummyRequest([b""])
+    stream = EventStream(userid, new_uuid(), request, "c", 1000)
+    assert live.start(stream, None) == []  # held: the tail is not known yet
+    registry.add(stream)
+    for offset in (5, 6):
+        window.record(userid, None, offset, b"id: 4-1-%d\ndata: x\n\n" % offset)
+    live.tail_known(5)
+    assert b"".join(request.written) == b"id: 4-1-5\n\nid: 4-1-6\ndata: x\n\n"
+    assert stream.resume_after == 5
+
+
 def test_a_re_created_partition_resets_only_the_streams_of_its_own_users() -> None:
     registry = StreamRegistry()
     windows = [ReplayWindow(Clock(), 300, 100, partition=Partition(4, n)) for n in (0, 1)]
