@@ -4,10 +4,10 @@ measures, stops it, and returns a dict. ``Settings.server`` says which server: s
 the reference server (``bench/reference``); ``SSE_TWISTED_ONLY`` names what only the former
 can run.
 
-Server CPU is utime + stime of the twistd process over the scenario's measured window
-(``/proc/<pid>/stat``, 10 ms ticks), memory its VmRSS; the generator's CPU (this process)
-and the broker's (beam.smp) over the same window are reported beside it, so that a
-saturated generator or broker is visible.
+Server CPU is utime + stime of the server process (twistd or uvicorn) over the scenario's
+measured window (``/proc/<pid>/stat``, 10 ms ticks), memory its VmRSS; the generator's CPU
+(this process) and the broker's (beam.smp) over the same window are reported beside it, so
+that a saturated generator or broker is visible.
 """
 
 from __future__ import annotations
