@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,8 +330,11 @@ class RabbitMQServer:
         }
 
     @classmethod
-    def launch(cls, pki: Pki, directory: Path) -> RabbitMQServer:
-        """Configure and boot a node in ``directory``; the caller must :meth:`terminate` it."""
+    def launch(cls, pki: Pki, directory: Path, cookie: str | None = None) -> RabbitMQServer:
+        """Configure and boot a node in ``directory``; the caller must :meth:`terminate` it.
+
+        Nodes that are to join one cluster share an Erlang ``cookie``; by default the node
+        gets one of its own."""
         server = cls(
             directory=directory,
             nodename=_unused_node_name(),
@@ -342,7 +346,7 @@ class RabbitMQServer:
         )
         try:
             started = time.monotonic()
-            server._configure(pki)
+            server._configure(pki, cookie or secrets.token_hex(16))
             server._boot()
             log.info("RabbitMQ ready in %.1fs", time.monotonic() - started)
         except BaseException:
@@ -350,13 +354,13 @@ class RabbitMQServer:
             raise
         return server
 
-    def _configure(self, pki: Pki) -> None:
+    def _configure(self, pki: Pki, cookie: str) -> None:
         files = DEV_CERTIFICATE_FILES
         home = self.directory / "home"
         home.mkdir()
-        cookie = home / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(16))
-        cookie.chmod(0o400)  # Erlang refuses a cookie that others can read
+        cookie_file = home / ".erlang.cookie"
+        cookie_file.write_text(cookie)
+        cookie_file.chmod(0o400)  # Erlang refuses a cookie that others can read
         (self.directory / "rabbitmq-env.conf").touch()
         (self.directory / "enabled_plugins").write_text("[].\n")
         (self.directory / "rabbitmq.conf").write_text(
@@ -484,3 +488,55 @@ class RabbitMQServer:
         except subprocess.TimeoutExpired:
             os.killpg(self._process.pid, signal.SIGKILL)
             self._process.wait()
+
+
+@dataclass
+class RabbitMQCluster:
+    """Nodes of :class:`RabbitMQServer` joined into one RabbitMQ cluster.
+
+    They boot side by side, each in a directory of its own under ``directory``, sharing an
+    Erlang cookie; every node but the first then joins the first (``stop_app``, ``reset``,
+    ``join_cluster``, ``start_app``).
+    """
+
+    directory: Path
+    nodes: list[RabbitMQServer] = field(default_factory=list)
+
+    @classmethod
+    def launch(cls, pki: Pki, size: int = 3) -> RabbitMQCluster:
+        """Boot and join ``size`` nodes; the caller must :meth:`destroy` the cluster."""
+        cluster = cls(Path(tempfile.mkdtemp(prefix="sse-test-rabbitmq-cluster-")))
+        cookie = secrets.token_hex(16)
+        started = time.monotonic()
+        try:
+            directories = [cluster.directory / f"node-{index}" for index in range(size)]
+            for directory in directories:
+                directory.mkdir()
+            with ThreadPoolExecutor(size) as pool:
+                booting = [
+                    pool.submit(RabbitMQServer.launch, pki, directory, cookie)
+                    for directory in directories
+                ]
+                # Every node that booted is kept, to be stopped, before a failure is raised.
+                for future in booting:
+                    with suppress(Exception):
+                        cluster.nodes.append(future.result())
+                for future in booting:
+                    future.result()
+            seed = cluster.nodes[0]
+            for node in cluster.nodes[1:]:
+                node.rabbitmqctl("stop_app")
+                node.rabbitmqctl("reset")
+                node.rabbitmqctl("join_cluster", seed.nodename)
+                node.start_app()
+            log.info("RabbitMQ cluster of %d ready in %.1fs", size, time.monotonic() - started)
+        except BaseException:
+            cluster.destroy()
+            raise
+        return cluster
+
+    def destroy(self) -> None:
+        """Shut every node down, whatever its state, and delete their files."""
+        for node in self.nodes:
+            node.terminate()
+        shutil.rmtree(self.directory, ignore_errors=True)

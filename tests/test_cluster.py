@@ -1,0 +1,141 @@
+"""The engines as clusters: a three-node RabbitMQ cluster losing the consumer's node while
+messages flow, and PostgreSQL listed as two hosts losing the first.
+
+Select with ``-k cluster``. The RabbitMQ nodes run from the installed binaries on free
+ports, over TLS as in production; each is stopped, and its files deleted, at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import LogEvent
+
+from tests.backends import Pki, PostgresServer, RabbitMQCluster, RabbitMQServer
+from tests.browser import Browser, EventCollector
+from tests.in_process_server import start_server
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_subscriber
+from tests.waiting import wait_for
+
+USERS = 3
+TABS_PER_USER = 2
+MESSAGES_PER_USER = 60
+CHUNK = 10
+PACE_SECONDS = 0.2
+# Long enough for a node to stop, the consumer to notice and resume on another.
+FAILOVER_SECONDS = 60
+
+
+@pytest.fixture
+def rabbitmq_cluster(pki: Pki) -> Iterator[RabbitMQCluster]:
+    """Three RabbitMQ nodes joined into one cluster; stopped and deleted afterwards."""
+    cluster = RabbitMQCluster.launch(pki, size=3)
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+def filenames(tab: EventCollector) -> list[str]:
+    return [
+        json.loads(event["data"])["filename"]
+        for event in tab.received
+        if event["event"] == "message"
+    ]
+
+
+def consuming_addresses(events: Sequence[LogEvent]) -> list[str]:
+    """The node of each "consuming ... at <node>" line, in order."""
+    return [
+        event["address"]
+        for event in events
+        if event.get("log_format", "").startswith("consuming {queue} at {address}")
+    ]
+
+
+async def publish_chunks(port: int, queue: str, messages: list[dict[str, str]]) -> None:
+    # A connection per chunk, as short-lived producers do, each confirmed; paced, so that
+    # the flow goes on while a node stops.
+    for start in range(0, len(messages), CHUNK):
+        await publish(port, queue, *messages[start : start + CHUNK])
+        await deferLater(reactor, PACE_SECONDS, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_losing_the_consumers_node_mid_flow_loses_and_repeats_nothing(
+    pki: Pki,
+    postgres_tls: PostgresServer,
+    rabbitmq_cluster: RabbitMQCluster,
+    browser: Browser,
+    log_events: Sequence[LogEvent],
+) -> None:
+    nodes = rabbitmq_cluster.nodes
+    queue = f"messages-{new_uuid()}"
+    environ = {
+        "SSE_CERTS_DIR": str(pki.directory),
+        "SSE_POSTGRES_HOST": postgres_tls.host,
+        "SSE_POSTGRES_PORT": str(postgres_tls.port),
+        "SSE_POSTGRES_USERNAME": postgres_tls.user,
+        "SSE_POSTGRES_DB_NAME": postgres_tls.database,
+        # Every node over TLS, each verified against the name it is listed by.
+        "SSE_RABBITMQ_HOST": ",".join(f"{node.host}:{node.amqps_port}" for node in nodes),
+        "SSE_RABBITMQ_INITIAL_CLUSTER_SIZE": "3",
+        "SSE_RABBITMQ_QUEUE_NAME": queue,
+    }
+    server = await start_server(environ)
+    try:
+        [first_address] = consuming_addresses(log_events)
+        victim = next(node for node in nodes if first_address.endswith(f":{node.amqps_port}"))
+        survivor: RabbitMQServer = next(node for node in nodes if node is not victim)
+        members = await deferToThread(
+            survivor.rabbitmqctl, "list_queues", "--quiet", "--no-table-headers", "members"
+        )
+        assert sorted(members.strip().strip("[]").split(", ")) == sorted(
+            node.nodename for node in nodes
+        ), "the stream is replicated on every node"
+
+        tabs: dict[str, list[EventCollector]] = {}
+        for _ in range(USERS):
+            userid, token = add_subscriber(postgres_tls)
+            url = server.subscribe_url(new_uuid(), userid, token)
+            tabs[userid] = [(await browser.open(url))[1] for _ in range(TABS_PER_USER)]
+        messages = [
+            found_contract(userid, filename=str(number))
+            for number in range(MESSAGES_PER_USER)
+            for userid in tabs
+        ]
+        every_tab = [tab for user_tabs in tabs.values() for tab in user_tabs]
+
+        await publish_chunks(survivor.amqp_port, queue, messages[:CHUNK])
+        await wait_for(lambda: all(filenames(tab) for tab in every_tab), "the first events")
+        # The node stops while the other chunks are being published.
+        stopping = deferToThread(victim.terminate)
+        await publish_chunks(survivor.amqp_port, queue, messages[CHUNK:])
+        await stopping
+        markers = [found_contract(userid, filename="last") for userid in tabs]
+        await publish(survivor.amqp_port, queue, *markers)
+        await wait_for(
+            lambda: all(filenames(tab)[-1:] == ["last"] for tab in every_tab),
+            "every message on every tab after the failover",
+            FAILOVER_SECONDS,
+        )
+        addresses = consuming_addresses(log_events)
+    finally:
+        await server.stop()
+
+    assert addresses[0] == first_address and len(addresses) >= 2
+    assert not addresses[-1].endswith(f":{victim.amqps_port}"), "resumed on another node"
+    expected = [str(number) for number in range(MESSAGES_PER_USER)] + ["last"]
+    for user_tabs in tabs.values():
+        for tab in user_tabs:
+            assert filenames(tab) == expected
+            ids = [int(event["id"]) for event in tab.received if event["event"] == "message"]
+            assert ids == sorted(set(ids))
