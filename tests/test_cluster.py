@@ -15,7 +15,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogEvent
+from twisted.logger import LogEvent, formatEvent
 
 from tests.backends import Pki, PostgresServer, RabbitMQCluster, RabbitMQServer
 from tests.browser import Browser, EventCollector
@@ -139,3 +139,76 @@ async def test_cluster_losing_the_consumers_node_mid_flow_loses_and_repeats_noth
             assert filenames(tab) == expected
             ids = [int(event["id"]) for event in tab.received if event["event"] == "message"]
             assert ids == sorted(set(ids))
+
+
+@pytest.fixture
+def two_postgres_servers(pki: Pki) -> Iterator[tuple[PostgresServer, PostgresServer]]:
+    """Two PostgreSQL servers with the users table, as two hosts of one database would
+    be (the same rows in each); stopped and deleted afterwards."""
+    first = PostgresServer.launch(pki)
+    try:
+        second = PostgresServer.launch(pki)
+        try:
+            yield first, second
+        finally:
+            second.destroy()
+    finally:
+        first.destroy()
+
+
+async def let_in(browser: Browser, url: str, publish_to: str, userid: str) -> int:
+    """Subscribe until the server lets the subscriber in, as an EventSource does; return
+    how many answers it took. Every answer must be a 200 (a browser stops on any other);
+    one that ends at once is the "come back later" of a database outage."""
+    for attempt in range(1, 20):
+        response, tab = await browser.open(url)
+        assert response.code == 200
+        await publish(5672, publish_to, found_contract(userid, filename=f"attempt {attempt}"))
+        await wait_for(lambda: bool(filenames(tab)) or tab.closed.called, "an event or an end")
+        if filenames(tab):
+            tab.close()
+            return attempt
+        await deferLater(reactor, 0.5, lambda: None)  # the retry: hint's wait
+    raise AssertionError("never let in")
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_of_postgres_hosts_losing_the_first_still_lets_subscribers_in(
+    plaintext_environ: dict[str, str],
+    two_postgres_servers: tuple[PostgresServer, PostgresServer],
+    browser: Browser,
+    log_events: Sequence[LogEvent],
+) -> None:
+    first, second = two_postgres_servers
+    userid, token = add_subscriber(first)
+    second.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
+    environ = {
+        **plaintext_environ,
+        # Each host by another name in the certificate: verify-full checks each one's own.
+        "SSE_POSTGRES_HOST": "localhost,127.0.0.1",
+        "SSE_POSTGRES_PORT": f"{first.port},{second.port}",
+        "SSE_POSTGRES_SSLMODE": "verify-full",
+        "SSE_POSTGRES_USERNAME": first.user,
+        "SSE_POSTGRES_DB_NAME": first.database,
+        "SSE_POSTGRES_TIMEOUT_SECONDS": "2",
+        # Every subscribe asks the database.
+        "SSE_AUTH_CACHE_SECONDS": "0",
+    }
+    queue = environ["SSE_RABBITMQ_QUEUE_NAME"]
+    server = await start_server(environ)
+    try:
+        url = server.subscribe_url(new_uuid(), userid, token)
+        assert await let_in(browser, url, queue, userid) == 1
+        await deferToThread(first.stop)
+        attempts = await let_in(browser, url, queue, userid)
+    finally:
+        await server.stop()
+    connected = [
+        formatEvent(event)
+        for event in log_events
+        if event.get("log_format", "").startswith("connected to PostgreSQL")
+    ]
+    assert f"connected to PostgreSQL localhost:{first.port}/sse" in connected
+    assert f"connected to PostgreSQL 127.0.0.1:{second.port}/sse" in connected
+    # At most the one "come back later" a database outage gets, then let in.
+    assert attempts <= 2, attempts
