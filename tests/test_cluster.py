@@ -156,6 +156,10 @@ def two_postgres_servers(pki: Pki) -> Iterator[tuple[PostgresServer, PostgresSer
         first.destroy()
 
 
+async def event_or_end(tab: EventCollector) -> None:
+    await wait_for(lambda: bool(filenames(tab)) or tab.closed.called, "an event or an end")
+
+
 async def let_in(browser: Browser, url: str, publish_to: str, userid: str) -> int:
     """Subscribe until the server lets the subscriber in, as an EventSource does; return
     how many answers it took. Every answer must be a 200 (a browser stops on any other);
@@ -164,7 +168,7 @@ async def let_in(browser: Browser, url: str, publish_to: str, userid: str) -> in
         response, tab = await browser.open(url)
         assert response.code == 200
         await publish(5672, publish_to, found_contract(userid, filename=f"attempt {attempt}"))
-        await wait_for(lambda: bool(filenames(tab)) or tab.closed.called, "an event or an end")
+        await event_or_end(tab)
         if filenames(tab):
             tab.close()
             return attempt
