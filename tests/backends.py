@@ -185,7 +185,48 @@ class PostgresServer:
             **as_postgres,
         )
 
-    def _initialise(self, pki: Pki) -> None:
+    @classmethod
+    def launch_standby(cls, pki: Pki, primary: PostgresServer) -> PostgresServer:
+        """A hot standby of ``primary`` (``pg_basebackup`` and streaming replication),
+        started and serving reads; the caller must :meth:`destroy` it."""
+        server = cls(
+            directory=Path(tempfile.mkdtemp(prefix="sse-test-postgres-standby-")),
+            port=free_port(),
+            ca_certificate=primary.ca_certificate,
+        )
+        try:
+            started = time.monotonic()
+            certificate, key = server._install_certificates(pki)
+            # The primary's files and settings, and -R: standby.signal and primary_conninfo.
+            backup = server._run(
+                str(POSTGRES_BIN / "pg_basebackup"),
+                *("-D", str(server.data_directory), "-R", "-X", "stream", "-c", "fast"),
+                "--no-sync",
+                "-d",
+                # No client certificate: without one named, libpq would look in $HOME,
+                # root's under sudo-less root, which the postgres user may not read.
+                f"host=127.0.0.1 port={primary.port} user={primary.user} sslmode=require "
+                f"sslcert={server.directory / 'none.crt'} sslkey={server.directory / 'none.key'}",
+            )
+            if backup.returncode:
+                raise BackendStartupError(f"pg_basebackup failed:\n{backup.stdout}{backup.stderr}")
+            # Appended after the primary's own lines, so these win.
+            with (server.data_directory / "postgresql.conf").open("a") as config:
+                config.write(
+                    f"port = {server.port}\n"
+                    f"unix_socket_directories = '{server.directory}'\n"
+                    f"ssl_cert_file = '{certificate}'\n"
+                    f"ssl_key_file = '{key}'\n"
+                )
+            server.start()
+            log.info("PostgreSQL standby ready in %.1fs", time.monotonic() - started)
+        except BaseException:
+            server.destroy()
+            raise
+        return server
+
+    def _install_certificates(self, pki: Pki) -> tuple[Path, Path]:
+        """Copy the server certificate and key where the server's OS user may read them."""
         files = DEV_CERTIFICATE_FILES
         certificate = self.directory / "server.crt"
         key = self.directory / "server.key"
@@ -196,6 +237,10 @@ class PostgresServer:
             account = pwd.getpwnam("postgres")
             for path in (self.directory, certificate, key):
                 os.chown(path, account.pw_uid, account.pw_gid)
+        return certificate, key
+
+    def _initialise(self, pki: Pki) -> None:
+        certificate, key = self._install_certificates(pki)
         initdb = self._run(
             str(POSTGRES_BIN / "initdb"),
             *("-D", str(self.data_directory), "-U", self.user, "-A", "trust"),
@@ -207,6 +252,7 @@ class PostgresServer:
         (self.data_directory / "pg_hba.conf").write_text(
             "local all all trust\n"
             "hostssl all all 127.0.0.1/32 trust\n"
+            "hostssl replication all 127.0.0.1/32 trust\n"
             "hostnossl all all 0.0.0.0/0 reject\n"
         )
         with (self.data_directory / "postgresql.conf").open("a") as config:

@@ -142,18 +142,44 @@ async def test_cluster_losing_the_consumers_node_mid_flow_loses_and_repeats_noth
 
 
 @pytest.fixture
-def two_postgres_servers(pki: Pki) -> Iterator[tuple[PostgresServer, PostgresServer]]:
-    """Two PostgreSQL servers with the users table, as two hosts of one database would
-    be (the same rows in each); stopped and deleted afterwards."""
-    first = PostgresServer.launch(pki)
+def primary_and_standby(pki: Pki) -> Iterator[tuple[PostgresServer, PostgresServer]]:
+    """A PostgreSQL primary and its hot standby (streaming replication), both over TLS;
+    stopped and deleted afterwards."""
+    primary = PostgresServer.launch(pki)
     try:
-        second = PostgresServer.launch(pki)
+        standby = PostgresServer.launch_standby(pki, primary)
         try:
-            yield first, second
+            yield primary, standby
         finally:
-            second.destroy()
+            standby.destroy()
     finally:
-        first.destroy()
+        primary.destroy()
+
+
+async def replicated_subscriber(
+    primary: PostgresServer, standby: PostgresServer
+) -> tuple[str, str]:
+    """A subscriber added on the primary, once the standby has it too."""
+    userid, token = add_subscriber(primary)
+    query = "SELECT 1 FROM users WHERE uuid = %s"
+
+    async def on_standby() -> bool:
+        return bool(await deferToThread(standby.execute, query, (userid,)))
+
+    deadline = reactor.seconds() + 20
+    while not await on_standby():
+        assert reactor.seconds() < deadline, "the standby never received the subscriber"
+        await deferLater(reactor, 0.1, lambda: None)
+    return userid, token
+
+
+def postgres_connections(events: Sequence[LogEvent]) -> list[str]:
+    """Each "connected to PostgreSQL host:port/db" line."""
+    return [
+        formatEvent(event)
+        for event in events
+        if event.get("log_format", "").startswith("connected to PostgreSQL")
+    ]
 
 
 async def event_or_end(tab: EventCollector) -> None:
@@ -177,23 +203,22 @@ async def let_in(browser: Browser, url: str, publish_to: str, userid: str) -> in
 
 
 @pytest_twisted.ensureDeferred
-async def test_cluster_of_postgres_hosts_losing_the_first_still_lets_subscribers_in(
+async def test_cluster_of_postgres_hosts_losing_the_primary_still_lets_subscribers_in(
     plaintext_environ: dict[str, str],
-    two_postgres_servers: tuple[PostgresServer, PostgresServer],
+    primary_and_standby: tuple[PostgresServer, PostgresServer],
     browser: Browser,
     log_events: Sequence[LogEvent],
 ) -> None:
-    first, second = two_postgres_servers
-    userid, token = add_subscriber(first)
-    second.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
+    primary, standby = primary_and_standby
+    userid, token = await replicated_subscriber(primary, standby)
     environ = {
         **plaintext_environ,
         # Each host by another name in the certificate: verify-full checks each one's own.
         "SSE_POSTGRES_HOST": "localhost,127.0.0.1",
-        "SSE_POSTGRES_PORT": f"{first.port},{second.port}",
+        "SSE_POSTGRES_PORT": f"{primary.port},{standby.port}",
         "SSE_POSTGRES_SSLMODE": "verify-full",
-        "SSE_POSTGRES_USERNAME": first.user,
-        "SSE_POSTGRES_DB_NAME": first.database,
+        "SSE_POSTGRES_USERNAME": primary.user,
+        "SSE_POSTGRES_DB_NAME": primary.database,
         "SSE_POSTGRES_TIMEOUT_SECONDS": "2",
         # Every subscribe asks the database.
         "SSE_AUTH_CACHE_SECONDS": "0",
@@ -203,16 +228,49 @@ async def test_cluster_of_postgres_hosts_losing_the_first_still_lets_subscribers
     try:
         url = server.subscribe_url(new_uuid(), userid, token)
         assert await let_in(browser, url, queue, userid) == 1
-        await deferToThread(first.stop)
+        await deferToThread(primary.stop)
         attempts = await let_in(browser, url, queue, userid)
     finally:
         await server.stop()
-    connected = [
-        formatEvent(event)
-        for event in log_events
-        if event.get("log_format", "").startswith("connected to PostgreSQL")
-    ]
-    assert f"connected to PostgreSQL localhost:{first.port}/sse" in connected
-    assert f"connected to PostgreSQL 127.0.0.1:{second.port}/sse" in connected
+    connected = postgres_connections(log_events)
+    assert f"connected to PostgreSQL localhost:{primary.port}/sse" in connected
+    assert f"connected to PostgreSQL 127.0.0.1:{standby.port}/sse" in connected
     # At most the one "come back later" a database outage gets, then let in.
-    assert attempts <= 2, attempts
+    assert attempts <= 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_of_postgres_hosts_the_revocation_listener_passes_a_standby_listed_first(
+    plaintext_environ: dict[str, str],
+    primary_and_standby: tuple[PostgresServer, PostgresServer],
+    browser: Browser,
+    log_events: Sequence[LogEvent],
+) -> None:
+    primary, standby = primary_and_standby
+    userid, token = await replicated_subscriber(primary, standby)
+    environ = {
+        **plaintext_environ,
+        "SSE_POSTGRES_HOST": "127.0.0.1,localhost",
+        "SSE_POSTGRES_PORT": f"{standby.port},{primary.port}",
+        "SSE_POSTGRES_SSLMODE": "verify-full",
+        "SSE_POSTGRES_USERNAME": primary.user,
+        "SSE_POSTGRES_DB_NAME": primary.database,
+        "SSE_POSTGRES_POOL_SIZE": "2",
+        "SSE_AUTH_CACHE_SECONDS": "0",
+    }
+    server = await start_server(environ)
+    try:
+        listener = server.service.revocations
+        assert listener is not None
+        await wait_for(lambda: listener.listening, "LISTEN on the primary")
+        url = server.subscribe_url(new_uuid(), userid, token)
+        queue = environ["SSE_RABBITMQ_QUEUE_NAME"]
+        assert await let_in(browser, url, queue, userid) == 1
+    finally:
+        await server.stop()
+    # The pool reads from the standby, listed first; LISTEN, refused there, is on the primary.
+    assert sorted(postgres_connections(log_events)) == [
+        f"connected to PostgreSQL 127.0.0.1:{standby.port}/sse",
+        f"connected to PostgreSQL 127.0.0.1:{standby.port}/sse",
+        f"connected to PostgreSQL localhost:{primary.port}/sse",
+    ]
