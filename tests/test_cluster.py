@@ -95,12 +95,13 @@ async def test_cluster_losing_the_consumers_node_mid_flow_loses_and_repeats_noth
         [first_address] = consuming_addresses(log_events)
         victim = next(node for node in nodes if first_address.endswith(f":{node.amqps_port}"))
         survivor: RabbitMQServer = next(node for node in nodes if node is not victim)
-        members = await deferToThread(
-            survivor.rabbitmqctl, "list_queues", "--quiet", "--no-table-headers", "members"
+        listing = await deferToThread(
+            survivor.rabbitmqctl,
+            *("list_queues", "--quiet", "--no-table-headers", "arguments", "members"),
         )
-        assert sorted(members.strip().strip("[]").split(", ")) == sorted(
-            node.nodename for node in nodes
-        ), "the stream is replicated on every node"
+        arguments, members = listing.strip().split("\t")
+        assert '{"x-initial-cluster-size",3}' in arguments
+        assert sorted(members.strip("[]").split(", ")) == sorted(node.nodename for node in nodes)
 
         tabs: dict[str, list[EventCollector]] = {}
         for _ in range(USERS):
