@@ -1,8 +1,9 @@
-"""The engines as clusters: a three-node RabbitMQ cluster losing the consumer's node while
-messages flow, and PostgreSQL listed as two hosts losing the first.
+"""The engines as clusters: a three-node RabbitMQ cluster losing (shut down or crashed) the
+node the consumer reads from while messages flow, and a PostgreSQL primary with its
+streaming-replication standby losing the primary.
 
-Select with ``-k cluster``. The RabbitMQ nodes run from the installed binaries on free
-ports, over TLS as in production; each is stopped, and its files deleted, at the end.
+Select with ``-k cluster``. Every server runs from the installed binaries on free ports,
+over TLS as in production; each is stopped, and its files deleted, at the end.
 """
 
 from __future__ import annotations
