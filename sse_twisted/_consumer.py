@@ -19,7 +19,6 @@ from twisted.application.service import Service
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IProtocol,
@@ -32,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._broker_nodes import BrokerNodesEndpoint, parse_broker_nodes
 from ._config import Config
 from ._live import LiveStart
 from ._metrics import Metrics, amqp_timestamp_seconds
@@ -209,7 +209,13 @@ class StreamConsumerService(Service):
             heartbeat=config.rabbitmq_heartbeat_seconds,
         )
         self._queue = queue or config.rabbitmq_queue_name
-        self._queue_arguments = {"x-queue-type": "stream", "x-max-age": config.rabbitmq_max_age}
+        self._queue_arguments: dict[str, object] = {
+            "x-queue-type": "stream",
+            "x-max-age": config.rabbitmq_max_age,
+        }
+        if config.rabbitmq_initial_cluster_size is not None:
+            # Replicas on that many nodes; unset, the broker's default decides.
+            self._queue_arguments["x-initial-cluster-size"] = config.rabbitmq_initial_cluster_size
         self._super_stream = super_stream
         if super_stream is not None:
             self._queue_arguments = super_stream.queue_arguments
@@ -219,22 +225,19 @@ class StreamConsumerService(Service):
         self._on_message = on_message
         self._metrics = metrics
         self._on_fatal = on_fatal
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(
-            reactor, config.rabbitmq_host, config.rabbitmq_port
+        certs_dir = config.certs_dir
+        self._nodes = BrokerNodesEndpoint(
+            reactor,
+            parse_broker_nodes(config.rabbitmq_host, config.rabbitmq_port),
+            (lambda host: rabbitmq_client_tls(certs_dir, host)) if config.rabbitmq_tls else None,
         )
-        scheme = "amqp"
-        if config.rabbitmq_tls:
-            scheme = "amqps"
-            tls = rabbitmq_client_tls(config.certs_dir, config.rabbitmq_host)
-            endpoint = wrapClientTLS(tls, endpoint)
-        self._address = f"{scheme}://{config.rabbitmq_host}:{config.rabbitmq_port}"
         self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=10.0)
         self._failed_attempts = 0
         self._parameters = parameters
         factory = Factory.forProtocol(self._new_connection)
         factory.noisy = False
         self._client = ClientService(
-            _ReportingEndpoint(endpoint, self._address, self._connect_failed),
+            _ReportingEndpoint(self._nodes, config.rabbitmq_host, self._connect_failed),
             factory,
             retryPolicy=self._retry_delay,
             clock=reactor,
@@ -292,7 +295,7 @@ class StreamConsumerService(Service):
         self._failed_attempts += 1
         self.log.warn(
             "cannot connect to RabbitMQ at {address}: {reason}; retrying",
-            address=self._address,
+            address=self._nodes.address,
             reason=reason.getErrorMessage(),
         )
 
@@ -364,7 +367,7 @@ class StreamConsumerService(Service):
         self.log.info(
             "consuming {queue} at {address} from offset {offset}",
             queue=self._queue,
-            address=self._address,
+            address=self._nodes.address,
             offset=str(offset),  # may be a datetime, which JSON log lines cannot hold
         )
         if not self._caught_up:
@@ -658,7 +661,7 @@ class StreamConsumerService(Service):
             self.log.warn(
                 "lost RabbitMQ connection {address} while consuming {queue}: {reason}; "
                 "reconnecting",
-                address=self._address,
+                address=self._nodes.address,
                 queue=self._queue,
                 reason=reason,
             )
@@ -666,7 +669,7 @@ class StreamConsumerService(Service):
         self._failed_attempts += 1
         self.log.warn(
             "RabbitMQ connection {address} ended before consuming {queue}: {reason}; retrying",
-            address=self._address,
+            address=self._nodes.address,
             queue=self._queue,
             reason=reason,
         )

@@ -251,11 +251,14 @@ def _partitions(
     super_stream = None
     if count > 1:
         on_fatal = _first_only(on_fatal)
-        super_stream = SuperStream(
-            config.rabbitmq_queue_name,
-            count,
-            {"x-queue-type": "stream", "x-max-age": config.rabbitmq_max_age},
-        )
+        arguments: dict[str, object] = {
+            "x-queue-type": "stream",
+            "x-max-age": config.rabbitmq_max_age,
+        }
+        if config.rabbitmq_initial_cluster_size is not None:
+            # Each partition replicated as the single stream would be.
+            arguments["x-initial-cluster-size"] = config.rabbitmq_initial_cluster_size
+        super_stream = SuperStream(config.rabbitmq_queue_name, count, arguments)
     local = []
     for number in config.partitions:
         partition = SINGLE if count == 1 else Partition(count, number)
