@@ -271,6 +271,19 @@ def consumers_by_queue() -> dict[str, int]:
     return {queue["name"]: int(queue["consumers"]) for queue in json.loads(listed.stdout)}
 
 
+def queue_arguments(queue: str) -> dict[str, Any]:
+    """The arguments ``queue`` was declared with (``rabbitmqctl list_queues``)."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-q", "--formatter", "json", "name", "arguments"],
+        capture_output=True,
+        check=True,
+        text=True,
+        timeout=60,
+    )
+    (arguments,) = [row["arguments"] for row in json.loads(listed.stdout) if row["name"] == queue]
+    return {name: value for name, _, value in arguments}  # [name, type, value] each
+
+
 @pytest.fixture
 def partitioned_environ(plaintext_environ: dict[str, str]) -> Iterator[dict[str, str]]:
     """A P = 4 server consuming partitions 0 and 1 of its own super stream (deleted after)."""
@@ -280,6 +293,7 @@ def partitioned_environ(plaintext_environ: dict[str, str]) -> Iterator[dict[str,
         "SSE_RABBITMQ_QUEUE_NAME": name,
         "SSE_RABBITMQ_PARTITIONS": str(PARTITIONS),
         "SSE_PARTITIONS": "0,1",
+        "SSE_RABBITMQ_INITIAL_CLUSTER_SIZE": "1",
     }
     delete_super_stream(name, PARTITIONS)
 
@@ -335,6 +349,13 @@ async def test_the_server_declares_the_super_stream_layout_add_super_stream_make
     # Only partitions 0 and 1 are consumed here.
     consumers = await deferToThread(consumers_by_queue)
     assert [consumers[f"{name}-{n}"] for n in range(4)] == [1, 1, 0, 0]
+    arguments = await deferToThread(queue_arguments, f"{name}-3")
+    assert arguments == {
+        "x-queue-type": "stream",
+        "x-max-age": "1D",
+        "x-queue-leader-locator": "balanced",
+        "x-initial-cluster-size": 1,
+    }
 
 
 @pytest_twisted.ensureDeferred
