@@ -351,10 +351,13 @@ def _revocation(
     reactor: Any,
     auth_cache: CachingAuthenticator,
     registry: StreamRegistry,
-    authenticator: PostgresAuthenticator,
 ) -> dict[str, IService]:
     """PostgreSQL's revocation feed, and what closes the streams it revokes."""
-    enforcer = RevocationEnforcer(auth_cache, registry, authenticator.granted, reactor)
+    # The re-check reads the primary the notifications come from, on the feed's connection
+    # (the subscriber checks' pool may be on a standby that has not replayed them yet).
+    enforcer = RevocationEnforcer(
+        auth_cache, registry, lambda pairs: revocations.granted(pairs), reactor
+    )
     revocations = RevocationListener(
         config, reactor, enforcer.revoke, on_resynchronised=enforcer.resynchronise
     )
@@ -441,7 +444,7 @@ def build_service(
         subscribe=subscribe,
         listener=_listener(config, reactor, root, server_tls, metrics, on_fatal),
         others={
-            **_revocation(config, reactor, auth_cache, registry, authenticator),
+            **_revocation(config, reactor, auth_cache, registry),
             "stream-lifetime": _stream_lifetime(config, reactor, registry, partitions),
             "heartbeats": HeartbeatService(registry, config.heartbeat_seconds, reactor),
             **_metrics_listener(config, reactor, metrics, on_fatal),
