@@ -22,7 +22,10 @@ _SLICES = 150
 
 
 class HeartbeatService(Service):
-    """Every stream gets one keep-alive comment per ``interval_seconds``, in slices."""
+    """Every stream gets one keep-alive comment per ``interval_seconds``, in slices.
+
+    @ivar keep_alives_written: the running total, for the stall log line.
+    """
 
     def __init__(
         self, registry: StreamRegistry, interval_seconds: float, clock: IReactorTime
@@ -35,6 +38,7 @@ class HeartbeatService(Service):
         self._loop.clock = clock
         self._round: list[EventStream] = []
         self._position = 0
+        self.keep_alives_written = 0
 
     def startService(self) -> None:
         """Start the ticks; the first slice is written at once."""
@@ -56,10 +60,12 @@ class HeartbeatService(Service):
             size = len(self._round)
             start = self._position * size // _SLICES
             self._position += 1
-            for stream in self._round[start : self._position * size // _SLICES]:
+            streams = self._round[start : self._position * size // _SLICES]
+            for stream in streams:
                 # The snapshot may hold streams that closed since it was taken.
                 if stream.is_open:
                     stream.keep_alive(_HEARTBEAT)
+            self.keep_alives_written += len(streams)
             if self._position == _SLICES:
                 self._position = 0
                 self._round = []

@@ -67,6 +67,7 @@ class ReplayWindow:
 
     @ivar bytes: the bytes of the retained frames (not Python's overhead for each event,
         about 250 bytes more: C{bench.replay_memory}).
+    @ivar evicted: the running total of events evicted, for the stall log line.
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class ReplayWindow:
         self._max_events = max_events
         self.max_bytes = max_bytes
         self.bytes = 0
+        self.evicted = 0
         self._arrivals: deque[_Arrival] = deque()
         self._by_user: dict[str, deque[_Retained]] = {}
         self.covered_from: int | None = None
@@ -138,6 +140,7 @@ class ReplayWindow:
                 del self._by_user[userid]
             self.bytes -= len(evicted.frame)
             self.covered_from = evicted.offset + 1
+            self.evicted += 1
 
     def replay(self, userid: str, topic: str, last_event_id: str) -> Replay:
         """The frames a stream resuming after ``last_event_id`` must get first.

@@ -26,11 +26,18 @@ from ._limits import DescriptorShortageWarnings, raise_open_file_limit, warn_if_
 from ._listener import ListenerService, tls_endpoint
 from ._live import LiveStart
 from ._logging import JSONLogObserver, bridge_standard_logging
-from ._metrics import Metrics, MetricsListenerService, metrics_endpoint, metrics_site
+from ._metrics import (
+    Metrics,
+    MetricsListenerService,
+    counter_total,
+    metrics_endpoint,
+    metrics_site,
+)
 from ._replay import ReplayWindow
 from ._resource import EventStreamSite, SubscribeResource, root_resource
 from ._revocation import RevocationEnforcer, RevocationListener
 from ._router import MessageRouter
+from ._stalls import GarbageCollectionTimer, StallMonitorService
 from ._streams import StreamRegistry
 from ._tls_reload import ReloadableServerTLS, ReloadOnHangup
 
@@ -163,6 +170,33 @@ def _refuse_insecure_backends_in_prod(config: Config) -> None:
         )
 
 
+def _stall_monitor(
+    config: Config,
+    reactor: Any,
+    metrics: Metrics,
+    observer: JSONLogObserver,
+    heartbeats: HeartbeatService,
+    registry: StreamRegistry,
+    window: ReplayWindow,
+) -> StallMonitorService:
+    """The reactor-lag and collection monitor, told what each component did in a stall."""
+    return StallMonitorService(
+        reactor,
+        metrics.reactor_lag_seconds,
+        GarbageCollectionTimer(metrics.gc_pause_seconds),
+        config.stall_log_milliseconds / 1000,
+        activity={
+            "messages_consumed": lambda: counter_total(metrics.messages_consumed),
+            "events_delivered": lambda: counter_total(metrics.events_delivered),
+            "keep_alives": lambda: heartbeats.keep_alives_written,
+            "replay_evicted": lambda: window.evicted,
+            "log_lines": lambda: observer.lines_written,
+            "log_bytes": lambda: observer.bytes_written,
+        },
+        gauges={"open_streams": lambda: len(registry)},
+    )
+
+
 def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None]) -> SSEService:
     """Assemble the service tree for ``config``; ``on_fatal`` ends the process with a reason.
 
@@ -266,7 +300,11 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
         config.retry_milliseconds,
         config.reconnect_jitter_milliseconds,
     ).setServiceParent(service)
-    HeartbeatService(registry, config.heartbeat_seconds, reactor).setServiceParent(service)
+    heartbeats = HeartbeatService(registry, config.heartbeat_seconds, reactor)
+    heartbeats.setServiceParent(service)
+    _stall_monitor(
+        config, reactor, metrics, observer, heartbeats, registry, window
+    ).setServiceParent(service)
     metrics.watch(registry, consumer, authenticator, auth_cache, server_tls, replay_window=window)
     if config.metrics_port:
         metrics_listener = MetricsListenerService(
