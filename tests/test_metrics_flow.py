@@ -143,9 +143,8 @@ async def test_reactor_lag_and_collection_pauses_are_served_as_histograms(
         after = await scrape(port)
     finally:
         await server.stop()
-    full = (("generation", "2"),)
-    assert after[("sse_gc_pause_seconds_count", full)] > before[("sse_gc_pause_seconds_count", full)]
-    assert after[("sse_gc_pause_seconds_sum", full)] > 0
+    full = ("sse_gc_pause_seconds_count", (("generation", "2"),))
+    assert after[full] > before[full]
     for generation in ("0", "1", "2"):
         labels = (("generation", generation), ("le", "0.0005"))
         assert ("sse_gc_pause_seconds_bucket", labels) in after
