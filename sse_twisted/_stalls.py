@@ -8,8 +8,10 @@ stall's length minus one interval and its length.
 
 What ran is told by counters the components already keep (``activity``): each stall line
 gives how much each moved since the previous tick, beside the collections that ran in
-between. On a shared host a stall may be the host's (the process was not scheduled), so
-the line is ``info``, not a warning: the histogram is what to alert on.
+between and the CPU time the process used. A stall with little CPU time is the host's
+(the process was not scheduled, or waited in a system call), not work of ours; on a
+shared host that happens, so the line is ``info``, not a warning: the histogram is what
+to alert on.
 """
 
 from __future__ import annotations
@@ -106,8 +108,11 @@ class StallMonitorService(Service):
         log_seconds: float,
         activity: Mapping[str, Callable[[], float]],
         gauges: Mapping[str, Callable[[], float]],
+        cpu_clock: Callable[[], float] = time.process_time,
     ) -> None:
         self._clock = clock
+        self._cpu_clock = cpu_clock
+        self._cpu_at_tick = 0.0
         self._lag = lag_histogram
         self._collections = collections
         self._log_seconds = log_seconds
@@ -138,6 +143,7 @@ class StallMonitorService(Service):
         self._schedule()
 
     def _read_totals(self) -> dict[str, float]:
+        self._cpu_at_tick = self._cpu_clock()
         return {name: total() for name, total in self._activity.items()}
 
     def _schedule(self) -> None:
@@ -148,20 +154,25 @@ class StallMonitorService(Service):
         lag = max(0.0, self._clock.seconds() - self._due)
         self._lag.observe(lag)
         pauses = self._collections.take()
-        previous = self._totals
+        previous, cpu_at_previous = self._totals, self._cpu_at_tick
         self._totals = self._read_totals()
         if self._log_seconds and lag >= self._log_seconds:
-            self._log_stall(lag, pauses, previous)
+            self._log_stall(lag, self._cpu_at_tick - cpu_at_previous, pauses, previous)
         self._schedule()
 
     def _log_stall(
-        self, lag: float, pauses: list[CollectionPause], previous: Mapping[str, float]
+        self,
+        lag: float,
+        cpu_seconds: float,
+        pauses: list[CollectionPause],
+        previous: Mapping[str, float],
     ) -> None:
         fields = {name: int(self._totals[name] - previous[name]) for name in self._totals}
         fields.update({name: int(gauge()) for name, gauge in self._gauges.items()})
         self.log.info(
             "reactor stalled: a tick ran {lag_ms} ms late ({gc_ms} ms of garbage collection)",
             lag_ms=round(lag * 1000, 1),
+            cpu_ms=round(cpu_seconds * 1000, 1),
             gc_collections=len(pauses),
             gc_ms=round(sum(pause.seconds for pause in pauses) * 1000, 1),
             gc_generation=max((pause.generation for pause in pauses), default=None),

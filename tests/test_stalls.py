@@ -60,6 +60,7 @@ def _monitor(
     counters: _Counters,
     clock: Clock,
     log_seconds: float = 0.05,
+    cpu_clock: _Timer | None = None,
 ) -> StallMonitorService:
     monitor = StallMonitorService(
         clock,
@@ -71,6 +72,7 @@ def _monitor(
             "log_lines": lambda: counters.log_lines,
         },
         gauges={"open_streams": lambda: counters.open_streams},
+        cpu_clock=cpu_clock or _Timer(),
     )
     monitor.startService()
     return monitor
@@ -124,7 +126,8 @@ def test_a_stall_over_the_threshold_logs_one_line_with_what_ran_since_the_last_t
     clock = Clock()
     counters = _Counters()
     counters.keep_alives, counters.log_lines = 100, 7
-    monitor = _monitor(metrics, collections, counters, clock)
+    cpu_clock = _Timer()
+    monitor = _monitor(metrics, collections, counters, clock, cpu_clock=cpu_clock)
     clock.advance(0)
     clock.advance(TICK_SECONDS + 0.049)  # under the 50 ms threshold: no line
     assert _stall_lines(log_events) == []
@@ -132,6 +135,7 @@ def test_a_stall_over_the_threshold_logs_one_line_with_what_ran_since_the_last_t
     counters.keep_alives += 70
     counters.log_lines += 3
     counters.open_streams = 1000
+    cpu_clock.now = 0.0714
     timer.now = 1.0
     collections("start", {"generation": 2})
     timer.now = 1.062
@@ -143,6 +147,7 @@ def test_a_stall_over_the_threshold_logs_one_line_with_what_ran_since_the_last_t
 
     [line] = _stall_lines(log_events)
     assert line["lag_ms"] == 80.0
+    assert line["cpu_ms"] == 71.4
     assert line["gc_collections"] == 2
     assert line["gc_ms"] == 64.0
     assert line["gc_generation"] == 2
