@@ -35,7 +35,16 @@ def _throughput(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _latency(result: dict[str, Any]) -> dict[str, Any]:
-    return {**result["latency_ms"], "lost": result["lost"], "stalled": result["stalled_streams"]}
+    headline = {
+        **result["latency_ms"],
+        "lost": result["lost"],
+        "stalled": result["stalled_streams"],
+    }
+    with_idle = result.get("with_idle")
+    if with_idle:
+        headline["idle_p99"] = with_idle["latency_ms"]["p99"]
+        headline["idle_max"] = with_idle["latency_ms"]["max"]
+    return headline
 
 
 def _storm(result: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +151,14 @@ def table(report: dict[str, Any]) -> str:
         row("S3: latency p99", ms["p99"], "ms", "≤ 2 ms", _verdict(ms["p99"], 2.0))
         row("S3: latency max", ms["max"], "ms")
         row("S3: lost (with stalled clients)", latency["lost"], "", "0", _zero(latency["lost"]))
+        with_idle = latency.get("with_idle")
+        if with_idle:
+            ms = with_idle["latency_ms"]
+            label = f"S3 + {with_idle['idle_streams']:,} idle"
+            row(f"{label}: latency p50 / p90", f"{ms['p50']} / {ms['p90']}", "ms")
+            row(f"{label}: latency p99", ms["p99"], "ms", "≤ 2 ms", _verdict(ms["p99"], 2.0))
+            row(f"{label}: latency max", ms["max"], "ms")
+            row(f"{label}: lost", with_idle["lost"], "", "0", _zero(with_idle["lost"]))
     storm = scenarios.get("s4")
     if storm:
         cpu = storm["server_cpu_ms_per_connection"]

@@ -36,6 +36,7 @@ class Settings:
     latency_streams: int = 1000
     latency_rate: float = 500.0
     latency_seconds: float = 15.0
+    latency_idle_streams: int = 10000
     stalled_streams: int = 10
     storm_connections: int = 2000
     storm_timeout: float = 30.0
@@ -47,7 +48,12 @@ class Settings:
     @property
     def users(self) -> int:
         """How many users the database needs."""
-        return max(*self.levels, self.storm_connections, self.latency_streams + 1, 100)
+        return max(
+            *self.levels,
+            self.storm_connections,
+            self.latency_streams + 1 + self.latency_idle_streams,
+            100,
+        )
 
 
 class Meter:
@@ -300,10 +306,14 @@ async def throughput(
 
 
 async def latency(environment: BenchEnvironment, settings: Settings) -> dict[str, Any]:
-    """S3: 500 messages/s to 1,000 streams; publish-to-receive latency, beside stalled clients.
+    """S3: 500 messages/s to 1,000 streams; publish-to-receive latency, beside stalled clients,
+    then again with ``latency_idle_streams`` idle streams open beside them.
 
     ``stalled_streams`` more streams, of one extra "hot" user, stop reading at once and get
-    8 KB messages at 50/s: their data piles up in the server, which must not delay anyone.
+    8 KB messages at 50/s: their data piles up in the server, which must not delay anyone
+    (the server drops them during the first window, so the second has none). The idle
+    streams belong to other users and get only keep-alives. Each window also reports the
+    server's stall lines (a tick ``SSE_STALL_LOG_MS`` late) and what ran in them.
     """
     sink = EventSink(record_latency=True)
     streams = settings.latency_streams
@@ -318,48 +328,89 @@ async def latency(environment: BenchEnvironment, settings: Settings) -> dict[str
             stalled=True,
         )
         users = environment.users_file(streams)
-        await asyncio.sleep(0.5)
-        before = run.server.sample()
-        meter = Meter(run.server)
-        meter.start()
-        published = await _publish(
-            run.server.queue,
-            users,
-            count,
-            "--rate",
-            str(settings.latency_rate),
-            "--hot-user",
-            environment.userids[hot_user],
-            "--hot-rate",
-            "50",
-        )
-        await _wait_for_events(
-            sink, count, stall_seconds=5.0, counted=lambda: len(sink.latencies_ns)
-        )
-        cost = meter.stop()
-        after = run.server.sample()
-        ordered = sorted(value / 1e6 for value in sink.latencies_ns)
-        return {
+
+        async def window() -> dict[str, Any]:
+            sink.latencies_ns.clear()
+            await asyncio.sleep(0.5)
+            before = run.server.sample()
+            run.server.read_log()
+            stalls_from = len(run.server.log_lines)
+            meter = Meter(run.server)
+            meter.start()
+            published = await _publish(
+                run.server.queue,
+                users,
+                count,
+                "--rate",
+                str(settings.latency_rate),
+                "--hot-user",
+                environment.userids[hot_user],
+                "--hot-rate",
+                "50",
+            )
+            await _wait_for_events(
+                sink, count, stall_seconds=5.0, counted=lambda: len(sink.latencies_ns)
+            )
+            cost = meter.stop()
+            after = run.server.sample()
+            ordered = sorted(value / 1e6 for value in sink.latencies_ns)
+            run.server.read_log()
+            return {
+                "messages": count,
+                "received": len(ordered),
+                "lost": count - len(ordered),
+                "hot_messages": published["hot_messages"],
+                "latency_ms": {
+                    "p50": round(_percentile(ordered, 0.50), 3),
+                    "p90": round(_percentile(ordered, 0.90), 3),
+                    "p99": round(_percentile(ordered, 0.99), 3),
+                    "max": round(ordered[-1], 3) if ordered else float("nan"),
+                },
+                "server_cpu_percent": round(100 * cost["server_cpu_seconds"] / cost["seconds"], 1),
+                "server_rss_growth_kb": after.rss_kib - before.rss_kib,
+                "window": cost,
+                "stalls": _stalls(run.server.log_lines[stalls_from:]),
+            }
+
+        alone = await window()
+        result: dict[str, Any] = {
             "scenario": "S3",
             "streams": streams,
             "open": _opened(opened),
             "stalled_streams": stalled.established,
             "rate": settings.latency_rate,
-            "messages": count,
-            "received": len(ordered),
-            "lost": count - len(ordered),
-            "hot_messages": published["hot_messages"],
-            "latency_ms": {
-                "p50": round(_percentile(ordered, 0.50), 3),
-                "p90": round(_percentile(ordered, 0.90), 3),
-                "p99": round(_percentile(ordered, 0.99), 3),
-                "max": round(ordered[-1], 3) if ordered else float("nan"),
-            },
-            "server_cpu_percent": round(100 * cost["server_cpu_seconds"] / cost["seconds"], 1),
-            "server_rss_growth_kb": after.rss_kib - before.rss_kib,
-            "window": cost,
-            "server_warnings": run.warnings(),
+            **alone,
         }
+        if settings.latency_idle_streams:
+            first_idle = hot_user + 1
+            last_idle = first_idle + settings.latency_idle_streams
+            idle = await run.open("http/1.1", run.subscriptions(first_idle, last_idle))
+            result["with_idle"] = {
+                "idle_streams": settings.latency_idle_streams,
+                "open": _opened(idle),
+                **await window(),
+            }
+        result["server_warnings"] = run.warnings()
+        return result
+
+
+def _stalls(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """The server's stall lines of a window: how many, the longest, collections in them,
+    and the three longest with what ran (their structured fields)."""
+    stalls = [line for line in lines if "lag_ms" in line]
+    longest = sorted(stalls, key=lambda line: line["lag_ms"], reverse=True)[:3]
+    return {
+        "count": len(stalls),
+        "max_lag_ms": longest[0]["lag_ms"] if longest else 0.0,
+        "with_collection": sum(1 for line in stalls if line.get("gc_collections")),
+        "longest": [
+            {key: value for key, value in line.items() if key not in _LOG_LINE_KEYS}
+            for line in longest
+        ],
+    }
+
+
+_LOG_LINE_KEYS = frozenset({"message", "env", "index", "correlation_id", "logger", "@level"})
 
 
 async def connect_storm(
