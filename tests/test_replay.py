@@ -149,3 +149,19 @@ def test_a_client_that_catches_up_is_not_dropped() -> None:
         stream.resumeProducing()
     assert not request.channel.transport.disconnecting
     assert len(request.written) == 10
+
+
+def test_a_window_aged_all_at_once_is_evicted_a_batch_per_reactor_turn() -> None:
+    clock = Clock()
+    window = ReplayWindow(clock, max_age_seconds=60, max_events=10_000)
+    fill(window, *((offset, ALICE, None) for offset in range(2500)))
+    clock.advance(61)  # a quiet spell: every event has aged
+    fill(window, (2500, BOB, None))
+    assert len(window) == 1501  # 1,000 evicted in this turn
+    assert window.covered_from == 1000
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [61]
+    clock.advance(0)  # the next turns (a Clock runs the chain at once)
+    assert len(window) == 1
+    assert window.covered_from == 2500
+    assert window.evicted == 2500
+    assert clock.getDelayedCalls() == []
