@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
 import time
-from dataclasses import dataclass
+import urllib.request
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from .clients import EventSink, Fleet, OpenResult, Subscription
 from .environment import REPOSITORY, BenchEnvironment, ServerProcess, broker_pid, sample
@@ -313,11 +317,16 @@ async def latency(environment: BenchEnvironment, settings: Settings) -> dict[str
     8 KB messages at 50/s: their data piles up in the server, which must not delay anyone
     (the server drops them during the first window, so the second has none). The idle
     streams belong to other users and get only keep-alives. Each window also reports the
-    server's stall lines (a tick ``SSE_STALL_LOG_MS`` late) and what ran in them.
+    server's stall lines (a tick ``SSE_STALL_LOG_MS`` late) and what ran in them, and how
+    its reactor-lag and collection histograms moved.
     """
     sink = EventSink(record_latency=True)
     streams = settings.latency_streams
     count = int(settings.latency_rate * settings.latency_seconds)
+    metrics_port = _free_port()
+    settings = replace(
+        settings, server_environ=(("SSE_METRICS_PORT", str(metrics_port)), *settings.server_environ)
+    )
     async with _Run(environment, settings, "s3", sink) as run:
         opened = await run.open("http/1.1", run.subscriptions(0, streams))
         hot_user = streams
@@ -335,6 +344,7 @@ async def latency(environment: BenchEnvironment, settings: Settings) -> dict[str
             before = run.server.sample()
             run.server.read_log()
             stalls_from = len(run.server.log_lines)
+            histograms_before = await _stall_histograms(metrics_port)
             meter = Meter(run.server)
             meter.start()
             published = await _publish(
@@ -370,6 +380,7 @@ async def latency(environment: BenchEnvironment, settings: Settings) -> dict[str
                 "server_rss_growth_kb": after.rss_kib - before.rss_kib,
                 "window": cost,
                 "stalls": _stalls(run.server.log_lines[stalls_from:]),
+                "histograms": _moved(histograms_before, await _stall_histograms(metrics_port)),
             }
 
         alone = await window()
@@ -408,6 +419,45 @@ def _stalls(lines: list[dict[str, Any]]) -> dict[str, Any]:
             for line in longest
         ],
     }
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+_STALL_HISTOGRAMS = ("sse_reactor_lag_seconds", "sse_gc_pause_seconds")
+
+
+async def _stall_histograms(port: int) -> dict[str, float]:
+    """The server's lag and collection histogram samples; empty for a server without them."""
+
+    def scrape() -> str:
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return str(response.read().decode())
+
+    try:
+        text = await asyncio.to_thread(scrape)
+    except OSError:
+        return {}
+    return {
+        " ".join([sample.name, *(f"{k}={v}" for k, v in sorted(sample.labels.items()))]): (
+            sample.value
+        )
+        for family in text_string_to_metric_families(text)
+        if family.name in _STALL_HISTOGRAMS
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+
+
+def _moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The samples that moved in a window, by how much: counts per bucket, sums."""
+    moved = {name: round(value - before.get(name, 0.0), 4) for name, value in after.items()}
+    return {name: value for name, value in moved.items() if value}
 
 
 _LOG_LINE_KEYS = frozenset({"message", "env", "index", "correlation_id", "logger", "@level"})
