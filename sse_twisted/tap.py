@@ -190,8 +190,8 @@ def _stall_monitor(
             "events_delivered": lambda: counter_total(metrics.events_delivered),
             "keep_alives": lambda: heartbeats.keep_alives_written,
             "replay_evicted": lambda: window.evicted,
-            "log_lines": lambda: observer.lines_written,
-            "log_bytes": lambda: observer.bytes_written,
+            "lines_logged": lambda: observer.lines_written,
+            "bytes_logged": lambda: observer.bytes_written,
         },
         gauges={"open_streams": lambda: len(registry)},
     )

@@ -4,6 +4,7 @@ stall with what ran, and collections timed in pairs of gc callbacks."""
 from __future__ import annotations
 
 import gc
+import json
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -12,6 +13,7 @@ from twisted.logger import LogEvent
 
 from sse_twisted._metrics import Metrics
 from sse_twisted._stalls import TICK_SECONDS, GarbageCollectionTimer, StallMonitorService
+from tests.logs import json_log
 
 
 class _Timer:
@@ -27,7 +29,7 @@ class _Timer:
 class _Counters:
     def __init__(self) -> None:
         self.keep_alives = 0
-        self.log_lines = 0
+        self.lines_logged = 0
         self.open_streams = 0
 
 
@@ -69,7 +71,7 @@ def _monitor(
         log_seconds,
         activity={
             "keep_alives": lambda: counters.keep_alives,
-            "log_lines": lambda: counters.log_lines,
+            "lines_logged": lambda: counters.lines_logged,
         },
         gauges={"open_streams": lambda: counters.open_streams},
         cpu_clock=cpu_clock or _Timer(),
@@ -125,7 +127,7 @@ def test_a_stall_over_the_threshold_logs_one_line_with_what_ran_since_the_last_t
 ) -> None:
     clock = Clock()
     counters = _Counters()
-    counters.keep_alives, counters.log_lines = 100, 7
+    counters.keep_alives, counters.lines_logged = 100, 7
     cpu_clock = _Timer()
     monitor = _monitor(metrics, collections, counters, clock, cpu_clock=cpu_clock)
     clock.advance(0)
@@ -133,7 +135,7 @@ def test_a_stall_over_the_threshold_logs_one_line_with_what_ran_since_the_last_t
     assert _stall_lines(log_events) == []
 
     counters.keep_alives += 70
-    counters.log_lines += 3
+    counters.lines_logged += 3
     counters.open_streams = 1000
     cpu_clock.now = 0.0714
     timer.now = 1.0
@@ -153,10 +155,30 @@ def test_a_stall_over_the_threshold_logs_one_line_with_what_ran_since_the_last_t
     assert line["gc_generation"] == 2
     assert line["gc_collected"] == 15
     assert line["keep_alives"] == 70
-    assert line["log_lines"] == 3
+    assert line["lines_logged"] == 3
     assert line["open_streams"] == 1000
     clock.advance(TICK_SECONDS)  # the next tick is on time: no second line
     assert len(_stall_lines(log_events)) == 1
+    monitor.stopService()
+
+
+def test_the_json_log_line_of_a_stall_keeps_every_field(
+    metrics: Metrics, collections: GarbageCollectionTimer
+) -> None:
+    clock = Clock()
+    counters = _Counters()
+    monitor = _monitor(metrics, collections, counters, clock)
+    clock.advance(0)
+    counters.keep_alives, counters.lines_logged, counters.open_streams = 5, 2, 30
+    with json_log() as written:
+        clock.advance(TICK_SECONDS + 0.1)
+    [line] = [json.loads(text) for text in written.getvalue().splitlines()]
+    expected = {"lag_ms", "cpu_ms", "gc_collections", "gc_ms", "gc_generation", "gc_collected"}
+    assert expected | {"keep_alives", "lines_logged", "open_streams"} <= set(line)
+    assert (line["keep_alives"], line["lines_logged"], line["open_streams"]) == (5, 2, 30)
+    assert (
+        line["message"] == "reactor stalled: a tick ran 100.0 ms late (0 ms of garbage collection)"
+    )
     monitor.stopService()
 
 
