@@ -124,9 +124,10 @@ logs: ## Follow the stack's logs
 test: venv ## Run the test suite (needs the local PostgreSQL and RabbitMQ)
 	$(BIN)/pytest
 
-# Benchmarks of issue 5 (bench/RESULTS.md), not part of `make test`. One pass by default (about
-# 4-6 minutes here); BENCH_RUNS=3 gives the medians RESULTS.md quotes (about 10-15 minutes).
-# BENCH_ARGS takes more options (python -m bench --help), e.g. --commit HEAD.
+# Benchmarks of issues 5 and 11 (bench/RESULTS.md), not part of `make test`: every scenario
+# against sse-twisted, then against the reference server (bench/reference/). One pass by default
+# (about 9 minutes here); BENCH_RUNS=3 gives medians. BENCH_ARGS takes more options
+# (python -m bench --help), e.g. --commit HEAD, --servers sse-twisted, --no-profile.
 BENCH_RUNS ?= 1
 BENCH_ARGS ?=
 

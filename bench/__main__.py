@@ -1,8 +1,11 @@
 """``python -m bench``: run the scenarios, print one JSON object per scenario and a table.
 
-Each scenario runs ``--runs`` times (a fresh server each time); the JSON object holds the
-median of every figure over the runs, and ``runs`` the individual values of the headline
-ones. ``--profile`` then runs S2 and S4 once more under py-spy and adds their top costs.
+Each scenario runs ``--runs`` times (a fresh server each time), against sse-twisted and then
+against the reference server (``bench/reference``, uvicorn + sse-starlette), one after the
+other in each run; the JSON object holds the median of every figure over the runs, and
+``runs`` the individual values of the headline ones. The table shows each figure of both
+servers and the ratio sse-twisted / reference. ``--profile`` then runs S2 and S4 once more
+under py-spy, against sse-twisted, and adds their top costs.
 """
 
 from __future__ import annotations
@@ -18,14 +21,30 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import uvloop
 
-from .environment import REPOSITORY, BenchEnvironment, environment, raise_file_limit
+from .environment import (
+    REFERENCE,
+    REPOSITORY,
+    SERVERS,
+    SSE_TWISTED,
+    BenchEnvironment,
+    environment,
+    raise_file_limit,
+)
 from .report import headline_values, table
-from .scenarios import SCENARIOS, Settings, connect_storm, run_scenario, throughput
+from .scenarios import (
+    SCENARIOS,
+    SSE_TWISTED_ONLY,
+    Settings,
+    connect_storm,
+    run_scenario,
+    throughput,
+)
 
 ALL = tuple(SCENARIOS)
 
@@ -52,6 +71,15 @@ def _arguments() -> argparse.Namespace:
         help="idle streams S3 opens for its second window (0 = no second window)",
     )
     parser.add_argument("--storm", type=int, default=2000, help="S4 connections")
+    parser.add_argument(
+        "--resume-connections", type=int, default=500, help="S4r connections in each round"
+    )
+    parser.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help=f"comma-separated, of {', '.join(SERVERS)} (the reference skips "
+        f"{', '.join(sorted(SSE_TWISTED_ONLY))})",
+    )
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
         "--source",
@@ -160,6 +188,9 @@ async def _bench(options: argparse.Namespace) -> dict[str, Any]:
     unknown = set(names) - set(ALL)
     if unknown:
         raise SystemExit(f"bench: unknown scenarios {sorted(unknown)}; known: {', '.join(ALL)}")
+    servers = [name.strip() for name in options.servers.split(",") if name.strip()]
+    if set(servers) - set(SERVERS):
+        raise SystemExit(f"bench: unknown servers in {servers}; known: {', '.join(SERVERS)}")
     levels = tuple(int(level) for level in options.levels.split(","))
     report: dict[str, Any] = {"machine": machine(options)}
     report["settings"] = {key: str(value) for key, value in vars(options).items()}
@@ -180,6 +211,7 @@ async def _bench(options: argparse.Namespace) -> dict[str, Any]:
             latency_seconds=options.latency_seconds,
             latency_idle_streams=options.latency_idle_streams,
             storm_connections=options.storm,
+            resume_connections=options.resume_connections,
             source=source,
             server_environ=tuple(
                 (name, value)
@@ -188,7 +220,10 @@ async def _bench(options: argparse.Namespace) -> dict[str, Any]:
         )
         started = time.monotonic()
         with environment(settings.users) as bench:
-            report["scenarios"] = await _scenarios(names, bench, settings, options.runs)
+            results = await _scenarios(names, servers, bench, settings, options.runs)
+            # sse-twisted's results stay where earlier reports had them.
+            report["scenarios"] = results.get(SSE_TWISTED, {})
+            report["reference"] = results.get(REFERENCE, {})
             report["profiles"] = (
                 await _profiles(bench, settings, options.output.parent / "profiles")
                 if options.profile
@@ -203,26 +238,34 @@ async def _bench(options: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _scenarios(
-    names: list[str], bench: BenchEnvironment, settings: Settings, runs: int
-) -> dict[str, Any]:
-    """Every scenario ``runs`` times, then one JSON line each with the medians."""
-    per_run: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    names: list[str], servers: list[str], bench: BenchEnvironment, settings: Settings, runs: int
+) -> dict[str, dict[str, Any]]:
+    """Every scenario ``runs`` times against each server, one server right after the other
+    (so that both see the same load on the machine); then one JSON line each with the
+    medians. Returns the medians by server, then by scenario."""
+    plan = [
+        (server, name)
+        for name in names
+        for server in servers
+        if server == SSE_TWISTED or name not in SSE_TWISTED_ONLY
+    ]
+    per_run: dict[tuple[str, str], list[dict[str, Any]]] = {each: [] for each in plan}
     for run in range(runs):
-        for name in names:
-            print(f"bench: run {run + 1}/{runs} {name} ...", file=sys.stderr)
+        for server, name in plan:
+            print(f"bench: run {run + 1}/{runs} {name} on {server} ...", file=sys.stderr)
             began = time.monotonic()
-            result = await run_scenario(name, bench, settings)
+            result = await run_scenario(name, bench, replace(settings, server=server))
             result["wall_seconds"] = round(time.monotonic() - began, 1)
-            per_run[name].append(result)
+            per_run[server, name].append(result)
             print(f"bench:   {json.dumps(headline_values(result))}", file=sys.stderr)
-    scenarios = {}
-    for name in names:
-        median = _median(per_run[name])
-        median["runs"] = len(per_run[name])
-        median["per_run"] = [headline_values(result) for result in per_run[name]]
-        scenarios[name] = median
-        print(json.dumps(median), flush=True)
-    return scenarios
+    medians: dict[str, dict[str, Any]] = {server: {} for server in servers}
+    for server, name in plan:
+        median = _median(per_run[server, name])
+        median["runs"] = len(per_run[server, name])
+        median["per_run"] = [headline_values(result) for result in per_run[server, name]]
+        medians[server][name] = median
+        print(json.dumps({"server": server, **median}), flush=True)
+    return medians
 
 
 async def _profiles(bench: BenchEnvironment, settings: Settings, directory: Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ once, so that no WINDOW_UPDATE is ever owed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
@@ -25,8 +26,10 @@ import h2.settings
 __all__ = [
     "EventSink",
     "Fleet",
+    "SequentialConnects",
     "Subscription",
     "client_tls_context",
+    "connect_one_by_one",
 ]
 
 _MAX_WINDOW = 2**31 - 1
@@ -495,3 +498,68 @@ class Fleet:
             close()
         self._closers.clear()
         self.established = 0
+
+
+@dataclass
+class SequentialConnects:
+    """Streams opened one after the other on blocking sockets, and what their TLS did."""
+
+    sockets: list[ssl.SSLSocket] = field(default_factory=list)
+    sessions: list[ssl.SSLSession | None] = field(default_factory=list)
+    session_reused: int = 0
+    sessions_with_ticket: int = 0
+    failures: int = 0
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Close every socket (the server sees the streams end)."""
+        for each in self.sockets:
+            with contextlib.suppress(OSError):
+                each.close()
+        self.sockets.clear()
+
+
+def connect_one_by_one(
+    port: int,
+    context: ssl.SSLContext,
+    paths: Sequence[bytes],
+    sessions: Sequence[ssl.SSLSession | None] = (),
+    timeout: float = 10.0,
+) -> SequentialConnects:
+    """Open a stream on each of ``paths`` in turn, each once the previous one is open.
+
+    Blocking (run it in a thread): asyncio's ``create_connection`` cannot offer a TLS session
+    to resume, ``SSLContext.wrap_socket(session=...)`` can. Connection ``i`` offers
+    ``sessions[i]`` when there is one, as a browser reconnecting to the same server does;
+    each socket stays open, and its session (read once the stream is open, after the server's
+    TLS 1.3 tickets) is kept for a later round.
+    """
+    result = SequentialConnects()
+    for index, path in enumerate(paths):
+        session = sessions[index] if index < len(sessions) else None
+        try:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            tls = context.wrap_socket(raw, server_hostname="localhost", session=session)
+            tls.sendall(
+                b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n"
+                b"Accept: text/event-stream\r\n\r\n"
+            )
+            received = b""
+            while _CONNECTED not in received:
+                data = tls.recv(65536)
+                if not data:
+                    raise ConnectionError(f"closed after {received[:12]!r}")
+                received += data
+            if not received.startswith(b"HTTP/1.1 200"):
+                raise ConnectionError(f"status {received[9:12].decode()}")
+        except (OSError, ConnectionError) as error:
+            reason = f"{type(error).__name__}: {error}"[:80]
+            result.failure_reasons[reason] = result.failure_reasons.get(reason, 0) + 1
+            result.failures += 1
+            result.sessions.append(None)
+            continue
+        result.sockets.append(tls)
+        result.session_reused += bool(tls.session_reused)
+        result.sessions.append(tls.session)
+        result.sessions_with_ticket += bool(tls.session and tls.session.has_ticket)
+    return result

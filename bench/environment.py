@@ -3,6 +3,10 @@
 Everything is made for one bench run and removed after it: a database ``sse_bench_<hex>`` on
 the local PostgreSQL, stream queues ``sse-bench-<hex>-<n>`` on the local RabbitMQ, and a
 temporary directory with the certificates and the server's log files.
+
+The server is sse-twisted (``twistd sse-server``) or the reference server
+(``uvicorn bench.reference.app:app``), started alike by L{server_process}: same certificates
+and chain, database, pool size, queue settings and heartbeat interval.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import functools
 import io
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -33,11 +38,16 @@ import psycopg2
 from sse_twisted.devcerts import ensure_dev_certificates
 
 __all__ = [
+    "REFERENCE",
+    "SERVERS",
+    "SSE_TWISTED",
     "BenchEnvironment",
     "ProcessSample",
+    "ReferenceServerProcess",
     "ServerProcess",
     "raise_file_limit",
     "sample",
+    "server_process",
 ]
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -46,6 +56,11 @@ TWISTD = Path(sys.executable).parent / "twistd"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _POOL_SIZE = 4
 _PR_SET_PDEATHSIG = 1
+_AUTH_CHECKS_LIMIT = 100_000
+
+SSE_TWISTED = "sse-twisted"
+REFERENCE = "reference"
+SERVERS = (SSE_TWISTED, REFERENCE)
 
 
 def raise_file_limit() -> int:
@@ -119,6 +134,16 @@ class BenchEnvironment:
     @property
     def ca_file(self) -> Path:
         return self.certs / "dev_ca.pem"
+
+    @property
+    def certificate_chain(self) -> Path:
+        """``cert.pem`` then ``ca.pem`` in one file: the chain sse-twisted sends, for uvicorn."""
+        chain = self.directory / "reference-chain.pem"
+        if not chain.exists():
+            chain.write_bytes(
+                (self.certs / "cert.pem").read_bytes() + (self.certs / "ca.pem").read_bytes()
+            )
+        return chain
 
     def set_up(self) -> None:
         """Certificates (ECDSA P-256), then the database with ``users`` rows bulk-loaded."""
@@ -195,6 +220,8 @@ class ServerProcess:
     queue: str = ""
     log_lines: list[dict[str, Any]] = field(default_factory=list)
     ready_at_line: int = 0
+    _consuming: bool = False
+    _databases: int = 0
 
     @property
     def pid(self) -> int:
@@ -232,15 +259,15 @@ class ServerProcess:
             environ["PYTHONPATH"] = str(self.source)
         return environ
 
+    def command(self) -> list[str]:
+        return [str(TWISTD), "-n", "--pidfile=", "sse-server"]
+
     async def start(self, timeout: float = 60.0) -> None:
         """Spawn the server; return once it listens, consumes and has its database pool."""
         self.queue = self.environment.new_queue()
         with open(self.log_path, "wb") as log, open(self.log_path.with_suffix(".err"), "wb") as err:
             self.process = await asyncio.create_subprocess_exec(
-                str(TWISTD),
-                "-n",
-                "--pidfile=",
-                "sse-server",
+                *self.command(),
                 env=self.environ(),
                 cwd=self.environment.directory,
                 stdin=subprocess.DEVNULL,
@@ -249,22 +276,24 @@ class ServerProcess:
                 preexec_fn=functools.partial(_server_process_setup, self.soft_file_limit),
             )
         deadline = time.monotonic() + timeout
-        consuming = False
-        databases = 0
-        while not (self.port and consuming and databases >= _POOL_SIZE):
+        while not self._ready(self.read_log()):
             if self.process.returncode is not None or time.monotonic() > deadline:
                 await self.stop()
                 raise RuntimeError(f"server did not become ready:\n{self.tail()}")
             await asyncio.sleep(0.05)
-            for record in self.read_log():
-                message = record.get("message", "")
-                if message.startswith("listening on"):
-                    self.port = record["port"]
-                elif message.startswith("consuming "):
-                    consuming = True
-                elif message.startswith("connected to PostgreSQL"):
-                    databases += 1
         self.ready_at_line = len(self.log_lines)
+
+    def _ready(self, records: list[dict[str, Any]]) -> bool:
+        """Whether the server is ready, given the log lines written since the last call."""
+        for record in records:
+            message = record.get("message", "")
+            if message.startswith("listening on"):
+                self.port = record["port"]
+            elif message.startswith("consuming "):
+                self._consuming = True
+            elif message.startswith("connected to PostgreSQL"):
+                self._databases += 1
+        return bool(self.port and self._consuming and self._databases >= _POOL_SIZE)
 
     def read_log(self) -> list[dict[str, Any]]:
         """Parse the log lines written since the last call."""
@@ -305,6 +334,89 @@ class ServerProcess:
         except TimeoutError:
             self.process.kill()
             await self.process.wait()
+
+
+_UVICORN_RUNNING = re.compile(r"Uvicorn running on https://[^ ]+:(\d+) ")
+_UVICORN_PROBLEM = ("WARNING:", "ERROR:", "CRITICAL:")
+
+
+@dataclass
+class ReferenceServerProcess(ServerProcess):
+    """``uvicorn bench.reference.app:app`` with TLS, as a user would run the reference server.
+
+    uvicorn logs to stderr (its access log to stdout); it starts listening, and says on which
+    port, only once the app's start-up, database pool and queue consumer included, is done.
+    ``source`` does not apply: the reference is always this tree's.
+    """
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.reference.app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--ssl-keyfile",
+            str(self.environment.certs / "key.pem"),
+            "--ssl-certfile",
+            str(self.environment.certificate_chain),
+            "--timeout-graceful-shutdown",
+            "5",
+        ]
+
+    def environ(self) -> dict[str, str]:
+        environ = super().environ()
+        environ["PYTHONPATH"] = str(REPOSITORY)
+        return environ
+
+    def read_log(self) -> list[dict[str, Any]]:
+        """Parse the lines uvicorn and the app wrote to stderr since the last call."""
+        already = len(self.log_lines)
+        lines = self.log_path.with_suffix(".err").read_bytes().splitlines()
+        for line in lines[already:]:
+            self.log_lines.append({"message": line.decode("utf-8", "replace")})
+        return self.log_lines[already:]
+
+    def _ready(self, records: list[dict[str, Any]]) -> bool:
+        for record in records:
+            running = _UVICORN_RUNNING.search(record["message"])
+            if running:
+                self.port = int(running.group(1))
+        return bool(self.port)
+
+    def problems(self) -> list[str]:
+        self.read_log()
+        return [
+            str(line["message"])[:200]
+            for line in self.log_lines[self.ready_at_line :]
+            if str(line["message"]).startswith(_UVICORN_PROBLEM)
+        ]
+
+
+def server_process(
+    server: str,
+    environment: BenchEnvironment,
+    name: str,
+    source: Path | None = None,
+    extra_environ: dict[str, str] | None = None,
+) -> ServerProcess:
+    """A L{ServerProcess} of ``server`` (one of L{SERVERS}) for the scenarios, not yet started.
+
+    sse-twisted's limits on auth checks in flight, per client address (4) and in all (256),
+    are lifted: the generator is one address standing for thousands of browsers, and S4
+    opens 2,000 at once; at the defaults it turns part of them away, which the reference,
+    without such limits, does not.
+    """
+    if server == REFERENCE:
+        return ReferenceServerProcess(environment, f"reference-{name}", None, extra_environ or {})
+    unlimited = {
+        "SSE_MAX_AUTH_CHECKS_PER_CLIENT": str(_AUTH_CHECKS_LIMIT),
+        "SSE_MAX_PENDING_AUTH_CHECKS": str(_AUTH_CHECKS_LIMIT),
+    }
+    return ServerProcess(environment, name, source, unlimited | (extra_environ or {}))
 
 
 @contextmanager

@@ -43,8 +43,11 @@ from twisted.internet.task import deferLater, react
 from twisted.internet.threads import deferToThread
 
 import sse_twisted
+from sse_twisted._revocation import RevocationListener
 from tests.backends import Pki
-from tests.harness import Browser, EventCollector, found_contract, publish, start_server
+from tests.browser import Browser, EventCollector
+from tests.in_process_server import start_server
+from tests.publishing import found_contract, publish
 
 SCHEMA = Path(sse_twisted.__file__).parent.parent / "schema" / "users.sql"
 LIFETIME_SECONDS = 2.0
@@ -117,8 +120,8 @@ class Case:
                 **self.settings,
             }
         )
-        revocations = self.server.service.revocations
-        assert revocations is not None
+        revocations = self.server.service.getServiceNamed("revocations")
+        assert isinstance(revocations, RevocationListener)
         await until(lambda: revocations.listening, 10)
         self.browser = Browser(self.pki.ca_certificate)
         for userid, token in self.users:

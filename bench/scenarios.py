@@ -1,10 +1,13 @@
-"""The scenarios: S1 idle capacity, S2 throughput, S3 latency, S4 connect storm, S5 HTTP/2 and
-the bare-consumer ceiling. Each starts what it needs, measures, stops it, and returns a dict.
+"""The scenarios: S1 idle capacity, S2 throughput, S3 latency, S4 connect storm (and S4r, TLS
+session resumption), S5 HTTP/2 and the bare-consumer ceiling. Each starts what it needs,
+measures, stops it, and returns a dict. ``Settings.server`` says which server: sse-twisted or
+the reference server (``bench/reference``); ``SSE_TWISTED_ONLY`` names what only the former
+can run.
 
-Server CPU is utime + stime of the twistd process over the scenario's measured window
-(``/proc/<pid>/stat``, 10 ms ticks), memory its VmRSS; the generator's CPU (this process)
-and the broker's (beam.smp) over the same window are reported beside it, so that a
-saturated generator or broker is visible.
+Server CPU is utime + stime of the server process (twistd or uvicorn) over the scenario's
+measured window (``/proc/<pid>/stat``, 10 ms ticks), memory its VmRSS; the generator's CPU
+(this process) and the broker's (beam.smp) over the same window are reported beside it, so
+that a saturated generator or broker is visible.
 """
 
 from __future__ import annotations
@@ -22,11 +25,27 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .clients import EventSink, Fleet, OpenResult, Subscription
-from .environment import REPOSITORY, BenchEnvironment, ServerProcess, broker_pid, sample
+from .clients import (
+    EventSink,
+    Fleet,
+    OpenResult,
+    SequentialConnects,
+    Subscription,
+    client_tls_context,
+    connect_one_by_one,
+)
+from .environment import (
+    REPOSITORY,
+    SSE_TWISTED,
+    BenchEnvironment,
+    ServerProcess,
+    broker_pid,
+    sample,
+    server_process,
+)
 from .profiling import Profiler
 
-__all__ = ["Settings", "run_scenario"]
+__all__ = ["SSE_TWISTED_ONLY", "Settings", "run_scenario"]
 
 
 @dataclass(frozen=True)
@@ -44,10 +63,12 @@ class Settings:
     stalled_streams: int = 10
     storm_connections: int = 2000
     storm_timeout: float = 30.0
+    resume_connections: int = 500
     streams_per_h2_connection: int = 100
     open_concurrency: int = 100
     source: Path | None = None
     server_environ: tuple[tuple[str, str], ...] = ()
+    server: str = SSE_TWISTED
 
     @property
     def users(self) -> int:
@@ -56,6 +77,7 @@ class Settings:
             *self.levels,
             self.storm_connections,
             self.latency_streams + 1 + self.latency_idle_streams,
+            2 * self.resume_connections,
             100,
         )
 
@@ -154,8 +176,8 @@ class _Run:
     ) -> None:
         self.environment = environment
         self.settings = settings
-        self.server = ServerProcess(
-            environment, name, settings.source, dict(settings.server_environ)
+        self.server: ServerProcess = server_process(
+            settings.server, environment, name, settings.source, dict(settings.server_environ)
         )
         self.sink = sink
         self.fleet: Fleet | None = None
@@ -504,6 +526,55 @@ async def connect_storm(
         return storm
 
 
+async def resumed_connects(environment: BenchEnvironment, settings: Settings) -> dict[str, Any]:
+    """S4r: streams opened one by one with a full TLS handshake, then as many again, each
+    offering the TLS session of one of the first (a browser reconnecting to the same server).
+
+    Every stream is a different user, so that each connect costs its auth check (no grant
+    cached); the first round's streams are closed before the second is measured.
+    ``session_reused`` counts the connects whose session the server accepted: a server that
+    issues no ticket, or ignores them, shows 0 and a full handshake's cost.
+    """
+    connections = settings.resume_connections
+    async with _Run(environment, settings, "s4r", EventSink()) as run:
+        context = client_tls_context(
+            environment.ca_file, "http/1.1", os.environ.get("BENCH_VERIFY", "0") == "1"
+        )
+        rounds: dict[str, dict[str, Any]] = {}
+        sessions: list[Any] = []
+        for name, first in (("full", 0), ("resumed", connections)):
+            paths = [environment.subscribe_path(user) for user in range(first, first + connections)]
+            meter = Meter(run.server)
+            meter.start()
+            opened: SequentialConnects = await asyncio.to_thread(
+                connect_one_by_one, run.server.port, context, paths, sessions
+            )
+            cost = meter.stop()
+            established = len(opened.sockets)
+            opened.close()
+            rounds[name] = {
+                "established": established,
+                "failures": opened.failures,
+                "failure_reasons": opened.failure_reasons,
+                "session_reused": opened.session_reused,
+                "sessions_with_ticket": opened.sessions_with_ticket,
+                "server_cpu_ms_per_connection": round(
+                    1000 * cost["server_cpu_seconds"] / max(established, 1), 3
+                ),
+                "ms_per_connection": round(1000 * cost["seconds"] / max(established, 1), 3),
+                "window": cost,
+            }
+            sessions = opened.sessions
+            await asyncio.sleep(0.5)  # the closed streams' clean-up, outside the next window
+        return {
+            "scenario": "S4r",
+            "connections": connections,
+            "full": rounds["full"],
+            "resumed": rounds["resumed"],
+            "server_warnings": run.warnings(),
+        }
+
+
 async def _bare_consumer(
     environment: BenchEnvironment, adapter: str, count: int, *publisher: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -567,9 +638,13 @@ SCENARIOS = {
     "s5-throughput": lambda environment, settings: throughput(environment, settings, "h2"),
     "s3": lambda environment, settings: latency(environment, settings),
     "s4": lambda environment, settings: connect_storm(environment, settings),
+    "s4r": lambda environment, settings: resumed_connects(environment, settings),
     "s1": lambda environment, settings: idle_capacity(environment, settings),
     "s5-idle": lambda environment, settings: idle_capacity(environment, settings, "h2"),
 }
+
+# The ceiling measures no server; uvicorn, which serves the reference, speaks no HTTP/2.
+SSE_TWISTED_ONLY = frozenset({"ceiling", "s5-throughput", "s5-idle"})
 
 
 async def run_scenario(

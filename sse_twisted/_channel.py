@@ -25,17 +25,31 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import DeferredList
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request, _GenericHTTPChannelProtocol
 
 from ._metrics import Metrics
 
+# Twisted's private names this module uses, and nowhere else in sse_twisted: each has no
+# public equivalent. Checked with Twisted 24.7.0 and 26.10.0 (pyproject.toml pins the range);
+# tests/test_private_names.py fails naming the one that changed.
+#  - HTTPChannel._respondToBadRequestAndDisconnect, overridden: where Twisted answers a
+#    malformed request (request line, header line, length, chunk size) with a bare 400.
+#  - _GenericHTTPChannelProtocol: the connection's protocol, which switches to HTTP/2 when
+#    ALPN chose it (Site.protocol builds one; Site has no public way to change its
+#    HTTPChannel); _channel: the HTTPChannel or twisted.web._http2.H2Connection behind it.
+#  - H2Connection._streamCleanupCallbacks: a Deferred per stream, fired once the stream is
+#    done (its END_STREAM written, or reset); H2Connection.conn is its h2 connection.
+
 __all__ = ["DrainingChannelProtocol", "LimitedHTTPChannel", "limited_channel_protocol"]
 
 # How long a refused client gets to read the refusal before its connection is cut.
 _GRACE_SECONDS = 5.0
+# Bytes pipelined behind a response in progress read before reads pause: Twisted's own
+# allowance (HTTPChannel's optimistic eager read, 16 KiB since Twisted 17.9).
+_PIPELINED_READ_BYTES = 16384
 
 
 def _refusal(status: bytes, reason: str) -> bytes:
@@ -80,6 +94,11 @@ class LimitedHTTPChannel(HTTPChannel):
         self._abort_call: IDelayedCall | None = None
         self._refused = False
         self._draining = False
+        # From a request's end until its response's: Twisted holds what the client sends
+        # meanwhile (see rawDataReceived).
+        self._responding = False
+        self._pipelined_bytes = 0
+        self._transport_full = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -161,6 +180,9 @@ class LimitedHTTPChannel(HTTPChannel):
             return
         self._in_body = False
         self._disarm_request_deadline()
+        # Before Twisted hands the request over: its response may be over at once, and the
+        # next request (read from what was pipelined) start, within this call.
+        self._responding = True
         super().allContentReceived()
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -170,14 +192,38 @@ class LimitedHTTPChannel(HTTPChannel):
         reading its stream could make the server buffer every byte it sends after it."""
         if self._refused:
             return
+        if self._responding:
+            # Twisted buffers these whole until the response is done.
+            self._pipelined_bytes += len(data)
         super().rawDataReceived(data)
         if (
-            self._handlingRequest
-            and self._waitingForTransport
-            and sum(map(len, self._dataBuffer)) > self._optimisticEagerReadSize
+            self._responding
+            and self._transport_full
+            and self._pipelined_bytes > _PIPELINED_READ_BYTES
         ):
-            # Resumed as Twisted resumes its own pause: when the request is done.
-            self._networkProducer.pauseProducing()
+            # Resumed as Twisted resumes its own pause: when the request is done, or when
+            # the transport drains after that.
+            reads = IPushProducer(self.transport, None)
+            if reads is not None:
+                reads.pauseProducing()
+
+    def requestDone(self, request: Request) -> None:
+        """The response in progress is over: Twisted reads what was pipelined behind it,
+        or closes the connection (and keeps dropping what comes) if it is not persistent."""
+        if self.persistent:
+            self._responding = False
+            self._pipelined_bytes = 0
+        super().requestDone(request)
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: a response waits for the client to read."""
+        self._transport_full = True
+        super().pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The transport drained."""
+        self._transport_full = False
+        super().resumeProducing()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         """Twisted found the request malformed (request line, header line, length, chunk
@@ -230,12 +276,7 @@ class LimitedHTTPChannel(HTTPChannel):
 
 
 # Twisted has no public way to end an HTTP/2 connection gracefully, nor to reach it: these
-# private names of Twisted (checked with Twisted 26.10; tests/test_channel.py fails naming
-# the one that went) are used here and nowhere else.
-#  - _GenericHTTPChannelProtocol: the connection's protocol, which switches to HTTP/2 when
-#    ALPN chose it; _channel: the HTTPChannel or twisted.web._http2.H2Connection behind it.
-#  - H2Connection._streamCleanupCallbacks: a Deferred per stream, fired once the stream is
-#    done (its END_STREAM written, or reset); H2Connection.conn is its h2 connection.
+# private names are what DrainingChannelProtocol uses (see the list at the top).
 
 
 class DrainingChannelProtocol(_GenericHTTPChannelProtocol):

@@ -10,9 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._broker_nodes import parse_broker_nodes
+
 __all__ = ["SETTINGS", "Config", "ConfigError", "Setting", "load_config"]
 
 POSTGRES_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+POSTGRES_TARGET_SESSION_ATTRS = (
+    "any",
+    "read-write",
+    "read-only",
+    "primary",
+    "standby",
+    "prefer-standby",
+)
 APP_ENVS = ("dev", "prod")
 LISTEN_SOCKETS = ("bind", "systemd")
 
@@ -135,6 +145,27 @@ def _origins(text: str) -> tuple[str, ...]:
 _MAX_AGE = re.compile(r"[1-9][0-9]*(Y|M|D|h|m|s)")
 
 
+def _host_list(text: str) -> str:
+    hosts = [host.strip() for host in text.split(",")]
+    if not all(hosts):
+        raise ValueError(f"{text!r} has an empty host")
+    return ",".join(hosts)
+
+
+def _ports(text: str) -> tuple[int, ...]:
+    return tuple(_port(port.strip()) for port in text.split(","))
+
+
+def _broker_node_list(text: str) -> str:
+    # The port is checked here; the default port is only known with every setting read.
+    parse_broker_nodes(text, 1)
+    return text
+
+
+def _optional_positive_int(text: str) -> int | None:
+    return _positive_int(text) if text else None
+
+
 def _max_age(text: str) -> str:
     if not _MAX_AGE.fullmatch(text):
         raise ValueError(f"{text!r} is not a RabbitMQ max-age such as 7D, 12h or 30m")
@@ -236,11 +267,17 @@ SETTINGS: tuple[Setting, ...] = (
         "SSE_POSTGRES_HOST",
         "postgres-host",
         "localhost",
-        _non_empty,
-        "PostgreSQL host (verify-full checks the certificate against it)",
+        _host_list,
+        "PostgreSQL host, or hosts tried in turn (`host1,host2`, libpq's multi-host form; "
+        "verify-full checks each one's certificate against its name)",
     ),
     Setting(
-        "postgres_port", "SSE_POSTGRES_PORT", "postgres-port", "5432", _port, "PostgreSQL port"
+        "postgres_port",
+        "SSE_POSTGRES_PORT",
+        "postgres-port",
+        "5432",
+        _ports,
+        "PostgreSQL port, or one per host (`5432,5433`)",
     ),
     Setting(
         "postgres_username",
@@ -292,6 +329,15 @@ SETTINGS: tuple[Setting, ...] = (
         "how long a subscribe waits for the auth query",
     ),
     Setting(
+        "postgres_target_session_attrs",
+        "SSE_POSTGRES_TARGET_SESSION_ATTRS",
+        "postgres-target-session-attrs",
+        "any",
+        _one_of(POSTGRES_TARGET_SESSION_ATTRS),
+        "which of several hosts will do (libpq target_session_attrs; auth only reads, so a "
+        "standby serves it)",
+    ),
+    Setting(
         "max_pending_auth_checks",
         "SSE_MAX_PENDING_AUTH_CHECKS",
         "max-pending-auth-checks",
@@ -328,8 +374,9 @@ SETTINGS: tuple[Setting, ...] = (
         "SSE_RABBITMQ_HOST",
         "rabbitmq-host",
         "localhost",
-        _non_empty,
-        "RabbitMQ host (TLS checks the certificate against it)",
+        _broker_node_list,
+        "RabbitMQ node, or cluster nodes tried in turn (`host`, `host:port`, comma-separated; "
+        "TLS checks each one's certificate against its name)",
     ),
     Setting(
         "rabbitmq_port",
@@ -396,6 +443,14 @@ SETTINGS: tuple[Setting, ...] = (
         "10",
         _positive_int,
         "AMQP heartbeat; a dead broker link is noticed after about twice this",
+    ),
+    Setting(
+        "rabbitmq_initial_cluster_size",
+        "SSE_RABBITMQ_INITIAL_CLUSTER_SIZE",
+        "rabbitmq-initial-cluster-size",
+        "",
+        _optional_positive_int,
+        "nodes a stream queue this server declares is replicated on (empty = broker default)",
     ),
     Setting(
         "heartbeat_seconds",
@@ -569,13 +624,14 @@ class Config:
     logs_dir: Path | None
     certs_dir: Path
     postgres_host: str
-    postgres_port: int
+    postgres_port: tuple[int, ...]
     postgres_username: str
     postgres_password: str = field(repr=False)
     postgres_db_name: str
     postgres_sslmode: str
     postgres_pool_size: int
     postgres_timeout_seconds: float
+    postgres_target_session_attrs: str
     max_pending_auth_checks: int
     max_auth_checks_per_client: int
     auth_cache_seconds: float
@@ -590,6 +646,7 @@ class Config:
     rabbitmq_max_age: str
     rabbitmq_prefetch: int
     rabbitmq_heartbeat_seconds: int
+    rabbitmq_initial_cluster_size: int | None
     heartbeat_seconds: float
     retry_milliseconds: int
     replay_seconds: int
@@ -669,4 +726,11 @@ def load_config(
             raise ConfigError(f"{source}: {error}") from None
     if values["rabbitmq_port"] is None:
         values["rabbitmq_port"] = 5671 if values["rabbitmq_tls"] else 5672
+    hosts = values["postgres_host"].count(",") + 1
+    if len(values["postgres_port"]) not in (1, hosts):
+        # libpq's rule: one port for every host, or one per host.
+        raise ConfigError(
+            f"SSE_POSTGRES_PORT: {len(values['postgres_port'])} ports for {hosts} hosts in "
+            f"SSE_POSTGRES_HOST: give one port, or one per host"
+        )
     return Config(**values)

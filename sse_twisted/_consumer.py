@@ -19,7 +19,6 @@ from twisted.application.service import Service
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IProtocol,
@@ -32,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._broker_nodes import BrokerNodesEndpoint, parse_broker_nodes
 from ._config import Config
 from ._live import LiveStart
 from ._metrics import Metrics, amqp_timestamp_seconds
@@ -58,26 +58,25 @@ def _describe_amqp_failure(failure: Failure) -> str:
 
 
 class _StreamConnection(TwistedProtocolConnection):
-    """pika's Twisted protocol, reporting to its consumer why each connection really ended.
+    """pika's Twisted protocol, telling why each connection really ended.
+
+    @ivar lost: fires with why the connection ended, once it has.
 
     pika turns every failure before ``ready`` into ``AMQPConnectionError(1)`` and, once the
     socket closes, replaces its record of why it closed (the broker's ``Connection.Close``
-    reply code and text, a missed heartbeat) with ``ConnectionDone``: that record is read
-    just before, in L{connectionLost}.
+    reply code and text, a missed heartbeat) with ``ConnectionDone``, also in what its
+    ``closed`` Deferred and close callbacks are given: that record is read just before, in
+    L{connectionLost}, from pika's private ``_impl._error``, which nothing public exposes.
+    Checked with pika 1.3.2 and 1.4.4 (pyproject.toml pins the range);
+    tests/test_private_names.py fails if it goes.
     """
 
-    def __init__(
-        self, consumer: StreamConsumerService, parameters: pika.ConnectionParameters, reactor: Any
-    ) -> None:
+    def __init__(self, parameters: pika.ConnectionParameters, reactor: Any) -> None:
         super().__init__(parameters, custom_reactor=reactor)
-        self._consumer = consumer
         self._reactor = reactor
         self._end_reason: str | None = None
         self._deadline: DelayedCall | None = None
-        self.lost: Deferred[None] = Deferred()
-        if self.ready is not None:
-            # connectionLost reports the reason; AMQPConnectionError(1) would add nothing.
-            self.ready.addErrback(lambda _: None)
+        self.lost: Deferred[str] = Deferred()
 
     def makeConnection(self, transport: ITransport) -> None:
         super().makeConnection(transport)
@@ -87,7 +86,6 @@ class _StreamConnection(TwistedProtocolConnection):
 
     def connectionReady(self) -> _StreamConnection:
         self._cancel_deadline()
-        self._consumer._connection_ready(self)
         return self
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -100,8 +98,7 @@ class _StreamConnection(TwistedProtocolConnection):
             # the socket after a close (ConnectionLost when the broker resets it) as an error.
             reason = Failure(ConnectionDone())
         super().connectionLost(reason)
-        self._consumer._connection_lost(self._end_reason or reason.getErrorMessage())
-        self.lost.callback(None)
+        self.lost.callback(self._end_reason or reason.getErrorMessage())
 
     def abandon(self, reason: str) -> None:
         """Close the connection cleanly, reporting ``reason`` as the cause once it is closed."""
@@ -207,28 +204,32 @@ class StreamConsumerService(Service):
             heartbeat=config.rabbitmq_heartbeat_seconds,
         )
         self._queue = config.rabbitmq_queue_name
-        self._queue_arguments = {"x-queue-type": "stream", "x-max-age": config.rabbitmq_max_age}
+        self._queue_arguments: dict[str, object] = {
+            "x-queue-type": "stream",
+            "x-max-age": config.rabbitmq_max_age,
+        }
+        if config.rabbitmq_initial_cluster_size is not None:
+            # Replicas on that many nodes; unset, the broker's default decides.
+            self._queue_arguments["x-initial-cluster-size"] = config.rabbitmq_initial_cluster_size
         self._prefetch = config.rabbitmq_prefetch
         self._read_back_seconds = config.replay_seconds
         self._ack_batch = max(1, config.rabbitmq_prefetch // 2)
         self._on_message = on_message
         self._metrics = metrics
         self._on_fatal = on_fatal
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(
-            reactor, config.rabbitmq_host, config.rabbitmq_port
+        certs_dir = config.certs_dir
+        self._nodes = BrokerNodesEndpoint(
+            reactor,
+            parse_broker_nodes(config.rabbitmq_host, config.rabbitmq_port),
+            (lambda host: rabbitmq_client_tls(certs_dir, host)) if config.rabbitmq_tls else None,
         )
-        scheme = "amqp"
-        if config.rabbitmq_tls:
-            scheme = "amqps"
-            tls = rabbitmq_client_tls(config.certs_dir, config.rabbitmq_host)
-            endpoint = wrapClientTLS(tls, endpoint)
-        self._address = f"{scheme}://{config.rabbitmq_host}:{config.rabbitmq_port}"
         self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=10.0)
         self._failed_attempts = 0
-        factory = Factory.forProtocol(lambda: _StreamConnection(self, parameters, reactor))
+        self._parameters = parameters
+        factory = Factory.forProtocol(self._new_connection)
         factory.noisy = False
         self._client = ClientService(
-            _ReportingEndpoint(endpoint, self._address, self._connect_failed),
+            _ReportingEndpoint(self._nodes, config.rabbitmq_host, self._connect_failed),
             factory,
             retryPolicy=self._retry_delay,
             clock=reactor,
@@ -261,9 +262,20 @@ class StreamConsumerService(Service):
         # Also cancels a pending retry or drops a connection still in its handshake.
         await self._client.stopService()
 
+    def _new_connection(self) -> _StreamConnection:
+        connection = _StreamConnection(self._parameters, self._reactor)
+        if connection.ready is not None:
+            # lost tells why it failed; AMQPConnectionError(1) would add nothing.
+            connection.ready.addCallbacks(self._connection_ready, lambda _: None)
+        connection.lost.addCallback(self._connection_lost)
+        return connection
+
     def _retry_delay(self, attempt: int) -> float:
         # ClientService counts failed TCP connects only, and a refused login follows a
         # successful one: count every attempt that did not end up consuming instead.
+        # ClientService(prepareConnection=...) would count them, but in Twisted 26.10 a
+        # connection that closes before its preparation succeeded (as a refused one does)
+        # is an unhandled automat.NoTransition, logged as an error on every attempt.
         return self._backoff(self._failed_attempts)
 
     def _connect_failed(self, reason: Failure) -> None:
@@ -275,7 +287,7 @@ class StreamConsumerService(Service):
         self._failed_attempts += 1
         self.log.warn(
             "cannot connect to RabbitMQ at {address}: {reason}; retrying",
-            address=self._address,
+            address=self._nodes.address,
             reason=reason.getErrorMessage(),
         )
 
@@ -342,7 +354,7 @@ class StreamConsumerService(Service):
         self.log.info(
             "consuming {queue} at {address} from offset {offset}",
             queue=self._queue,
-            address=self._address,
+            address=self._nodes.address,
             offset=str(offset),  # may be a datetime, which JSON log lines cannot hold
         )
         if not self._caught_up:
@@ -636,7 +648,7 @@ class StreamConsumerService(Service):
             self.log.warn(
                 "lost RabbitMQ connection {address} while consuming {queue}: {reason}; "
                 "reconnecting",
-                address=self._address,
+                address=self._nodes.address,
                 queue=self._queue,
                 reason=reason,
             )
@@ -644,7 +656,7 @@ class StreamConsumerService(Service):
         self._failed_attempts += 1
         self.log.warn(
             "RabbitMQ connection {address} ended before consuming {queue}: {reason}; retrying",
-            address=self._address,
+            address=self._nodes.address,
             queue=self._queue,
             reason=reason,
         )

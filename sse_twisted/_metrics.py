@@ -21,7 +21,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -111,6 +111,11 @@ def counter_total(counter: Counter) -> float:
     )
 
 
+def _bound(counter: Counter, values: Iterable[str]) -> dict[str, Counter]:
+    """The child of ``counter`` (one label) for each of ``values``, bound once."""
+    return {value: counter.labels(value) for value in values}
+
+
 class Metrics:
     """Every counter and histogram of one server, in a registry of its own.
 
@@ -122,10 +127,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
-        subscribes = Counter(
-            "sse_subscribes", "Subscribe requests, by outcome.", ["outcome"], registry=registry
+        self.subscribes = _bound(
+            Counter(
+                "sse_subscribes", "Subscribe requests, by outcome.", ["outcome"], registry=registry
+            ),
+            SUBSCRIBE_OUTCOMES,
         )
-        self.subscribes = {outcome: subscribes.labels(outcome) for outcome in SUBSCRIBE_OUTCOMES}
         self.messages_consumed = Counter(
             "sse_messages_consumed", "Messages read from the stream queue.", registry=registry
         )
@@ -134,20 +141,24 @@ class Metrics:
             "Live events written to streams; one message to three streams counts three.",
             registry=registry,
         )
-        skipped = Counter(
-            "sse_messages_skipped",
-            "Messages not delivered because they are invalid, by reason.",
-            ["reason"],
-            registry=registry,
+        self.messages_skipped = _bound(
+            Counter(
+                "sse_messages_skipped",
+                "Messages not delivered because they are invalid, by reason.",
+                ["reason"],
+                registry=registry,
+            ),
+            SKIP_REASONS,
         )
-        self.messages_skipped = {reason: skipped.labels(reason) for reason in SKIP_REASONS}
-        refused = Counter(
-            "sse_requests_refused",
-            "Requests refused before they reached a resource, by reason.",
-            ["reason"],
-            registry=registry,
+        self.requests_refused = _bound(
+            Counter(
+                "sse_requests_refused",
+                "Requests refused before they reached a resource, by reason.",
+                ["reason"],
+                registry=registry,
+            ),
+            REFUSAL_REASONS,
         )
-        self.requests_refused = {reason: refused.labels(reason) for reason in REFUSAL_REASONS}
         self.replay_events_sent = Counter(
             "sse_replay_events_sent",
             "Events replayed to reconnecting browsers (Last-Event-ID).",
@@ -375,11 +386,12 @@ class _QuietSite(Site):
         """Nothing: a line per scrape would only bury the access log of streams."""
 
 
-def metrics_site(metrics: Metrics) -> Site:
-    """The plain-HTTP site serving ``GET /metrics`` (text format, or OpenMetrics on request)."""
+def metrics_site(metrics: Metrics, reactor: IReactorTime) -> Site:
+    """The plain-HTTP site serving ``GET /metrics`` (text format, or OpenMetrics on request);
+    its connections' timeouts run on ``reactor``."""
     root = _MetricsRoot()
     root.putChild(b"metrics", _MetricsPage(metrics.registry))
-    return _QuietSite(root)
+    return _QuietSite(root, reactor=reactor)
 
 
 def metrics_endpoint(reactor: Any, address: str, port: int) -> IStreamServerEndpoint:

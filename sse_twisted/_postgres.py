@@ -62,11 +62,17 @@ def describe_postgres_error(error: object) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def connection_parameters(config: Config) -> dict[str, Any]:
-    """libpq connection parameters (DSN keywords) for ``config``'s database."""
+def connection_parameters(
+    config: Config, target_session_attrs: str | None = None
+) -> dict[str, Any]:
+    """libpq connection parameters (DSN keywords) for ``config``'s database;
+    ``target_session_attrs`` replaces the configured one."""
     parameters: dict[str, Any] = {
+        # libpq tries each host in turn (one port for all, or one each) until one answers and
+        # has the target_session_attrs; verify-full checks each host's own name.
         "host": config.postgres_host,
-        "port": config.postgres_port,
+        "port": ",".join(str(port) for port in config.postgres_port),
+        "target_session_attrs": target_session_attrs or config.postgres_target_session_attrs,
         "user": config.postgres_username,
         "password": config.postgres_password,
         "dbname": config.postgres_db_name,
@@ -155,7 +161,14 @@ class ReconnectingConnection(Connection):
         where = {key: parameters[key] for key in ("host", "port", "dbname")}
         if not isinstance(result, Failure):
             self._open = True
-            self.log.info("connected to PostgreSQL {host}:{port}/{dbname}", **where)
+            # Of several hosts, the one libpq connected to.
+            info = self._connection.info
+            self.log.info(
+                "connected to PostgreSQL {host}:{port}/{dbname}",
+                host=info.host,
+                port=info.port,
+                dbname=where["dbname"],
+            )
         elif not self._shut_down:
             reason = describe_postgres_error(result.value)
             if timed_out:

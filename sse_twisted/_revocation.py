@@ -100,7 +100,10 @@ class RevocationListener(Service):
     def startService(self) -> None:
         """Connect and LISTEN, retrying in the background until it works."""
         super().startService()
-        first = self._connection.open(**connection_parameters(self._config))
+        # Only the primary runs the triggers that NOTIFY, and a standby refuses LISTEN: of
+        # several hosts, this connection must reach the primary, whatever the pool may use.
+        parameters = connection_parameters(self._config, target_session_attrs="primary")
+        first = self._connection.open(**parameters)
         first.addCallback(self._first_attempt_over)
 
     def stopService(self) -> Deferred[None]:

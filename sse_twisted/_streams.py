@@ -47,6 +47,7 @@ class EventStream:
         to re-check the grant when a revocation may have been missed.
     @ivar expires_at: when (reactor seconds) the stream is closed for the browser to come
         back re-authenticated; infinite for no limit.
+    @ivar ended: the response is over, finished or its client gone (L{response_ended}).
     """
 
     __slots__ = (
@@ -56,6 +57,7 @@ class EventStream:
         "_stalled_heartbeats",
         "correlation_id",
         "coverage_unknown",
+        "ended",
         "expires_at",
         "max_unsent_bytes",
         "metrics",
@@ -91,6 +93,7 @@ class EventStream:
         self.max_unsent_bytes = max_unsent_bytes
         self.resume_after = resume_after
         self.coverage_unknown = False
+        self.ended = False
         self.paused = False
         self.unsent_bytes = 0
         # Frames not yet handed to the transport: references to the window's shared
@@ -108,7 +111,13 @@ class EventStream:
     @property
     def is_open(self) -> bool:
         """Whether the response can still be written to."""
-        return not self.request.finished and not self.request._disconnected
+        return not self.ended and not self.request.finished
+
+    def response_ended(self) -> None:
+        """The request's C{notifyFinish} fired: the response was finished, or its connection
+        lost (Twisted fires it from the request's C{connectionLost}, which nothing else tells
+        a resource of). Nothing is written to the stream from now on."""
+        self.ended = True
 
     @property
     def backlogged(self) -> bool:

@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
+from twisted.web.resource import Resource
 
 from ._auth import PostgresAuthenticator
 from ._auth_cache import CachingAuthenticator
@@ -22,7 +23,12 @@ from ._framing import jittered_retry_frame
 from ._health import ConsumerCheck, LivenessResource, PostgresCheck, ReadinessResource
 from ._heartbeat import HeartbeatService
 from ._lifetime import StreamLifetimeService
-from ._limits import DescriptorShortageWarnings, raise_open_file_limit, warn_if_limit_below_streams
+from ._limits import (
+    DescriptorShortageWarnings,
+    OpenFileLimit,
+    raise_open_file_limit,
+    warn_if_limit_below_streams,
+)
 from ._listener import ListenerService, tls_endpoint
 from ._live import LiveStart
 from ._logging import JSONLogObserver, bridge_standard_logging
@@ -34,11 +40,13 @@ from ._metrics import (
     metrics_site,
 )
 from ._replay import ReplayWindow
-from ._resource import EventStreamSite, SubscribeResource, root_resource
+from ._resource import root_resource
 from ._revocation import RevocationEnforcer, RevocationListener
 from ._router import MessageRouter
+from ._site import EventStreamSite
 from ._stalls import GarbageCollectionTimer, StallMonitorService
 from ._streams import StreamRegistry
+from ._subscribe import SubscribeResource
 from ._tls_reload import ReloadableServerTLS, ReloadOnHangup
 
 __all__ = ["Options", "SSEService", "build_service", "makeService"]
@@ -88,37 +96,51 @@ class Options(usage.Options):
 
 
 class SSEService(MultiService):
-    """The whole server: listener, stream registry, authenticator, consumer and heartbeats."""
+    """The whole server, one child service per subsystem.
+
+    Children start in the order given (the authenticator, the consumer, the listener, then
+    ``others``) and stop in reverse, once the drain has closed the streams. Each has a name
+    (L{getServiceNamed}): its key in ``others``, or its role for the first three.
+
+    @ivar registry: the open streams.
+    @ivar metrics: what ``/metrics`` serves.
+    @ivar log_observer: the JSON log, handed to twistd's application.
+    @ivar consumer: the RabbitMQ stream consumer.
+    @ivar listener: the public TLS listener.
+    """
 
     log = Logger()
-    # Set by build_service: the subscriber-check cache (its counters), the revocation feed
-    # and the browser-facing TLS identity.
-    auth_cache: CachingAuthenticator | None = None
-    revocations: RevocationListener | None = None
-    # Set by build_service: asked to let no stream start once the drain has begun.
-    subscribe: SubscribeResource | None = None
-    server_tls: ReloadableServerTLS
-    metrics: Metrics
 
     def __init__(
         self,
-        registry: StreamRegistry,
-        listener: ListenerService,
-        authenticator: PostgresAuthenticator,
-        consumer: StreamConsumerService,
-        log_observer: JSONLogObserver,
         config: Config,
+        registry: StreamRegistry,
+        metrics: Metrics,
+        log_observer: JSONLogObserver,
+        *,
+        authenticator: IService,
+        consumer: StreamConsumerService,
+        subscribe: SubscribeResource,
+        listener: ListenerService,
+        others: Mapping[str, IService],
     ) -> None:
         super().__init__()
         self.registry = registry
-        self.listener = listener
-        self.authenticator = authenticator
-        self.consumer = consumer
+        self.metrics = metrics
         self.log_observer = log_observer
-        self._drain_seconds = config.drain_seconds
-        self._retry_milliseconds = config.retry_milliseconds
-        self._jitter_milliseconds = config.reconnect_jitter_milliseconds
-        for child in (authenticator, consumer, listener):
+        self.consumer = consumer
+        self.listener = listener
+        # Asked to let no stream start once the drain has begun.
+        self._subscribe = subscribe
+        self._config = config
+        children = {
+            "authenticator": authenticator,
+            "consumer": consumer,
+            "listener": listener,
+            **others,
+        }
+        for name, child in children.items():
+            child.setName(name)
             child.setServiceParent(self)
 
     def stopService(self) -> Deferred[None]:
@@ -129,14 +151,14 @@ class SSEService(MultiService):
 
     async def _drain(self) -> None:
         await self.listener.stopService()
-        if self.subscribe is not None:
-            self.subscribe.drain()
+        self._subscribe.drain()
         self.listener.drain_connections()
         streams = list(self.registry)
         self.log.info("draining {count} streams", count=len(streams))
+        retry, jitter = self._config.retry_milliseconds, self._config.reconnect_jitter_milliseconds
         for stream in streams:
-            stream.close(jittered_retry_frame(self._retry_milliseconds, self._jitter_milliseconds))
-        await self.listener.close_connections(self._drain_seconds)
+            stream.close(jittered_retry_frame(retry, jitter))
+        await self.listener.close_connections(self._config.drain_seconds)
         await super().stopService()
 
     def setServiceParent(self, parent: Any) -> None:
@@ -197,20 +219,8 @@ def _stall_monitor(
     )
 
 
-def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None]) -> SSEService:
-    """Assemble the service tree for ``config``; ``on_fatal`` ends the process with a reason.
-
-    Raises L{ConfigError} when the certificates cannot be loaded, or when a backend link
-    is insecure in prod without the opt-out.
-    """
-    _refuse_insecure_backends_in_prod(config)
+def _warn_of_development_links(config: Config) -> None:
     log = Logger(namespace="sse_twisted.startup")
-    observer = JSONLogObserver(
-        env=config.app_env,
-        index=config.log_index,
-        logs_dir=config.logs_dir,
-        secrets=(config.postgres_password, config.rabbitmq_password),
-    )
     if not config.rabbitmq_tls:
         log.warn("RabbitMQ link is plaintext (SSE_RABBITMQ_TLS=false): for development only")
     if config.postgres_sslmode != "verify-full":
@@ -219,21 +229,28 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
             "for development only",
             mode=config.postgres_sslmode,
         )
-    metrics = Metrics()
-    registry = StreamRegistry()
-    window = ReplayWindow(
-        reactor, config.replay_seconds, config.replay_max_events, config.replay_max_bytes
+
+
+def _log_observer(config: Config) -> JSONLogObserver:
+    return JSONLogObserver(
+        env=config.app_env,
+        index=config.log_index,
+        logs_dir=config.logs_dir,
+        secrets=(config.postgres_password, config.rabbitmq_password),
     )
-    authenticator = PostgresAuthenticator(config, reactor)
-    auth_cache = CachingAuthenticator(
-        authenticator, reactor, config.auth_cache_seconds, config.auth_cache_size
-    )
-    enforcer = RevocationEnforcer(auth_cache, registry, authenticator.granted, reactor)
-    revocations = RevocationListener(
-        config, reactor, enforcer.revoke, on_resynchronised=enforcer.resynchronise
-    )
-    live = LiveStart(registry, window, reactor, config.future_id_grace_seconds)
-    consumer = StreamConsumerService(
+
+
+def _consumer(
+    config: Config,
+    reactor: Any,
+    registry: StreamRegistry,
+    window: ReplayWindow,
+    live: LiveStart,
+    metrics: Metrics,
+    on_fatal: Callable[[str], None],
+) -> StreamConsumerService:
+    """RabbitMQ's stream, each message routed to the streams it is for."""
+    return StreamConsumerService(
         config,
         reactor,
         on_message=MessageRouter(registry, window, config.max_message_bytes, metrics),
@@ -241,22 +258,16 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
         metrics=metrics,
         live=live,
     )
-    subscribe = SubscribeResource(
-        registry,
-        auth_cache,
-        reactor,
-        window,
-        live,
-        cors_origins=config.cors_origins,
-        retry_milliseconds=config.retry_milliseconds,
-        max_buffer_bytes=config.max_buffer_bytes,
-        metrics=metrics,
-        max_streams_per_user=config.max_streams_per_user,
-        max_streams=config.max_streams,
-        max_stream_seconds=config.max_stream_seconds,
-        max_checks_per_client=config.max_auth_checks_per_client,
-        retry_jitter_milliseconds=config.reconnect_jitter_milliseconds,
-    )
+
+
+def _url_tree(
+    config: Config,
+    reactor: Any,
+    subscribe: SubscribeResource,
+    consumer: StreamConsumerService,
+    authenticator: PostgresAuthenticator,
+) -> Resource:
+    """``/subscribe``, the health probes, and the demo page in dev."""
     root = root_resource(subscribe)
     root.putChild(b"healthz", LivenessResource())
     readiness = ReadinessResource(
@@ -265,6 +276,18 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     root.putChild(b"readyz", readiness)
     if config.app_env == "dev":
         root.putChild(b"demo", DemoPage())
+    return root
+
+
+def _listener(
+    config: Config,
+    reactor: Any,
+    root: Resource,
+    server_tls: ReloadableServerTLS,
+    metrics: Metrics,
+    on_fatal: Callable[[str], None],
+) -> ListenerService:
+    """The public TLS port serving ``root``."""
     site = EventStreamSite(
         root,
         reactor,
@@ -277,7 +300,6 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
     # HTTP/2 drops every stream of a connection idle for Site.timeOut: heartbeats must
     # come well within it.
     site.timeOut = max(60, 3 * config.heartbeat_seconds)
-    server_tls = ReloadableServerTLS(config.certs_dir, reactor)
     listener = ListenerService(
         tls_endpoint(reactor, config, server_tls),
         site,
@@ -285,38 +307,114 @@ def build_service(config: Config, reactor: Any, on_fatal: Callable[[str], None])
         unacknowledged_seconds=config.tcp_user_timeout_seconds,
     )
     listener.listening.addErrback(lambda reason: on_fatal(f"cannot listen: {reason.value}"))
-    service = SSEService(registry, listener, authenticator, consumer, observer, config)
-    service.auth_cache = auth_cache
-    service.metrics = metrics
-    service.revocations = revocations
-    service.subscribe = subscribe
-    service.server_tls = server_tls
-    enforcer.setServiceParent(service)
-    revocations.setServiceParent(service)
-    StreamLifetimeService(
-        registry,
-        window,
-        reactor,
-        config.retry_milliseconds,
-        config.reconnect_jitter_milliseconds,
-    ).setServiceParent(service)
-    heartbeats = HeartbeatService(registry, config.heartbeat_seconds, reactor)
-    heartbeats.setServiceParent(service)
-    _stall_monitor(
-        config, reactor, metrics, observer, heartbeats, registry, window
-    ).setServiceParent(service)
+    return listener
+
+
+def _revocation(
+    config: Config,
+    reactor: Any,
+    auth_cache: CachingAuthenticator,
+    registry: StreamRegistry,
+    authenticator: PostgresAuthenticator,
+) -> dict[str, IService]:
+    """PostgreSQL's revocation feed, and what closes the streams it revokes."""
+    enforcer = RevocationEnforcer(auth_cache, registry, authenticator.granted, reactor)
+    revocations = RevocationListener(
+        config, reactor, enforcer.revoke, on_resynchronised=enforcer.resynchronise
+    )
+    return {"revocation-enforcer": enforcer, "revocations": revocations}
+
+
+def _stream_lifetime(
+    config: Config, reactor: Any, registry: StreamRegistry, window: ReplayWindow
+) -> StreamLifetimeService:
+    """Each stream closed at its end of life, its browser asked to come back."""
+    return StreamLifetimeService(
+        registry, window, reactor, config.retry_milliseconds, config.reconnect_jitter_milliseconds
+    )
+
+
+def _metrics_listener(
+    config: Config, reactor: Any, metrics: Metrics, on_fatal: Callable[[str], None]
+) -> dict[str, IService]:
+    """``/metrics`` on its own port, when one is set."""
+    if not config.metrics_port:
+        return {}
+    listener = MetricsListenerService(
+        metrics_endpoint(reactor, config.metrics_address, config.metrics_port),
+        metrics_site(metrics, reactor),
+    )
+    listener.listening.addErrback(lambda reason: on_fatal(f"cannot serve metrics: {reason.value}"))
+    return {"metrics": listener}
+
+
+def _process_wide(
+    reactor: Any, server_tls: ReloadableServerTLS, open_files: OpenFileLimit | None
+) -> dict[str, IService]:
+    """What only the process's own server does: certificates reloaded on SIGHUP, and a
+    warning when descriptors run short."""
+    if open_files is None:
+        return {}
+    return {
+        "certificate-reload": ReloadOnHangup(server_tls.reload, reactor),
+        "descriptor-warnings": DescriptorShortageWarnings(reactor, lambda: open_files.soft),
+    }
+
+
+def build_service(
+    config: Config,
+    reactor: Any,
+    on_fatal: Callable[[str], None],
+    open_files: OpenFileLimit | None = None,
+) -> SSEService:
+    """Assemble the service tree for ``config``; ``on_fatal`` ends the process with a reason.
+
+    ``open_files`` (the limit start-up raised) makes it the process's own server: it also
+    reloads its certificates on SIGHUP and reports descriptor shortages. Servers run inside
+    another process (the tests) leave it out.
+
+    Raises L{ConfigError} when the certificates cannot be loaded, or when a backend link
+    is insecure in prod without the opt-out.
+    """
+    _refuse_insecure_backends_in_prod(config)
+    _warn_of_development_links(config)
+    metrics = Metrics()
+    registry = StreamRegistry()
+    window = ReplayWindow(
+        reactor, config.replay_seconds, config.replay_max_events, config.replay_max_bytes
+    )
+    live = LiveStart(registry, window, reactor, config.future_id_grace_seconds)
+    authenticator = PostgresAuthenticator(config, reactor)
+    auth_cache = CachingAuthenticator(
+        authenticator, reactor, config.auth_cache_seconds, config.auth_cache_size
+    )
+    consumer = _consumer(config, reactor, registry, window, live, metrics, on_fatal)
+    subscribe = SubscribeResource(config, registry, auth_cache, reactor, window, live, metrics)
+    server_tls = ReloadableServerTLS(config.certs_dir, reactor)
+    root = _url_tree(config, reactor, subscribe, consumer, authenticator)
     metrics.watch(registry, consumer, authenticator, auth_cache, server_tls, replay_window=window)
-    if config.metrics_port:
-        metrics_listener = MetricsListenerService(
-            metrics_endpoint(reactor, config.metrics_address, config.metrics_port),
-            metrics_site(metrics),
-        )
-        metrics_listener.setName("metrics")
-        metrics_listener.listening.addErrback(
-            lambda reason: on_fatal(f"cannot serve metrics: {reason.value}")
-        )
-        metrics_listener.setServiceParent(service)
-    return service
+    observer = _log_observer(config)
+    heartbeats = HeartbeatService(registry, config.heartbeat_seconds, reactor)
+    return SSEService(
+        config,
+        registry,
+        metrics,
+        observer,
+        authenticator=authenticator,
+        consumer=consumer,
+        subscribe=subscribe,
+        listener=_listener(config, reactor, root, server_tls, metrics, on_fatal),
+        others={
+            **_revocation(config, reactor, auth_cache, registry, authenticator),
+            "stream-lifetime": _stream_lifetime(config, reactor, registry, window),
+            "heartbeats": heartbeats,
+            "stalls": _stall_monitor(
+                config, reactor, metrics, observer, heartbeats, registry, window
+            ),
+            **_metrics_listener(config, reactor, metrics, on_fatal),
+            **_process_wide(reactor, server_tls, open_files),
+        },
+    )
 
 
 def _exit_with_error(reactor: Any) -> Callable[[str], None]:
@@ -348,9 +446,6 @@ def makeService(options: Options) -> IService:
     open_files = raise_open_file_limit()
     warn_if_limit_below_streams(open_files, options["config"].max_streams)
     try:
-        service = build_service(options["config"], reactor, _exit_with_error(reactor))
+        return build_service(options["config"], reactor, _exit_with_error(reactor), open_files)
     except ConfigError as error:
         raise SystemExit(f"sse-server: {error}") from None
-    ReloadOnHangup(service.server_tls.reload, reactor).setServiceParent(service)
-    DescriptorShortageWarnings(reactor, lambda: open_files.soft).setServiceParent(service)
-    return service

@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +185,48 @@ class PostgresServer:
             **as_postgres,
         )
 
-    def _initialise(self, pki: Pki) -> None:
+    @classmethod
+    def launch_standby(cls, pki: Pki, primary: PostgresServer) -> PostgresServer:
+        """A hot standby of ``primary`` (``pg_basebackup`` and streaming replication),
+        started and serving reads; the caller must :meth:`destroy` it."""
+        server = cls(
+            directory=Path(tempfile.mkdtemp(prefix="sse-test-postgres-standby-")),
+            port=free_port(),
+            ca_certificate=primary.ca_certificate,
+        )
+        try:
+            started = time.monotonic()
+            certificate, key = server._install_certificates(pki)
+            # The primary's files and settings, and -R: standby.signal and primary_conninfo.
+            backup = server._run(
+                str(POSTGRES_BIN / "pg_basebackup"),
+                *("-D", str(server.data_directory), "-R", "-X", "stream", "-c", "fast"),
+                "--no-sync",
+                "-d",
+                # No client certificate: without one named, libpq would look in $HOME,
+                # root's under sudo-less root, which the postgres user may not read.
+                f"host=127.0.0.1 port={primary.port} user={primary.user} sslmode=require "
+                f"sslcert={server.directory / 'none.crt'} sslkey={server.directory / 'none.key'}",
+            )
+            if backup.returncode:
+                raise BackendStartupError(f"pg_basebackup failed:\n{backup.stdout}{backup.stderr}")
+            # Appended after the primary's own lines, so these win.
+            with (server.data_directory / "postgresql.conf").open("a") as config:
+                config.write(
+                    f"port = {server.port}\n"
+                    f"unix_socket_directories = '{server.directory}'\n"
+                    f"ssl_cert_file = '{certificate}'\n"
+                    f"ssl_key_file = '{key}'\n"
+                )
+            server.start()
+            log.info("PostgreSQL standby ready in %.1fs", time.monotonic() - started)
+        except BaseException:
+            server.destroy()
+            raise
+        return server
+
+    def _install_certificates(self, pki: Pki) -> tuple[Path, Path]:
+        """Copy the server certificate and key where the server's OS user may read them."""
         files = DEV_CERTIFICATE_FILES
         certificate = self.directory / "server.crt"
         key = self.directory / "server.key"
@@ -195,6 +237,10 @@ class PostgresServer:
             account = pwd.getpwnam("postgres")
             for path in (self.directory, certificate, key):
                 os.chown(path, account.pw_uid, account.pw_gid)
+        return certificate, key
+
+    def _initialise(self, pki: Pki) -> None:
+        certificate, key = self._install_certificates(pki)
         initdb = self._run(
             str(POSTGRES_BIN / "initdb"),
             *("-D", str(self.data_directory), "-U", self.user, "-A", "trust"),
@@ -206,6 +252,7 @@ class PostgresServer:
         (self.data_directory / "pg_hba.conf").write_text(
             "local all all trust\n"
             "hostssl all all 127.0.0.1/32 trust\n"
+            "hostssl replication all 127.0.0.1/32 trust\n"
             "hostnossl all all 0.0.0.0/0 reject\n"
         )
         with (self.data_directory / "postgresql.conf").open("a") as config:
@@ -329,8 +376,11 @@ class RabbitMQServer:
         }
 
     @classmethod
-    def launch(cls, pki: Pki, directory: Path) -> RabbitMQServer:
-        """Configure and boot a node in ``directory``; the caller must :meth:`terminate` it."""
+    def launch(cls, pki: Pki, directory: Path, cookie: str | None = None) -> RabbitMQServer:
+        """Configure and boot a node in ``directory``; the caller must :meth:`terminate` it.
+
+        Nodes that are to join one cluster share an Erlang ``cookie``; by default the node
+        gets one of its own."""
         server = cls(
             directory=directory,
             nodename=_unused_node_name(),
@@ -342,7 +392,7 @@ class RabbitMQServer:
         )
         try:
             started = time.monotonic()
-            server._configure(pki)
+            server._configure(pki, cookie or secrets.token_hex(16))
             server._boot()
             log.info("RabbitMQ ready in %.1fs", time.monotonic() - started)
         except BaseException:
@@ -350,13 +400,13 @@ class RabbitMQServer:
             raise
         return server
 
-    def _configure(self, pki: Pki) -> None:
+    def _configure(self, pki: Pki, cookie: str) -> None:
         files = DEV_CERTIFICATE_FILES
         home = self.directory / "home"
         home.mkdir()
-        cookie = home / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(16))
-        cookie.chmod(0o400)  # Erlang refuses a cookie that others can read
+        cookie_file = home / ".erlang.cookie"
+        cookie_file.write_text(cookie)
+        cookie_file.chmod(0o400)  # Erlang refuses a cookie that others can read
         (self.directory / "rabbitmq-env.conf").touch()
         (self.directory / "enabled_plugins").write_text("[].\n")
         (self.directory / "rabbitmq.conf").write_text(
@@ -484,3 +534,55 @@ class RabbitMQServer:
         except subprocess.TimeoutExpired:
             os.killpg(self._process.pid, signal.SIGKILL)
             self._process.wait()
+
+
+@dataclass
+class RabbitMQCluster:
+    """Nodes of :class:`RabbitMQServer` joined into one RabbitMQ cluster.
+
+    They boot side by side, each in a directory of its own under ``directory``, sharing an
+    Erlang cookie; every node but the first then joins the first (``stop_app``, ``reset``,
+    ``join_cluster``, ``start_app``).
+    """
+
+    directory: Path
+    nodes: list[RabbitMQServer] = field(default_factory=list)
+
+    @classmethod
+    def launch(cls, pki: Pki, size: int = 3) -> RabbitMQCluster:
+        """Boot and join ``size`` nodes; the caller must :meth:`destroy` the cluster."""
+        cluster = cls(Path(tempfile.mkdtemp(prefix="sse-test-rabbitmq-cluster-")))
+        cookie = secrets.token_hex(16)
+        started = time.monotonic()
+        try:
+            directories = [cluster.directory / f"node-{index}" for index in range(size)]
+            for directory in directories:
+                directory.mkdir()
+            with ThreadPoolExecutor(size) as pool:
+                booting = [
+                    pool.submit(RabbitMQServer.launch, pki, directory, cookie)
+                    for directory in directories
+                ]
+                # Every node that booted is kept, to be stopped, before a failure is raised.
+                for future in booting:
+                    with suppress(Exception):
+                        cluster.nodes.append(future.result())
+                for future in booting:
+                    future.result()
+            seed = cluster.nodes[0]
+            for node in cluster.nodes[1:]:
+                node.rabbitmqctl("stop_app")
+                node.rabbitmqctl("reset")
+                node.rabbitmqctl("join_cluster", seed.nodename)
+                node.start_app()
+            log.info("RabbitMQ cluster of %d ready in %.1fs", size, time.monotonic() - started)
+        except BaseException:
+            cluster.destroy()
+            raise
+        return cluster
+
+    def destroy(self) -> None:
+        """Shut every node down, whatever its state, and delete their files."""
+        for node in self.nodes:
+            node.terminate()
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -15,15 +15,10 @@ from twisted.logger import LogEvent, capturedLogs, globalLogPublisher
 
 from sse_twisted._logging import JSONLogObserver
 from tests.backends import Pki, PostgresServer, RabbitMQServer
+from tests.browser import Browser
 from tests.conftest_backends import pki, postgres_tls, rabbitmq_tls
-from tests.harness import (
-    LOGGED_TEXT,
-    USED_SECRETS,
-    Browser,
-    delete_queue,
-    leaked_secrets,
-    new_uuid,
-)
+from tests.publishing import delete_queue
+from tests.secrets_tracking import LOGGED_TEXT, USED_SECRETS, leaked_secrets, new_uuid
 
 SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
 

@@ -4,6 +4,9 @@ request and a subscribe resource built on fake clocks."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, cast
 
 from twisted.internet.address import IPv4Address
@@ -13,11 +16,12 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
+from sse_twisted._config import load_config
 from sse_twisted._live import LiveStart
 from sse_twisted._metrics import Metrics
 from sse_twisted._replay import ReplayWindow
-from sse_twisted._resource import SubscribeResource
 from sse_twisted._streams import StreamRegistry
+from sse_twisted._subscribe import SubscribeResource
 from sse_twisted.interfaces import IAuthenticator
 
 __all__ = [
@@ -119,22 +123,27 @@ class ScriptedAuthenticator:
 
 
 def make_resource(
-    authenticator: IAuthenticator, origins: tuple[str, ...] = ("*",), **options: Any
+    authenticator: IAuthenticator, metrics: Metrics | None = None, **settings: Any
 ) -> tuple[SubscribeResource, StreamRegistry]:
     """A subscribe resource on in-memory parts (fake clocks, an empty stream read back);
-    ``options`` are more of its keyword arguments, or other values of these defaults."""
+    ``settings`` are L{Config} fields other than these defaults."""
     registry = StreamRegistry()
     window = ReplayWindow(Clock(), 60, 100)
     live = LiveStart(registry, window, Clock(), future_id_grace_seconds=3)
     live.tail_known(-1)  # an empty stream, read back
+    config = replace(
+        # The resource reads no certificate: any directory will do.
+        load_config({"SSE_CERTS_DIR": str(Path(__file__).parent)}),
+        **{
+            "retry_milliseconds": 2000,
+            "reconnect_jitter_milliseconds": 0,
+            "max_buffer_bytes": 1000,
+            "max_stream_seconds": math.inf,
+            **settings,
+        },
+    )
     resource = SubscribeResource(
-        registry,
-        authenticator,
-        Clock(),
-        window,
-        live,
-        cors_origins=origins,
-        **{"retry_milliseconds": 2000, "max_buffer_bytes": 1000, "metrics": Metrics(), **options},
+        config, registry, authenticator, Clock(), window, live, metrics or Metrics()
     )
     return resource, registry
 

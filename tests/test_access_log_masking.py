@@ -8,7 +8,6 @@ quoting a request) must mask it whichever way it came.
 from __future__ import annotations
 
 import json
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,21 +18,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sse_twisted._paths import loggable_path
+from tests.browser import Browser
 from tests.fakes import ImmediateAuthenticator, make_resource, render, request_for
-from tests.harness import (
-    Browser,
-    add_local_subscriber,
-    bounded,
-    delete_queue,
-    found_contract,
-    new_token,
-    new_uuid,
-    publish,
-    spawn_twistd,
-    wait_for,
-)
 from tests.logs import json_log
+from tests.publishing import delete_queue, found_contract, publish
+from tests.secrets_tracking import new_token, new_uuid
+from tests.subscribers import add_local_subscriber
 from tests.test_hostile_paths import answer_to
+from tests.twistd_processes import spawn_twistd
+from tests.waiting import bounded, wait_for
 
 # The least of a token that must not be readable in a line.
 _PIECE = 12
@@ -238,7 +231,7 @@ async def test_twistd_logs_no_token_of_the_issue_paths_and_no_guest_giveaway(
     # The RabbitMQ password is the default "guest": a queue named with that word must be
     # logged as it is, not as "****-events".
     queue = f"guest-events-{new_uuid()}"
-    process, transport = spawn_twistd(
+    process, _transport = spawn_twistd(
         {**plaintext_environ, "SSE_RABBITMQ_QUEUE_NAME": queue}, tmp_path
     )
     try:
@@ -272,8 +265,7 @@ async def test_twistd_logs_no_token_of_the_issue_paths_and_no_guest_giveaway(
             assert refused.code in (400, 404), path
             await browser.read_body(refused)
     finally:
-        transport.signalProcess(signal.SIGTERM)
-        await bounded(process.ended, 30)
+        await process.terminate()
         delete_queue(5672, queue)
     await bounded(drained.closed)
 

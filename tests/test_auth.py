@@ -30,8 +30,8 @@ from sse_twisted._config import Config, load_config
 from sse_twisted._tls import POSTGRES_CA_FILE
 from sse_twisted.interfaces import BackendBusy, BackendUnavailable, IAuthenticator
 from tests.backends import Pki, PostgresServer, free_port
-from tests.harness import bounded, wait_for
 from tests.logs import log_text, tracebacks, warnings_logged
+from tests.waiting import bounded, wait_for
 
 SYSTEM_POSTGRES: dict[str, Any] = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 PASSWORD = f"pw-{secrets.token_hex(8)}"  # trust auth ignores it; it must never be logged

@@ -23,7 +23,7 @@ from sse_twisted._auth_cache import CachingAuthenticator
 from sse_twisted._config import load_config
 from sse_twisted.interfaces import BackendUnavailable, IAuthenticator
 from tests.fakes import ImmediateAuthenticator, PendingAuthenticator
-from tests.harness import bounded, wait_for
+from tests.waiting import bounded, wait_for
 
 TTL = 10.0
 ALICE = ("0b8e3a52-6a3e-4c1e-9f4a-2d7b1c9e5a10", "3c9d2f7e-1b4a-4e8d-a6c5-7f0e2b9d4c31")

@@ -32,15 +32,11 @@ from twisted.internet.threads import deferToThread
 from twisted.protocols import portforward
 
 from tests.backends import Pki
-from tests.harness import (
-    Browser,
-    EventCollector,
-    add_local_subscriber,
-    bounded,
-    new_uuid,
-    spawn_twistd,
-    wait_for,
-)
+from tests.browser import Browser, EventCollector
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_local_subscriber
+from tests.twistd_processes import spawn_twistd
+from tests.waiting import bounded, wait_for
 
 FLOOD = 5000
 REAL_USERS = 50
@@ -284,7 +280,7 @@ async def test_a_flood_of_random_credentials_leaves_real_users_streaming_and_rea
         "SSE_POSTGRES_PORT": str(link.getHost().port),
         "SSE_POSTGRES_POOL_SIZE": str(POOL_SIZE),
     }
-    process, transport = spawn_twistd(environ, tmp_path)
+    process, _transport = spawn_twistd(environ, tmp_path)
     watch = QueryWatch(database)
     watching = deferToThread(watch.run)
     users_in: list[tuple[float, Browser, EventCollector]] = []
@@ -324,8 +320,7 @@ async def test_a_flood_of_random_credentials_leaves_real_users_streaming_and_rea
     finally:
         watch.stop.set()
         await bounded(watching, 10)
-        transport.signalProcess("TERM")
-        await bounded(process.ended, 30)
+        await process.terminate()
         for _, user_browser, _ in users_in:
             await user_browser.close_all()
         await link.stopListening()

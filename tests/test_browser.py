@@ -28,18 +28,12 @@ from twisted.internet.threads import deferToThread
 
 from sse_twisted.devcerts import DevCertificateFiles
 from tests.backends import Pki, PostgresServer
-from tests.harness import (
-    RunningServer,
-    add_local_subscriber,
-    bounded,
-    found_contract,
-    new_token,
-    new_uuid,
-    publish,
-    start_server,
-    wait_for,
-)
+from tests.in_process_server import RunningServer, start_server
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_local_subscriber, add_subscriber
 from tests.test_drain import http2_until_closed, signal_from_thread
+from tests.waiting import bounded, wait_for
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -274,8 +268,7 @@ async def test_bad_credentials_close_the_eventsource_but_a_database_outage_does_
     server = await start_server(environ)
     try:
         page = await page_of(server)
-        userid, token = new_uuid(), new_token()
-        postgres_tls.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
+        userid, token = add_subscriber(postgres_tls)
         await chromium.evaluate(
             page,
             "([url]) => openStream('bad', url)",

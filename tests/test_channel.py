@@ -1,17 +1,15 @@
 """Draining an HTTP/1.1 connection, in memory (the real server under real clients is in
-test_drain.py), and the guard on the private Twisted names ``sse_twisted._channel`` uses."""
+test_drain.py). The guard on the private Twisted names ``sse_twisted._channel`` uses is in
+test_private_names.py."""
 
 from __future__ import annotations
 
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from sse_twisted._channel import DrainingChannelProtocol
-from sse_twisted._metrics import Metrics
-from sse_twisted._resource import EventStreamSite
+from tests.memory_http import MemoryServer
 
 
 class _Held(Resource):
@@ -29,15 +27,10 @@ class _Held(Resource):
 
 
 def _connection() -> tuple[DrainingChannelProtocol, StringTransport, _Held]:
-    clock = Clock()
     held = _Held()
-    site = EventStreamSite(held, clock, request_timeout=10, metrics=Metrics())
-    site.reactor = clock  # type: ignore[assignment]
-    protocol = site.buildProtocol(None)
-    assert isinstance(protocol, DrainingChannelProtocol)
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-    return protocol, transport, held
+    connection = MemoryServer(held, request_timeout=10).connect()
+    assert isinstance(connection.protocol, DrainingChannelProtocol)
+    return connection.protocol, connection.transport, held
 
 
 def _end(request: Request) -> None:
@@ -75,17 +68,3 @@ def test_a_request_whose_head_ends_during_the_drain_is_answered_with_connection_
     head = transport.value().split(b"\r\n\r\n")[0].lower()
     assert b"\r\nconnection: close" in head
     assert transport.disconnecting
-
-
-def test_the_private_twisted_names_the_drain_relies_on_are_there() -> None:
-    """If this fails, Twisted changed what sse_twisted._channel reaches into: see the
-    comment there."""
-    from twisted.web._http2 import H2Connection
-
-    protocol = DrainingChannelProtocol(HTTPChannel())
-    assert isinstance(protocol._channel, HTTPChannel), "_GenericHTTPChannelProtocol._channel"
-    connection = H2Connection(Clock())
-    assert isinstance(connection._streamCleanupCallbacks, dict), (
-        "H2Connection._streamCleanupCallbacks"
-    )
-    assert callable(connection.conn.close_connection), "H2Connection.conn (an h2 connection)"

@@ -12,7 +12,8 @@ from twisted.logger import LogEvent
 from twisted.web.test.requesthelper import DummyRequest
 
 from sse_twisted._client_address import client_address, forwarded_client
-from tests.harness import Browser, start_server
+from tests.browser import Browser
+from tests.in_process_server import start_server
 
 PROXIES = (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("fd00::/64"))
 

@@ -35,14 +35,11 @@ from sse_twisted import _tls
 from sse_twisted._config import SETTINGS, load_config
 from sse_twisted.devcerts import DEV_CERTIFICATE_FILES
 from tests.backends import Pki, PostgresServer, RabbitMQServer, free_port
-from tests.harness import (
-    Browser,
-    add_subscriber,
-    found_contract,
-    new_password,
-    new_uuid,
-    start_server,
-)
+from tests.browser import Browser
+from tests.in_process_server import start_server
+from tests.publishing import found_contract
+from tests.secrets_tracking import new_password, new_uuid
+from tests.subscribers import add_subscriber
 
 REPOSITORY = Path(__file__).parent.parent
 COMPOSE_FILE = REPOSITORY / "docker-compose.yml"

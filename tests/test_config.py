@@ -7,8 +7,9 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 
 from sse_twisted._config import SETTINGS, ConfigError, load_config
+from sse_twisted._postgres import connection_parameters
 from sse_twisted.tap import Options
-from tests.harness import new_password
+from tests.secrets_tracking import new_password
 
 
 @pytest.fixture
@@ -226,3 +227,68 @@ def test_only_secret_settings_have_a_file_variable(certs_dir: Path, tmp_path: Pa
         "SSE_POSTGRES_PASSWORD",
         "SSE_RABBITMQ_PASSWORD",
     }
+
+
+# --- the engines as clusters: several RabbitMQ nodes, several PostgreSQL hosts ---
+
+
+def test_a_single_broker_host_and_a_single_database_host_are_as_before(certs_dir: Path) -> None:
+    config = load_config({"SSE_CERTS_DIR": str(certs_dir)})
+    assert config.rabbitmq_host == "localhost"
+    assert config.rabbitmq_initial_cluster_size is None
+    assert config.postgres_host == "localhost"
+    assert config.postgres_port == (5432,)
+    assert config.postgres_target_session_attrs == "any"
+    parameters = connection_parameters(config)
+    assert (parameters["host"], parameters["port"]) == ("localhost", "5432")
+
+
+def test_rabbitmq_nodes_and_replication_are_settings(certs_dir: Path) -> None:
+    config = load_config(
+        {
+            "SSE_CERTS_DIR": str(certs_dir),
+            "SSE_RABBITMQ_HOST": "rabbit-a,rabbit-b:5673,[::1]",
+            "SSE_RABBITMQ_INITIAL_CLUSTER_SIZE": "3",
+        }
+    )
+    assert config.rabbitmq_host == "rabbit-a,rabbit-b:5673,[::1]"
+    assert config.rabbitmq_initial_cluster_size == 3
+
+
+def test_postgres_hosts_take_libpqs_multi_host_form(certs_dir: Path) -> None:
+    config = load_config(
+        {
+            "SSE_CERTS_DIR": str(certs_dir),
+            "SSE_POSTGRES_HOST": "pg-a, pg-b",
+            "SSE_POSTGRES_PORT": "5432,5433",
+            "SSE_POSTGRES_TARGET_SESSION_ATTRS": "prefer-standby",
+        }
+    )
+    parameters = connection_parameters(config)
+    assert parameters["host"] == "pg-a,pg-b"
+    assert parameters["port"] == "5432,5433"
+    assert parameters["target_session_attrs"] == "prefer-standby"
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"SSE_RABBITMQ_HOST": "a,,b"}, "SSE_RABBITMQ_HOST: 'a,,b' has an empty host"),
+        ({"SSE_RABBITMQ_HOST": "a:99999"}, "SSE_RABBITMQ_HOST: 'a:99999': '99999' is not a port"),
+        ({"SSE_RABBITMQ_INITIAL_CLUSTER_SIZE": "0"}, "SSE_RABBITMQ_INITIAL_CLUSTER_SIZE: '0'"),
+        ({"SSE_POSTGRES_HOST": "a,"}, "SSE_POSTGRES_HOST: 'a,' has an empty host"),
+        ({"SSE_POSTGRES_PORT": "5432,x"}, "SSE_POSTGRES_PORT: 'x' is not a port number"),
+        (
+            {"SSE_POSTGRES_HOST": "a,b,c", "SSE_POSTGRES_PORT": "5432,5433"},
+            "SSE_POSTGRES_PORT: 2 ports for 3 hosts in SSE_POSTGRES_HOST",
+        ),
+        ({"SSE_POSTGRES_TARGET_SESSION_ATTRS": "master"}, "SSE_POSTGRES_TARGET_SESSION_ATTRS: "),
+    ],
+)
+def test_a_malformed_host_list_is_refused_in_one_line(
+    certs_dir: Path, environ: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config({"SSE_CERTS_DIR": str(certs_dir), **environ})
+    assert str(raised.value).startswith(expected)
+    assert "\n" not in str(raised.value)

@@ -41,8 +41,9 @@ from sse_twisted.devcerts import (
     load_certificate_authority,
 )
 from tests.backends import Pki, RabbitMQServer
-from tests.harness import bounded, delete_queue
 from tests.logs import lines_with
+from tests.publishing import delete_queue
+from tests.waiting import bounded
 
 TIMEOUT = 30
 
@@ -531,3 +532,74 @@ async def test_amqps_rejects_a_certificate_for_another_host(pki: Pki, logs: LogW
         await impostor.stopListening()
     assert "127.0.0.1" in failures[0]
     assert "VerificationError" in failures[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_classic_queue_is_refused_in_one_line_also_with_a_replication_setting(
+    tmp_path: Path, system_broker: Broker, new_queue: Callable[[Broker], str]
+) -> None:
+    queue = new_queue(system_broker)
+    await deferToThread(system_broker.declare, queue)
+    fatal: Deferred[str] = Deferred()
+    config = consumer_config(tmp_path, 5672, queue, rabbitmq_initial_cluster_size=3)
+    consumer = StreamConsumerService(config, reactor, Inbox(), fatal.callback, Metrics())
+    async with running(consumer):
+        reason = await bounded(fatal, TIMEOUT)
+    assert "\n" not in reason
+    assert f"{queue!r} exists as a non-stream queue" in reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_declared_with_another_replication_is_consumed_as_it_is(
+    tmp_path: Path, system_broker: Broker, new_queue: Callable[[Broker], str], logs: LogWatcher
+) -> None:
+    queue = new_queue(system_broker)
+    await deferToThread(system_broker.declare, queue, {"x-queue-type": "stream", "x-max-age": "1D"})
+    inbox = Inbox()
+    config = consumer_config(tmp_path, 5672, queue, rabbitmq_initial_cluster_size=3)
+    consumer = StreamConsumerService(config, reactor, inbox, unexpected_fatal, Metrics())
+    async with running(consumer):
+        await logs.wait_for(f"consuming {queue} at ")
+        await deferToThread(system_broker.publish, queue, [b"on the replicas it has"])
+        await inbox.wait_for(1)
+    assert inbox.bodies == [b"on the replicas it has"]
+    [warning] = logs.lines("exists with other arguments")
+    assert "x-initial-cluster-size" in warning
+
+
+@pytest_twisted.ensureDeferred
+async def test_amqps_checks_each_node_against_its_own_name_and_moves_on_to_the_next(
+    pki: Pki,
+    rabbitmq_tls: RabbitMQServer,
+    private_broker: Broker,
+    new_queue: Callable[[Broker], str],
+    logs: LogWatcher,
+) -> None:
+    # The first node listed presents a certificate for another name: refused, the consumer
+    # goes on to the second, whose certificate is for the name it is listed by.
+    files = DEV_CERTIFICATE_FILES
+    authority = load_certificate_authority(
+        pki.directory / files.ca_certificate, pki.directory / files.ca_key
+    )
+    certificate, key = issue_certificate(authority, ["elsewhere.invalid"])
+    impostor_tls = CertificateOptions(privateKey=key, certificate=certificate)  # type: ignore[arg-type]
+    impostor = await SSL4ServerEndpoint(reactor, 0, impostor_tls, interface="127.0.0.1").listen(
+        Factory.forProtocol(Protocol)
+    )
+    queue = new_queue(private_broker)
+    impostor_address = f"127.0.0.1:{impostor.getHost().port}"
+    try:
+        hosts = f"{impostor_address},localhost"
+        config = tls_config(pki.directory, rabbitmq_tls, queue, hosts)
+        inbox = Inbox()
+        consumer = StreamConsumerService(config, reactor, inbox, unexpected_fatal, Metrics())
+        async with running(consumer):
+            await logs.wait_for(f"consuming {queue} at amqps://localhost:{rabbitmq_tls.amqps_port}")
+            await deferToThread(private_broker.publish, queue, [b"from the second node"])
+            await inbox.wait_for(1)
+    finally:
+        await impostor.stopListening()
+    [refused] = logs.lines("ended before consuming")
+    assert f"amqps://{impostor_address}" in refused
+    assert "VerificationError" in refused
+    assert inbox.bodies == [b"from the second node"]

@@ -14,7 +14,8 @@ import pytest_twisted
 
 from sse_twisted._demo import _PAGE, _SCRIPT
 from tests.backends import Pki
-from tests.harness import Browser, start_server
+from tests.browser import Browser
+from tests.in_process_server import start_server
 
 
 @pytest.mark.parametrize(("app_env", "status"), [("dev", 200), ("prod", 404)])

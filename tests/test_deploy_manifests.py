@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from sse_twisted._config import SETTINGS
-from tests.harness import TWISTD
+from tests.twistd_processes import TWISTD
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 SOCKET_UNIT = DEPLOY / "systemd" / "sse-twisted.socket"

@@ -24,8 +24,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from tests.backends import Pki
-from tests.harness import add_local_subscriber, bounded, new_uuid, spawn_twistd, wait_for
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_local_subscriber
 from tests.test_bodies import _H2Client
+from tests.twistd_processes import spawn_twistd
+from tests.waiting import bounded, wait_for
 
 PROTOCOLS = ["HTTP/1.1", "HTTP/2"]
 RETRY_MILLISECONDS = 100

@@ -22,18 +22,13 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from tests.backends import Pki, PostgresServer, RabbitMQServer
-from tests.harness import (
-    Browser,
-    RunningServer,
-    add_subscriber,
-    bounded,
-    found_contract,
-    new_uuid,
-    publish,
-    start_server,
-    wait_for,
-)
+from tests.browser import Browser
+from tests.in_process_server import RunningServer, start_server
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_uuid
 from tests.sse_parser import EventParser
+from tests.subscribers import add_subscriber
+from tests.waiting import bounded, wait_for
 
 
 @pytest_twisted.async_yield_fixture
@@ -66,15 +61,16 @@ async def test_every_tab_of_a_user_receives_the_message_and_no_one_else_does(
 
     await send(rabbitmq_tls, server, found_contract(alice), found_contract(bob, filename="b.pdf"))
 
-    for tab in (first_tab, second_tab):
-        event = await tab.next_event()
+    first_event, second_event = [await tab.next_event() for tab in (first_tab, second_tab)]
+    for event in (first_event, second_event):
         assert json.loads(event["data"]) == found_contract(alice)
-        assert int(event["id"]) >= 0
+    # One message, one stream offset: both tabs carry the same id.
+    assert first_event["id"] == second_event["id"]
     bobs_event = await bobs_tab.next_event()
-    # Bob's message was published after Alice's on one ordered stream: had hers reached
-    # Bob, it would have arrived first.
+    # Bob's message was published right after Alice's on one ordered stream: had hers reached
+    # Bob, it would have arrived first; its id is the next offset.
     assert json.loads(bobs_event["data"])["filename"] == "b.pdf"
-    assert int(bobs_event["id"]) > int(event["id"])
+    assert int(bobs_event["id"]) == int(first_event["id"]) + 1
     assert [len(tab.received) for tab in (first_tab, second_tab, bobs_tab)] == [1, 1, 1]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import sse_twisted
-from tests.harness import TWISTD
+from tests.twistd_processes import TWISTD
 
 PACKAGE = Path(sse_twisted.__file__).parent
 MODULES = sorted(

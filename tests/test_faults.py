@@ -19,17 +19,12 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from tests.backends import Pki, PostgresServer, RabbitMQServer
-from tests.harness import (
-    Browser,
-    EventCollector,
-    RunningServer,
-    add_subscriber,
-    found_contract,
-    new_uuid,
-    publish,
-    start_server,
-    wait_for,
-)
+from tests.browser import Browser, EventCollector
+from tests.in_process_server import RunningServer, start_server
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_subscriber
+from tests.waiting import wait_for
 
 OUTAGE_SECONDS = 8.0
 

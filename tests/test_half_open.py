@@ -32,16 +32,12 @@ from twisted.internet.threads import deferToThread
 
 from sse_twisted._streams import StreamRegistry
 from tests.backends import Pki
-from tests.harness import (
-    Browser,
-    add_local_subscriber,
-    bounded,
-    found_contract,
-    new_uuid,
-    publish,
-    start_server,
-    wait_for,
-)
+from tests.browser import Browser
+from tests.in_process_server import start_server
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_local_subscriber
+from tests.waiting import bounded, wait_for
 
 USER_TIMEOUT_SECONDS = 2.0
 HEARTBEAT_SECONDS = 0.5

@@ -38,19 +38,13 @@ from twisted.python.failure import Failure
 
 from sse_twisted._listener import FIRST_REQUEST_SECONDS, ListenerService
 from tests.backends import Pki, free_port
-from tests.harness import (
-    TWISTD,
-    Browser,
-    TwistdProcess,
-    add_local_subscriber,
-    bounded,
-    found_contract,
-    new_uuid,
-    publish,
-    spawn_twistd,
-    wait_for,
-)
+from tests.browser import Browser
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_local_subscriber
 from tests.test_deploy_manifests import SERVICE_UNIT, unit_values
+from tests.twistd_processes import TWISTD, TwistdProcess, spawn_twistd
+from tests.waiting import TIMEOUT, bounded, wait_for
 
 CLIENTS = 4
 # Restarts each restart test makes; the README's figures are from
@@ -132,15 +126,10 @@ class Restart:
 
 async def _start(
     environ: dict[str, str], cwd: Path, listening_socket: socket.socket | None
-) -> tuple[TwistdProcess, Any]:
-    process, transport = spawn_twistd(environ, cwd, listening_socket=listening_socket)
+) -> TwistdProcess:
+    process, _transport = spawn_twistd(environ, cwd, listening_socket=listening_socket)
     await bounded(process.consuming)
-    return process, transport
-
-
-async def _stop(process: TwistdProcess, transport: Any) -> None:
-    transport.signalProcess("TERM")
-    await bounded(process.ended)
+    return process
 
 
 async def restart_under_load(
@@ -157,7 +146,7 @@ async def restart_under_load(
     url = f"https://localhost:{port}/subscribe/{new_uuid()}/{userid}/{token}"
     browser = Browser(pki.ca_certificate)
     old = await _start(environ, tmp_path, listening_socket)
-    new: tuple[TwistdProcess, Any] | None = None
+    new: TwistdProcess | None = None
     try:
         _, stream = await browser.open(url)
         await publish(5672, queue, found_contract(userid, filename="before"))
@@ -166,7 +155,7 @@ async def restart_under_load(
             began = time.monotonic()
             await wait_for(lambda: served_since(attempts, began) >= CLIENTS, "served before")
             stopped = time.monotonic()
-            await _stop(*old)
+            await old.terminate(TIMEOUT)
             await bounded(stream.closed)
             await publish(5672, queue, found_contract(userid, filename="while restarting"))
             new = await _start(environ, tmp_path, listening_socket)
@@ -179,9 +168,9 @@ async def restart_under_load(
         return Restart(list(attempts), stopped, ready)
     finally:
         await browser.close_all()
-        for process, transport in (old, new) if new else (old,):
+        for process in (old, new) if new else (old,):
             if not process.ended.called:
-                await _stop(process, transport)
+                await process.terminate(TIMEOUT)
 
 
 async def restarts_under_load(
@@ -262,7 +251,7 @@ async def test_the_server_serves_on_the_socket_systemd_socket_activate_passes(
     (exec_start,) = unit_values(SERVICE_UNIT, "Service", "ExecStart")
     arguments = exec_start.split()[1:]
     process = TwistdProcess()
-    transport = reactor.spawnProcess(  # type: ignore[attr-defined]
+    reactor.spawnProcess(  # type: ignore[attr-defined]
         process,
         activate,
         [
@@ -287,8 +276,7 @@ async def test_the_server_serves_on_the_socket_systemd_socket_activate_passes(
         assert outcome == "ok"
         assert await bounded(process.port) == port
     finally:
-        transport.signalProcess("TERM")
-        await bounded(process.ended)
+        await process.terminate(TIMEOUT)
 
 
 async def _in_thread(function: Any, *arguments: Any) -> Any:

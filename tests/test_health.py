@@ -25,8 +25,10 @@ from sse_twisted._health import (
 )
 from sse_twisted.interfaces import BackendUnavailable
 from tests.backends import PostgresServer, RabbitMQServer
+from tests.browser import Browser
 from tests.fakes import PendingAuthenticator
-from tests.harness import TIMEOUT, Browser, RunningServer, start_server
+from tests.in_process_server import RunningServer, start_server
+from tests.waiting import TIMEOUT
 
 
 @dataclass

@@ -13,7 +13,6 @@ def open_streams(registry: StreamRegistry, count: int) -> list[EventStream]:
     streams = []
     for number in range(count):
         request = DummyRequest([b""])
-        request._disconnected = False
         stream = EventStream(USERID, f"topic-{number}", request, "c", max_unsent_bytes=1000)
         registry.add(stream)
         streams.append(stream)

@@ -21,7 +21,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from sse_twisted._metrics import Metrics
-from sse_twisted._resource import EventStreamSite, root_resource
+from sse_twisted._resource import root_resource
+from sse_twisted._site import EventStreamSite
 from sse_twisted.interfaces import IAuthenticator
 from tests.fakes import ImmediateAuthenticator, make_resource
 
@@ -93,7 +94,6 @@ def answer_to(
         max_buffer_bytes=10_000,
     )
     site = EventStreamSite(root_resource(resource), Clock(), metrics=Metrics())
-    site.reactor = Clock()  # type: ignore[assignment]
     channel = site.buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)

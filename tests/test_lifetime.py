@@ -19,18 +19,12 @@ from sse_twisted._lifetime import StreamLifetimeService, stream_lifetime
 from sse_twisted._replay import ReplayWindow
 from sse_twisted._streams import EventStream, StreamRegistry
 from tests.backends import PostgresServer, RabbitMQServer
-from tests.harness import (
-    Browser,
-    EventCollector,
-    RunningServer,
-    add_subscriber,
-    bounded,
-    found_contract,
-    new_uuid,
-    publish,
-    start_server,
-    wait_for,
-)
+from tests.browser import Browser, EventCollector
+from tests.in_process_server import RunningServer, start_server
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_subscriber
+from tests.waiting import bounded, wait_for
 
 USERID = "0b8e3a52-6a3e-4c1e-9f4a-2d7b1c9e5a10"
 RETRY_MILLISECONDS = 300
@@ -57,7 +51,6 @@ def open_stream(
     registry: StreamRegistry, clock: Clock, max_seconds: float, resume_after: int = -1
 ) -> EventStream:
     request = DummyRequest([b""])
-    request._disconnected = False
     stream = EventStream(
         USERID,
         new_uuid(),
@@ -68,8 +61,13 @@ def open_stream(
         expires_at=clock.seconds() + stream_lifetime(max_seconds),
     )
     registry.add(stream)
-    # As the resource does: a finished request leaves the registry.
-    request.notifyFinish().addBoth(lambda _: registry.remove(stream))
+
+    def ended(_: object) -> None:
+        # As the resource does: a finished request ends the stream and leaves the registry.
+        stream.response_ended()
+        registry.remove(stream)
+
+    request.notifyFinish().addBoth(ended)
     return stream
 
 

@@ -26,7 +26,6 @@ class Setup:
     def open(self, last_event_id: str | None = None) -> DummyRequest:
         """A stream as SubscribeResource opens it: replay, start, register, write the head."""
         request = DummyRequest([b""])
-        request._disconnected = False
         stream = EventStream(ALICE, NEWS, request, "c", max_unsent_bytes=100_000)
         head = []
         if last_event_id is not None:

@@ -14,8 +14,8 @@ from twisted.python.logfile import DailyLogFile
 
 import sse_twisted._logging
 from sse_twisted._logging import JSONLogObserver, bridge_standard_logging, mask_subscribe_path
-from tests.harness import new_password
 from tests.logs import json_log
+from tests.secrets_tracking import new_password
 
 NONCE = "3c9d2f7e-1b4a-4e8d-a6c5-7f0e2b9d4c31"
 

@@ -11,6 +11,8 @@ import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.web.client import Agent, Response
 
 from sse_twisted._metrics import (
@@ -23,8 +25,10 @@ from sse_twisted._metrics import (
     metrics_site,
 )
 from sse_twisted._tls_reload import ReloadableServerTLS
+from tests.browser import EventCollector
+from tests.certificates import renew_certificate
 from tests.fakes import ImmediateAuthenticator
-from tests.harness import EventCollector, bounded, renew_certificate
+from tests.waiting import bounded
 
 
 async def read_body(response: Response) -> bytes:
@@ -180,7 +184,7 @@ async def test_the_listener_serves_metrics_over_plain_http_and_nothing_else() ->
     metrics = Metrics()
     metrics.subscribed("bad_request")
     listener = MetricsListenerService(
-        metrics_endpoint(reactor, "127.0.0.1", 0), metrics_site(metrics)
+        metrics_endpoint(reactor, "127.0.0.1", 0), metrics_site(metrics, reactor)
     )
     listener.startService()
     try:
@@ -204,3 +208,17 @@ def test_the_amqp_timestamp_is_read_as_seconds_or_as_milliseconds_when_that_larg
     assert amqp_timestamp_seconds(None) is None
     assert amqp_timestamp_seconds(1_900_000_000) == 1_900_000_000.0
     assert amqp_timestamp_seconds(1_900_000_000_250) == 1_900_000_000.25
+
+
+def test_the_metrics_site_times_out_idle_connections_on_the_clock_it_is_given() -> None:
+    clock = Clock()
+    site = metrics_site(Metrics(), clock)
+    protocol = site.buildProtocol(None)
+    assert protocol is not None
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    assert site.timeOut is not None
+    clock.advance(site.timeOut - 1)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.disconnecting

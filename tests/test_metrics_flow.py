@@ -15,17 +15,14 @@ from twisted.internet.threads import deferToThread
 from twisted.web.client import Agent
 
 from tests.backends import Pki, PostgresServer, RabbitMQServer, free_port
-from tests.harness import (
-    Browser,
-    bounded,
-    found_contract,
-    new_token,
-    new_uuid,
-    start_server,
-    wait_for,
-)
+from tests.browser import Browser
+from tests.in_process_server import start_server
+from tests.publishing import found_contract
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_subscriber
 from tests.test_end_to_end import CurlStream
 from tests.test_metrics import read_body
+from tests.waiting import bounded, wait_for
 
 
 @pytest.fixture
@@ -74,8 +71,7 @@ async def test_counters_move_and_gauges_follow_the_streams_as_events_flow(
         assert before[("sse_open_streams", (("protocol", "h1"),))] == 0
         assert before[("sse_backend_up", (("backend", "rabbitmq"),))] == 1
 
-        userid, token = new_uuid(), new_token()
-        postgres_tls.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
+        userid, token = add_subscriber(postgres_tls)
         url = server.subscribe_url(new_uuid(), userid, token)
         _, first_tab = await browser.open(url)
         _, second_tab = await browser.open(url)

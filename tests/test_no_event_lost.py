@@ -17,19 +17,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from tests.backends import Pki, PostgresServer, RabbitMQServer
-from tests.harness import (
-    Browser,
-    EventCollector,
-    Instance,
-    add_local_subscriber,
-    add_subscriber,
-    bounded,
-    found_contract,
-    new_uuid,
-    publish,
-    start_server,
-    wait_for,
-)
+from tests.browser import Browser, EventCollector
+from tests.in_process_server import start_server
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_local_subscriber, add_subscriber
+from tests.twistd_processes import Instance
+from tests.waiting import bounded, wait_for
 
 
 def filenames(tab: EventCollector) -> list[str]:

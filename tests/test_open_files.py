@@ -6,7 +6,6 @@ from __future__ import annotations
 import resource
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
@@ -23,16 +22,12 @@ from sse_twisted._limits import (
     raise_open_file_limit,
     warn_if_limit_below_streams,
 )
-from tests.harness import (
-    Browser,
-    TwistdProcess,
-    add_local_subscriber,
-    bounded,
-    new_uuid,
-    spawn_twistd,
-    wait_for,
-)
+from tests.browser import Browser
 from tests.logs import warnings_logged
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_local_subscriber
+from tests.twistd_processes import TwistdProcess, spawn_twistd
+from tests.waiting import bounded, wait_for
 
 HARD_LIMIT = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
@@ -175,11 +170,6 @@ async def _open_streams(
     return codes
 
 
-async def _stop(transport: Any, process: TwistdProcess) -> None:
-    transport.signalProcess("TERM")
-    await bounded(process.ended, 30)
-
-
 @pytest.mark.skipif(HARD_LIMIT < 1024, reason="needs a hard open-file limit of 1024 or more")
 @pytest_twisted.ensureDeferred
 async def test_under_a_soft_limit_of_64_twistd_holds_200_streams(
@@ -190,14 +180,16 @@ async def test_under_a_soft_limit_of_64_twistd_holds_200_streams(
 ) -> None:
     userid, token = add_local_subscriber(local_database["SSE_POSTGRES_DB_NAME"])
     environ = {**plaintext_environ, "SSE_MAX_STREAMS_PER_USER": "1000", "SSE_MAX_STREAMS": "500"}
-    process, transport = spawn_twistd(environ, tmp_path, open_files=(64, HARD_LIMIT))
+    process, _transport = spawn_twistd(environ, tmp_path, open_files=(64, HARD_LIMIT))
     try:
         port = await bounded(process.port, 30)
         codes = await _open_streams(browser, port, userid, token, 200)
         assert codes == [200] * 200
     finally:
-        await browser.close_all()
-        await _stop(transport, process)
+        try:
+            await browser.close_all()
+        finally:
+            await process.terminate()
     limit = f"open-file limit {HARD_LIMIT} (was 64) holds SSE_MAX_STREAMS=500"
     assert limit in _messages(process)
 
@@ -211,7 +203,7 @@ async def test_under_a_hard_limit_of_128_twistd_warns_at_start_and_counts_what_i
 ) -> None:
     userid, token = add_local_subscriber(local_database["SSE_POSTGRES_DB_NAME"])
     environ = {**plaintext_environ, "SSE_MAX_STREAMS_PER_USER": "1000"}
-    process, transport = spawn_twistd(environ, tmp_path, open_files=(128, 128))
+    process, _transport = spawn_twistd(environ, tmp_path, open_files=(128, 128))
     try:
         port = await bounded(process.port, 30)
         codes = await _open_streams(browser, port, userid, token, 160)
@@ -227,8 +219,10 @@ async def test_under_a_hard_limit_of_128_twistd_warns_at_start_and_counts_what_i
 
         await wait_for(lambda: reported() == unanswered, "no warning with the count")
     finally:
-        await browser.close_all()
-        await _stop(transport, process)
+        try:
+            await browser.close_all()
+        finally:
+            await process.terminate()
     [start_up] = [m for m in _messages(process) if m.startswith("open-file limit")]
     assert start_up.startswith("open-file limit 128 cannot hold SSE_MAX_STREAMS=50000")
     warned = [line for line in process.lines if line["message"].startswith("out of file")]

@@ -32,20 +32,13 @@ from twisted.python.failure import Failure
 
 from sse_twisted._config import SETTINGS
 from tests.backends import Pki, free_port
-from tests.harness import (
-    LOGGED_TEXT,
-    TIMEOUT,
-    Browser,
-    Instance,
-    add_local_subscriber,
-    bounded,
-    found_contract,
-    leaked_secrets,
-    new_uuid,
-    publish,
-    wait_for,
-)
+from tests.browser import Browser
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import LOGGED_TEXT, leaked_secrets, new_uuid
 from tests.sse_parser import EventParser
+from tests.subscribers import add_local_subscriber
+from tests.twistd_processes import Instance
+from tests.waiting import TIMEOUT, bounded, wait_for
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 # The clients connect from this loopback address; the proxies reach the instances from

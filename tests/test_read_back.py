@@ -17,21 +17,15 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel
 
 from tests.backends import PostgresServer, RabbitMQServer
-from tests.harness import (
-    Browser,
-    EventCollector,
-    add_subscriber,
-    bounded,
-    delete_queue,
-    found_contract,
-    new_uuid,
-    publish,
-    start_server,
-    wait_for,
-)
+from tests.browser import Browser, EventCollector
+from tests.in_process_server import start_server
+from tests.publishing import delete_queue, found_contract, publish
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_subscriber
 from tests.test_consumer import Broker, LogWatcher, logs  # noqa: F401 - logs is a fixture
 from tests.test_health import fetch
 from tests.test_no_event_lost import Instance, filenames, receive
+from tests.waiting import bounded, wait_for
 
 STREAM = {"x-queue-type": "stream", "x-max-age": "1D"}
 

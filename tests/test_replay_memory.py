@@ -22,20 +22,15 @@ from sse_twisted._metrics import Metrics
 from sse_twisted._replay import ReplayWindow
 from sse_twisted._streams import EventStream, StreamRegistry
 from tests.backends import Pki, free_port
-from tests.harness import (
-    Browser,
-    RunningServer,
-    add_local_subscriber,
-    bounded,
-    found_contract,
-    new_uuid,
-    publish,
-    start_server,
-    wait_for,
-)
+from tests.browser import Browser
+from tests.in_process_server import RunningServer, start_server
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_uuid
 from tests.sse_parser import EventParser
+from tests.subscribers import add_local_subscriber
 from tests.test_limits import _raw_connection, _socket_transport
 from tests.test_metrics_flow import scrape
+from tests.waiting import bounded, wait_for
 
 ALICE = "0b8e3a52-6a3e-4c1e-9f4a-2d7b1c9e5a10"
 BOB = "5d2c7b1a-3e4f-4a6b-8c9d-0e1f2a3b4c5d"
@@ -102,7 +97,6 @@ class _PacedRequest(DummyRequest):
 
     def __init__(self, room: int) -> None:
         super().__init__([b""])
-        self._disconnected = False
         self.channel = type("Channel", (), {"transport": StringTransport()})()
         self.room = room
         self.buffered = 0

@@ -10,14 +10,18 @@ from collections.abc import Sequence
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
 from sse_twisted._auth_cache import CachingAuthenticator
 from sse_twisted._metrics import Metrics
-from sse_twisted._resource import path_problem, root_resource
+from sse_twisted._resource import root_resource
+from sse_twisted._site import EventStreamSite
+from sse_twisted._subscribe import path_problem
 from sse_twisted.interfaces import BackendBusy, BackendUnavailable
 from tests.fakes import ScriptedAuthenticator, make_resource, render, request_for
 from tests.sse_parser import EventParser
@@ -53,6 +57,28 @@ def test_a_closed_stream_leaves_the_registry_at_once() -> None:
     render(resource, request)
     request.processingFailed(Failure(ConnectionError("client went away")))
     assert len(registry) == 0
+
+
+def test_a_stream_whose_client_disconnects_is_no_longer_open() -> None:
+    # A real Request on Twisted's HTTP/1.1 channel, in memory, whose connection is lost.
+    resource, registry = make_resource(ScriptedAuthenticator(True))
+    clock = Clock()
+    site = EventStreamSite(root_resource(resource), clock, metrics=Metrics())
+    site.reactor = clock  # type: ignore[assignment]
+    protocol = site.buildProtocol(None)
+    assert protocol is not None
+    protocol.makeConnection(StringTransport())
+    protocol.dataReceived(
+        f"GET /subscribe/{TOPIC}/{USERID}/{NONCE} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+    )
+    [stream] = registry
+    assert stream.is_open
+    protocol.connectionLost(Failure(ConnectionDone("client went away")))
+    assert not stream.is_open
+    assert len(registry) == 0
+    # What the lifetime and the revocation do to a stream they hold: nothing, no error
+    # (Twisted raises on finishing a request whose connection is lost).
+    stream.close(b"retry: 1000\n\n")
 
 
 def test_an_unknown_subscriber_is_forbidden() -> None:
@@ -134,7 +160,7 @@ def test_other_methods_are_405_with_allow(method: bytes) -> None:
 
 def test_a_preflight_is_answered_without_a_lookup() -> None:
     authenticator = ScriptedAuthenticator()
-    resource, _ = make_resource(authenticator, origins=("https://app.example",))
+    resource, _ = make_resource(authenticator, cors_origins=("https://app.example",))
     request = request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}", b"OPTIONS")
     request.requestHeaders.setRawHeaders(b"origin", [b"https://app.example"])
     render(resource, request)
@@ -147,7 +173,7 @@ def test_a_preflight_is_answered_without_a_lookup() -> None:
 
 def test_an_origin_not_configured_is_refused_before_the_lookup() -> None:
     authenticator = ScriptedAuthenticator()
-    resource, _ = make_resource(authenticator, origins=("https://app.example",))
+    resource, _ = make_resource(authenticator, cors_origins=("https://app.example",))
     request = request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}")
     request.requestHeaders.setRawHeaders(b"origin", [b"https://evil.example"])
     body = render(resource, request)
@@ -231,7 +257,10 @@ def test_past_four_checks_in_flight_an_address_is_asked_to_come_back_at_jittered
     authenticator = ScriptedAuthenticator(*pending)
     metrics = Metrics()
     resource, _ = make_resource(
-        authenticator, metrics=metrics, max_checks_per_client=4, retry_jitter_milliseconds=1000
+        authenticator,
+        metrics=metrics,
+        max_auth_checks_per_client=4,
+        reconnect_jitter_milliseconds=1000,
     )
     path = f"/subscribe/{TOPIC}/{USERID}/{NONCE}"
     for _ in range(4):
@@ -257,7 +286,7 @@ def test_an_address_gets_its_place_back_on_every_outcome_of_its_check() -> None:
     authenticator = ScriptedAuthenticator(
         True, False, BackendUnavailable("db down"), leaving, Deferred()
     )
-    resource, _ = make_resource(authenticator, max_checks_per_client=1)
+    resource, _ = make_resource(authenticator, max_auth_checks_per_client=1)
     path = f"/subscribe/{TOPIC}/{USERID}/{NONCE}"
     render(resource, request_for(path))  # allowed: a stream opens
     render(resource, request_for(path))  # forbidden
@@ -278,7 +307,7 @@ def test_an_address_gets_its_place_back_on_every_outcome_of_its_check() -> None:
 def test_a_cached_grant_is_let_in_even_when_the_address_is_at_its_limit() -> None:
     authenticator = ScriptedAuthenticator(Deferred(), True)
     authenticator.cached.add((USERID, NONCE))
-    resource, registry = make_resource(authenticator, max_checks_per_client=1)
+    resource, registry = make_resource(authenticator, max_auth_checks_per_client=1)
     other_nonce = "5d3c1b2a-0f9e-4d8c-b7a6-958473625140"
     render(resource, request_for(f"/subscribe/{TOPIC}/{USERID}/{other_nonce}"))
     render(resource, request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}"))
@@ -291,7 +320,7 @@ def test_a_page_opening_twenty_tabs_at_once_takes_one_place_of_its_address() -> 
         ScriptedAuthenticator(answer), Clock(), ttl_seconds=10, max_entries=10
     )
     resource, registry = make_resource(
-        authenticator, max_checks_per_client=4, max_streams_per_user=20
+        authenticator, max_auth_checks_per_client=4, max_streams_per_user=20
     )
     requests = [request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}") for _ in range(20)]
     for request in requests:
@@ -305,7 +334,7 @@ def test_a_full_line_of_checks_asks_the_browser_to_come_back_later() -> None:
     authenticator = ScriptedAuthenticator(BackendBusy("256 subscriber checks are waiting"))
     metrics = Metrics()
     resource, registry = make_resource(
-        authenticator, metrics=metrics, retry_jitter_milliseconds=500
+        authenticator, metrics=metrics, reconnect_jitter_milliseconds=500
     )
     request = request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}")
     render(resource, request)
@@ -329,7 +358,7 @@ def test_a_draining_resource_opens_no_stream_and_asks_the_browser_to_come_back()
     authenticator = ScriptedAuthenticator(True)
     metrics = Metrics()
     resource, registry = make_resource(
-        authenticator, metrics=metrics, retry_jitter_milliseconds=1000
+        authenticator, metrics=metrics, reconnect_jitter_milliseconds=1000
     )
     resource.drain()
     request = request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}")
@@ -344,7 +373,7 @@ def test_a_check_answered_after_the_drain_began_opens_no_stream() -> None:
     pending: Deferred[bool] = Deferred()
     metrics = Metrics()
     resource, registry = make_resource(
-        ScriptedAuthenticator(pending), metrics=metrics, retry_jitter_milliseconds=1000
+        ScriptedAuthenticator(pending), metrics=metrics, reconnect_jitter_milliseconds=1000
     )
     request = request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}")
     render(resource, request)

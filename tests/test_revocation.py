@@ -30,20 +30,14 @@ from sse_twisted._revocation import CHANNEL, RevocationEnforcer, RevocationListe
 from sse_twisted._streams import EventStream, StreamRegistry
 from sse_twisted.interfaces import BackendUnavailable
 from tests.backends import PostgresServer, RabbitMQServer
+from tests.browser import Browser
 from tests.fakes import ImmediateAuthenticator
-from tests.harness import (
-    Browser,
-    RunningServer,
-    add_local_subscriber,
-    bounded,
-    found_contract,
-    new_token,
-    new_uuid,
-    publish,
-    start_server,
-    wait_for,
-)
+from tests.in_process_server import RunningServer, start_server
 from tests.logs import lines_with, log_text, tracebacks, warnings_logged
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_token, new_uuid
+from tests.subscribers import add_local_subscriber, add_subscriber
+from tests.waiting import bounded, wait_for
 
 SCHEMA = Path(__file__).parent.parent / "schema" / "users.sql"
 WAIT_SECONDS = 10.0
@@ -346,20 +340,20 @@ async def test_stopping_closes_the_connection_for_good(
 # --- end to end: a live stream over TLS, closed by a revocation ---
 
 
+def revocation_listener(server: RunningServer) -> RevocationListener:
+    """The running server's revocation feed, found by its service name."""
+    revocations = server.service.getServiceNamed("revocations")
+    assert isinstance(revocations, RevocationListener)
+    return revocations
+
+
 @pytest_twisted.async_yield_fixture
 async def server(tls_environ: dict[str, str]) -> AsyncIterator[RunningServer]:
     running = await start_server(tls_environ)
-    revocations = running.service.revocations
-    assert revocations is not None
+    revocations = revocation_listener(running)
     await wait_for(lambda: revocations.listening, "the server to LISTEN for revocations")
     yield running
     await running.stop()
-
-
-def tls_subscriber(postgres: PostgresServer) -> tuple[str, str]:
-    userid, token = new_uuid(), new_token()
-    postgres.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
-    return userid, token
 
 
 REVOCATION_SECONDS = 5.0
@@ -372,15 +366,15 @@ async def test_deleting_a_user_closes_its_open_streams_and_it_is_refused_after(
     postgres_tls: PostgresServer,
     log_events: Sequence[LogEvent],
 ) -> None:
-    alice, alice_token = tls_subscriber(postgres_tls)
-    bob, bob_token = tls_subscriber(postgres_tls)
+    alice, alice_token = add_subscriber(postgres_tls)
+    bob, bob_token = add_subscriber(postgres_tls)
     url = server.subscribe_url(new_uuid(), alice, alice_token)
     _, first_tab = await browser.open(url)
     _, second_tab = await browser.open(server.subscribe_url(new_uuid(), alice, alice_token))
     _, bobs_tab = await browser.open(server.subscribe_url(new_uuid(), bob, bob_token))
     await wait_for(lambda: len(server.service.registry) == 3, "three streams registered")
-    cache = server.service.auth_cache
-    assert cache is not None and len(cache) == 2  # Alice's grant is cached...
+    # Alice's second tab was let in from the cache...
+    assert server.service.metrics.registry.get_sample_value("sse_auth_cache_hits_total") == 1
 
     postgres_tls.execute("DELETE FROM users WHERE uuid = %s", (alice,))
 
@@ -402,7 +396,7 @@ async def test_deleting_a_user_closes_its_open_streams_and_it_is_refused_after(
 async def test_a_new_token_closes_the_stream_and_only_the_new_token_gets_back_in(
     server: RunningServer, browser: Browser, postgres_tls: PostgresServer
 ) -> None:
-    userid, old_token = tls_subscriber(postgres_tls)
+    userid, old_token = add_subscriber(postgres_tls)
     topic = new_uuid()
     _, tab = await browser.open(server.subscribe_url(topic, userid, old_token))
     await wait_for(lambda: len(server.service.registry) == 1, "stream registered")
@@ -448,8 +442,7 @@ async def own_server(
             "SSE_ALLOW_INSECURE_BACKENDS": "true",
         }
     )
-    revocations = running.service.revocations
-    assert revocations is not None
+    revocations = revocation_listener(running)
     await wait_for(lambda: revocations.listening, "the server to LISTEN for revocations")
     yield running
     await running.stop()
@@ -530,8 +523,7 @@ async def test_a_revocation_missed_while_listen_was_down_is_enforced_after_it_re
     bob, bob_token = add_local_subscriber(own_database)
     alices_tab = await open_tab(own_server, browser, alice, alice_token)
     bobs_tab = await open_tab(own_server, browser, bob, bob_token)
-    revocations = own_server.service.revocations
-    assert revocations is not None
+    revocations = revocation_listener(own_server)
     [backend] = listener_backends(own_database)
 
     # The miss made certain: the LISTEN connection is killed and cannot come back (the
@@ -582,6 +574,12 @@ class ScriptedGrants:
             pending.callback(granted)
 
 
+def _ended(_: object, stream: EventStream, registry: StreamRegistry) -> None:
+    # As the resource does: a finished request ends the stream and leaves the registry.
+    stream.response_ended()
+    registry.remove(stream)
+
+
 def enforcer_with_streams(
     pairs: list[tuple[str, str]], batch_pairs: int = 500
 ) -> tuple[RevocationEnforcer, ScriptedGrants, Clock, list[EventStream]]:
@@ -592,10 +590,9 @@ def enforcer_with_streams(
     streams = []
     for userid, nonce in pairs:
         request = DummyRequest([b""])
-        request._disconnected = False
         stream = EventStream(userid, new_uuid(), request, "c", 1000, nonce=nonce)
         registry.add(stream)
-        request.notifyFinish().addBoth(lambda _, stream=stream: registry.remove(stream))
+        request.notifyFinish().addBoth(_ended, stream, registry)
         streams.append(stream)
     return enforcer, grants, clock, streams
 

@@ -8,28 +8,19 @@ made by ``new_token``/``new_password`` is in any line logged during the session.
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import psycopg2
 import pytest
 import pytest_twisted
 
-from tests.backends import Pki, PostgresServer, RabbitMQServer
-from tests.harness import (
-    Browser,
-    add_subscriber,
-    bounded,
-    delete_queue,
-    found_contract,
-    leaked_secrets,
-    new_password,
-    new_token,
-    new_uuid,
-    publish,
-    spawn_twistd,
-    wait_for,
-)
+from tests.backends import PostgresServer, RabbitMQServer
+from tests.browser import Browser
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import leaked_secrets, new_password, new_token, new_uuid
+from tests.subscribers import add_subscriber
+from tests.twistd_processes import spawn_twistd
+from tests.waiting import bounded, wait_for
 
 
 def test_the_session_audit_finds_a_secret_in_any_case_and_names_its_line() -> None:
@@ -42,7 +33,7 @@ def test_the_session_audit_finds_a_secret_in_any_case_and_names_its_line() -> No
 @pytest_twisted.ensureDeferred
 async def test_no_token_or_password_in_any_line_of_a_server_driven_through_every_path(
     tmp_path: Path,
-    pki: Pki,
+    tls_environ: dict[str, str],
     postgres_tls: PostgresServer,
     rabbitmq_tls: RabbitMQServer,
     browser: Browser,
@@ -51,28 +42,18 @@ async def test_no_token_or_password_in_any_line_of_a_server_driven_through_every
     rabbitmq_user = f"sse-{new_uuid()}"
     rabbitmq_tls.rabbitmqctl("add_user", rabbitmq_user, rabbitmq_password)
     rabbitmq_tls.rabbitmqctl("set_permissions", "-p", "/", rabbitmq_user, ".*", ".*", ".*")
-    queue = f"messages-{new_uuid()}"
-    userid, token = new_uuid(), new_token()
-    postgres_tls.execute("INSERT INTO users (uuid, sse_token) VALUES (%s, %s)", (userid, token))
-    process, transport = spawn_twistd(
+    queue = tls_environ["SSE_RABBITMQ_QUEUE_NAME"]
+    userid, token = add_subscriber(postgres_tls)
+    process, _transport = spawn_twistd(
         {
+            **tls_environ,
             "SSE_APP_ENV": "dev",
-            "SSE_PORT": "0",
-            "SSE_LISTEN_ADDRESS": "127.0.0.1",
-            "SSE_METRICS_PORT": "0",
-            "SSE_CERTS_DIR": str(pki.directory),
             "SSE_LOGS_DIR": str(tmp_path / "logs"),
-            "SSE_POSTGRES_HOST": postgres_tls.host,
-            "SSE_POSTGRES_PORT": str(postgres_tls.port),
-            "SSE_POSTGRES_DB_NAME": postgres_tls.database,
             "SSE_POSTGRES_PASSWORD": postgres_password,
             "SSE_POSTGRES_TIMEOUT_SECONDS": "1",
             "SSE_AUTH_CACHE_SECONDS": "0",
-            "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
-            "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),
             "SSE_RABBITMQ_USERNAME": rabbitmq_user,
             "SSE_RABBITMQ_PASSWORD": rabbitmq_password,
-            "SSE_RABBITMQ_QUEUE_NAME": queue,
             "SSE_HEARTBEAT_SECONDS": "1",
         },
         tmp_path,
@@ -120,9 +101,7 @@ async def test_no_token_or_password_in_any_line_of_a_server_driven_through_every
         finally:
             postgres_tls.start()
     finally:
-        transport.signalProcess(signal.SIGTERM)
-        await bounded(process.ended, 30)
-        delete_queue(rabbitmq_tls.amqp_port, queue)
+        await process.terminate()
 
     output = [process.raw.decode(), process.stderr.decode()]
     log_file = (tmp_path / "logs" / "sse.log").read_text()
@@ -152,7 +131,7 @@ async def test_twistd_in_prod_logs_in_to_postgresql_with_the_password_from_its_f
         with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
             psycopg2.connect(postgres_tls.dsn, user=role, password=new_password()).close()
         userid, token = add_subscriber(postgres_tls)
-        process, transport = spawn_twistd(
+        process, _transport = spawn_twistd(
             {
                 **tls_environ,
                 "SSE_APP_ENV": "prod",
@@ -179,8 +158,7 @@ async def test_twistd_in_prod_logs_in_to_postgresql_with_the_password_from_its_f
             assert response.code == 200
             await wait_for(lambda: "connected" in tab.parser.comments, "the stream to open")
         finally:
-            transport.signalProcess(signal.SIGTERM)
-            await bounded(process.ended, 30)
+            await process.terminate()
     finally:
         hba.write_text(trusting)
         postgres_tls.execute("SELECT pg_reload_conf()")

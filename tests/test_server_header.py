@@ -13,7 +13,8 @@ from twisted.internet.threads import deferToThread
 
 from sse_twisted._metrics import Metrics, metrics_site
 from tests.backends import Pki
-from tests.harness import Browser, RunningServer, start_server
+from tests.browser import Browser
+from tests.in_process_server import RunningServer, start_server
 
 
 @pytest_twisted.async_yield_fixture
@@ -62,7 +63,7 @@ async def test_http2_responses_carry_a_server_header_without_a_version(
 
 @pytest_twisted.ensureDeferred
 async def test_the_metrics_port_carries_a_server_header_without_a_version() -> None:
-    port = reactor.listenTCP(0, metrics_site(Metrics()), interface="127.0.0.1")  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, metrics_site(Metrics(), reactor), interface="127.0.0.1")  # type: ignore[attr-defined]
     try:
         assert await deferToThread(_metrics_server_header, port.getHost().port) == ["sse-twisted"]
     finally:

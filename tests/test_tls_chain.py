@@ -7,6 +7,7 @@ import socket
 import ssl
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest_twisted
 from cryptography import x509
@@ -26,45 +27,28 @@ from sse_twisted.devcerts import (
 )
 
 
-def _intermediate(root: CertificateAuthority) -> CertificateAuthority:
-    """A CA signed by ``root`` (devcerts only makes self-signed ones)."""
-    template = create_certificate_authority("Test Intermediate CA")
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(template.certificate.subject)
-        .issuer_name(root.certificate.subject)
-        .public_key(template.private_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(template.certificate.not_valid_before_utc)
-        .not_valid_after(template.certificate.not_valid_after_utc)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            template.certificate.extensions.get_extension_for_class(x509.KeyUsage).value,
-            critical=True,
-        )
-        .sign(root.private_key, hashes.SHA256())
-    )
-    return CertificateAuthority(certificate, template.private_key)
-
-
-def _root() -> CertificateAuthority:
-    """A self-signed root that may sign one level of intermediates."""
-    template = create_certificate_authority("Test Root CA")
+def _ca(
+    name: str, path_length: int, issuer: CertificateAuthority | None = None
+) -> CertificateAuthority:
+    """A CA that may sign ``path_length`` levels of intermediates, signed by ``issuer`` or,
+    without one, by itself (devcerts only makes self-signed CAs that sign leaves)."""
+    template = create_certificate_authority(name)
     key: ec.EllipticCurvePrivateKey = template.private_key
+    signer = issuer or CertificateAuthority(template.certificate, key)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(template.certificate.subject)
-        .issuer_name(template.certificate.subject)
+        .issuer_name(signer.certificate.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(template.certificate.not_valid_before_utc)
         .not_valid_after(template.certificate.not_valid_after_utc)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             template.certificate.extensions.get_extension_for_class(x509.KeyUsage).value,
             critical=True,
         )
-        .sign(key, hashes.SHA256())
+        .sign(signer.private_key, hashes.SHA256())
     )
     return CertificateAuthority(certificate, key)
 
@@ -72,8 +56,8 @@ def _root() -> CertificateAuthority:
 def _layout(directory: Path, with_intermediate: bool) -> Path:
     """cert.pem (the leaf alone), key.pem, ca.pem (the intermediate), root.pem apart."""
     directory.mkdir()
-    root = _root()
-    intermediate = _intermediate(root)
+    root = _ca("Test Root CA", path_length=1)
+    intermediate = _ca("Test Intermediate CA", path_length=0, issuer=root)
     leaf, key = issue_certificate(intermediate, ["localhost"])
     write_certificate(directory / "cert.pem", leaf)
     write_private_key(directory / "key.pem", key)
@@ -81,6 +65,13 @@ def _layout(directory: Path, with_intermediate: bool) -> Path:
         write_certificate(directory / "ca.pem", intermediate.certificate)
     write_certificate(directory / "root.pem", root.certificate)
     return directory / "root.pem"
+
+
+def _serve_tls(certs: Path) -> Any:
+    """A port on 127.0.0.1 whose TLS is the server's own, from the files in ``certs``."""
+    return reactor.listenSSL(  # type: ignore[attr-defined]
+        0, Factory.forProtocol(Protocol), server_identity(certs)[0], interface="127.0.0.1"
+    )
 
 
 def _handshake_trusting(root: Path, port: int) -> str:
@@ -111,12 +102,7 @@ async def test_leaf_and_intermediate_from_ca_pem_are_served_and_verify_against_t
     tmp_path: Path,
 ) -> None:
     root = _layout(tmp_path / "certs", with_intermediate=True)
-    port = reactor.listenSSL(  # type: ignore[attr-defined]
-        0,
-        Factory.forProtocol(Protocol),
-        server_identity(tmp_path / "certs")[0],
-        interface="127.0.0.1",
-    )
+    port = _serve_tls(tmp_path / "certs")
     try:
         number = port.getHost().port
         assert (await deferToThread(_handshake_trusting, root, number)) in ("TLSv1.2", "TLSv1.3")
@@ -133,12 +119,7 @@ async def test_without_the_intermediate_a_client_trusting_only_the_root_refuses(
     tmp_path: Path,
 ) -> None:
     root = _layout(tmp_path / "certs", with_intermediate=False)
-    port = reactor.listenSSL(  # type: ignore[attr-defined]
-        0,
-        Factory.forProtocol(Protocol),
-        server_identity(tmp_path / "certs")[0],
-        interface="127.0.0.1",
-    )
+    port = _serve_tls(tmp_path / "certs")
     try:
         try:
             await deferToThread(_handshake_trusting, root, port.getHost().port)

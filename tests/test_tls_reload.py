@@ -15,18 +15,13 @@ from cryptography.hazmat.primitives import hashes
 from twisted.internet.threads import deferToThread
 
 from tests.backends import Pki
-from tests.harness import (
-    Browser,
-    TwistdProcess,
-    add_local_subscriber,
-    bounded,
-    found_contract,
-    new_uuid,
-    publish,
-    renew_certificate,
-    spawn_twistd,
-    wait_for,
-)
+from tests.browser import Browser
+from tests.certificates import renew_certificate
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_local_subscriber
+from tests.twistd_processes import TwistdProcess, spawn_twistd
+from tests.waiting import bounded, wait_for
 
 
 def _served_certificate(port: int, ca: Path) -> x509.Certificate:
@@ -98,8 +93,7 @@ async def test_sighup_serves_a_renewed_certificate_to_new_connections_and_open_s
         assert json.loads(event["data"]) == found_contract(userid)
         assert not tab.closed.called
     finally:
-        transport.signalProcess("TERM")
-        await bounded(process.ended, 30)
+        await process.terminate()
     assert b"PRIVATE KEY" not in process.raw
 
 
@@ -130,6 +124,5 @@ async def test_a_half_written_renewal_is_refused_on_sighup_and_the_current_certi
         now = await served_certificate(port, pki.ca_certificate)
         assert now.serial_number == completed.serial_number
     finally:
-        transport.signalProcess("TERM")
-        await bounded(process.ended, 30)
+        await process.terminate()
     assert b"PRIVATE KEY" not in process.raw

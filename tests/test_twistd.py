@@ -19,17 +19,12 @@ import pytest_twisted
 
 from sse_twisted.devcerts import create_certificate_authority, issue_certificate, write_private_key
 from tests.backends import Pki
-from tests.harness import (
-    TWISTD,
-    Browser,
-    add_local_subscriber,
-    bounded,
-    delete_queue,
-    found_contract,
-    new_uuid,
-    publish,
-    spawn_twistd,
-)
+from tests.browser import Browser
+from tests.publishing import delete_queue, found_contract, publish
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_local_subscriber
+from tests.twistd_processes import TWISTD, spawn_twistd
+from tests.waiting import bounded
 
 REPOSITORY = Path(__file__).parent.parent
 
@@ -132,7 +127,7 @@ async def test_twistd_serves_a_stream_with_the_local_plaintext_backends_and_stop
     browser: Browser,
 ) -> None:
     userid, token = add_local_subscriber(local_database["SSE_POSTGRES_DB_NAME"])
-    process, transport = spawn_twistd(plaintext_environ, tmp_path)
+    process, _transport = spawn_twistd(plaintext_environ, tmp_path)
     try:
         port = await bounded(process.port, 30)
         # A stream starts at the tail the consumer finds when it attaches: what is
@@ -146,8 +141,7 @@ async def test_twistd_serves_a_stream_with_the_local_plaintext_backends_and_stop
         event = await tab.next_event()
         assert json.loads(event["data"]) == found_contract(userid)
     finally:
-        transport.signalProcess("TERM")
-        exit_code, exit_signal = await bounded(process.ended, 30)
+        exit_code, exit_signal = await process.terminate()
     # twistd stops the reactor cleanly, then re-raises SIGTERM so its parent sees it.
     assert (exit_code, exit_signal) == (None, signal.SIGTERM)
     assert "Main loop terminated." in [line["message"] for line in process.lines]
@@ -237,12 +231,11 @@ async def test_prod_with_plaintext_backends_starts_with_the_opt_out_and_warns(
     tmp_path: Path, plaintext_environ: dict[str, str]
 ) -> None:
     environ = {**plaintext_environ, "SSE_APP_ENV": "prod", "SSE_ALLOW_INSECURE_BACKENDS": "true"}
-    process, transport = spawn_twistd(environ, tmp_path)
+    process, _transport = spawn_twistd(environ, tmp_path)
     try:
         await bounded(process.consuming, 30)
     finally:
-        transport.signalProcess("TERM")
-        await bounded(process.ended, 30)
+        await process.terminate()
     warnings = [line["message"] for line in process.lines if line["@level"] == "warn"]
     assert any("RabbitMQ link is plaintext" in message for message in warnings)
     assert any("PostgreSQL link is not verify-full" in message for message in warnings)

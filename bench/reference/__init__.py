@@ -1,0 +1,1 @@
+"""The reference server bench/ measures sse-twisted against (issue 11)."""

@@ -1,0 +1,366 @@
+"""The engines as clusters: a three-node RabbitMQ cluster losing (shut down or crashed) the
+node the consumer reads from while messages flow, and a PostgreSQL primary with its
+streaming-replication standby losing the primary.
+
+Select with ``-k cluster``. Every server runs from the installed binaries on free ports,
+over TLS as in production; each is stopped, and its files deleted, at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import suppress
+from typing import Any
+
+import pika
+import pika.exceptions
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import LogEvent, formatEvent
+
+from tests.backends import Pki, PostgresServer, RabbitMQCluster, RabbitMQServer
+from tests.browser import Browser, EventCollector
+from tests.in_process_server import start_server
+from tests.publishing import found_contract, publish
+from tests.secrets_tracking import new_uuid
+from tests.subscribers import add_subscriber
+from tests.waiting import wait_for
+
+USERS = 3
+TABS_PER_USER = 2
+MESSAGES_PER_USER = 60
+CHUNK = 10
+PACE_SECONDS = 0.02
+# Long enough for a node to stop, the consumer to notice and resume on another.
+FAILOVER_SECONDS = 60
+
+
+@pytest.fixture
+def rabbitmq_cluster(pki: Pki) -> Iterator[RabbitMQCluster]:
+    """Three RabbitMQ nodes joined into one cluster; stopped and deleted afterwards."""
+    cluster = RabbitMQCluster.launch(pki, size=3)
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+def order(filename: str) -> int:
+    return MESSAGES_PER_USER if filename == "last" else int(filename)
+
+
+def received(tab: EventCollector) -> list[tuple[str, str]]:
+    """(id, filename) of each message event, in the order the tab received them."""
+    return [
+        (event["id"], json.loads(event["data"])["filename"])
+        for event in tab.received
+        if event["event"] == "message"
+    ]
+
+
+def filenames(tab: EventCollector) -> list[str]:
+    return [
+        json.loads(event["data"])["filename"]
+        for event in tab.received
+        if event["event"] == "message"
+    ]
+
+
+def consuming_addresses(events: Sequence[LogEvent]) -> list[str]:
+    """The node of each "consuming ... at <node>" line, in order."""
+    return [
+        event["address"]
+        for event in events
+        if event.get("log_format", "").startswith("consuming {queue} at {address}")
+    ]
+
+
+def publish_through_failover(port: int, queue: str, messages: list[dict[str, Any]]) -> None:
+    """Publish each message with a confirm, paced so that the flow goes on while a node
+    stops; a message the broker fails (its stream's leader lost) is sent again on a new
+    connection, as a producer with retries does: it may then be in the stream twice."""
+    channel: Any = None
+    for message in messages:
+        body = json.dumps(message).encode()
+        deadline = time.monotonic() + FAILOVER_SECONDS
+        while True:
+            try:
+                if channel is None:
+                    connection = pika.BlockingConnection(
+                        pika.ConnectionParameters("127.0.0.1", port)
+                    )
+                    channel = connection.channel()
+                    channel.confirm_delivery()
+                channel.basic_publish("", queue, body, mandatory=True)
+                break
+            except pika.exceptions.AMQPError:
+                if time.monotonic() > deadline:
+                    raise
+                with suppress(pika.exceptions.AMQPError):
+                    connection.close()
+                channel = None
+                time.sleep(0.2)
+        time.sleep(PACE_SECONDS)
+    with suppress(pika.exceptions.AMQPError):
+        connection.close()
+
+
+def stream_contents(port: int, queue: str, markers: int) -> list[tuple[int, dict[str, Any]]]:
+    """Every message in the stream with its offset, read from the first: the truth each
+    open stream must match. The end is a quiet second once ``markers`` "last" messages
+    (published after all others) have been read."""
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", port))
+    try:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=100)
+        contents: list[tuple[int, dict[str, Any]]] = []
+        deadline = time.monotonic() + FAILOVER_SECONDS
+        arriving = channel.consume(
+            queue, arguments={"x-stream-offset": "first"}, inactivity_timeout=1
+        )
+        for method, properties, body in arriving:
+            if method is None:
+                seen = sum(message["filename"] == "last" for _, message in contents)
+                if seen >= markers:
+                    return contents
+                assert time.monotonic() < deadline, "the stream never held every marker"
+                continue
+            contents.append((properties.headers["x-stream-offset"], json.loads(body)))
+            channel.basic_ack(method.delivery_tag)
+        raise AssertionError("the stream consumer ended")
+    finally:
+        # Not cancelled first: a stream answers the reject of what is in flight by closing.
+        connection.close()
+
+
+@pytest.mark.parametrize("stop", ["terminate", "kill"], ids=["shut-down", "crash"])
+@pytest_twisted.ensureDeferred
+async def test_cluster_losing_the_consumers_node_mid_flow_loses_and_repeats_nothing(
+    stop: str,
+    pki: Pki,
+    postgres_tls: PostgresServer,
+    rabbitmq_cluster: RabbitMQCluster,
+    browser: Browser,
+    log_events: Sequence[LogEvent],
+) -> None:
+    nodes = rabbitmq_cluster.nodes
+    queue = f"messages-{new_uuid()}"
+    environ = {
+        "SSE_CERTS_DIR": str(pki.directory),
+        "SSE_POSTGRES_HOST": postgres_tls.host,
+        "SSE_POSTGRES_PORT": str(postgres_tls.port),
+        "SSE_POSTGRES_USERNAME": postgres_tls.user,
+        "SSE_POSTGRES_DB_NAME": postgres_tls.database,
+        # Every node over TLS, each verified against the name it is listed by.
+        "SSE_RABBITMQ_HOST": ",".join(f"{node.host}:{node.amqps_port}" for node in nodes),
+        "SSE_RABBITMQ_INITIAL_CLUSTER_SIZE": "3",
+        "SSE_RABBITMQ_QUEUE_NAME": queue,
+    }
+    server = await start_server(environ)
+    try:
+        [first_address] = consuming_addresses(log_events)
+        victim = next(node for node in nodes if first_address.endswith(f":{node.amqps_port}"))
+        survivor: RabbitMQServer = next(node for node in nodes if node is not victim)
+        listing = await deferToThread(
+            survivor.rabbitmqctl,
+            *("list_queues", "--quiet", "--no-table-headers", "arguments", "members"),
+        )
+        arguments, members = listing.strip().split("\t")
+        assert '{"x-initial-cluster-size",3}' in arguments
+        assert sorted(members.strip("[]").split(", ")) == sorted(node.nodename for node in nodes)
+
+        tabs: dict[str, list[EventCollector]] = {}
+        for _ in range(USERS):
+            userid, token = add_subscriber(postgres_tls)
+            url = server.subscribe_url(new_uuid(), userid, token)
+            tabs[userid] = [(await browser.open(url))[1] for _ in range(TABS_PER_USER)]
+        messages = [
+            found_contract(userid, filename=str(number))
+            for number in range(MESSAGES_PER_USER)
+            for userid in tabs
+        ]
+        every_tab = [tab for user_tabs in tabs.values() for tab in user_tabs]
+
+        port = survivor.amqp_port
+        await deferToThread(publish_through_failover, port, queue, messages[:CHUNK])
+        await wait_for(lambda: all(filenames(tab) for tab in every_tab), "the first events")
+        # The node stops (a clean shut-down, or SIGKILL) while more are published; the rest
+        # follow once it is down.
+        half = len(messages) // 2
+        stopping = deferToThread(getattr(victim, stop))
+        await deferToThread(publish_through_failover, port, queue, messages[CHUNK:half])
+        await stopping
+        await deferToThread(publish_through_failover, port, queue, messages[half:])
+        markers = [found_contract(userid, filename="last") for userid in tabs]
+        await deferToThread(publish_through_failover, port, queue, markers)
+        contents = await deferToThread(stream_contents, port, queue, len(markers))
+        expected = {
+            userid: [
+                (str(offset), message["filename"])
+                for offset, message in contents
+                if message["userid"] == userid
+            ]
+            for userid in tabs
+        }
+        await wait_for(
+            lambda: all(
+                received(tab) == expected[userid] for userid in tabs for tab in tabs[userid]
+            ),
+            "every message of the stream on every tab after the failover",
+            FAILOVER_SECONDS,
+        )
+        await deferLater(reactor, 1, lambda: None)  # room for a repeat to show up
+        addresses = consuming_addresses(log_events)
+    finally:
+        await server.stop()
+
+    assert addresses[0] == first_address and len(addresses) >= 2
+    assert not addresses[-1].endswith(f":{victim.amqps_port}"), "resumed on another node"
+    for userid, user_tabs in tabs.items():
+        # Every message published (a retried one perhaps twice, at two offsets) ...
+        assert sorted({filename for _, filename in expected[userid]}, key=order) == [
+            str(number) for number in range(MESSAGES_PER_USER)
+        ] + ["last"]
+        # ... and on each tab every offset of the stream for its user, in order, once.
+        for tab in user_tabs:
+            assert received(tab) == expected[userid]
+
+
+@pytest.fixture
+def primary_and_standby(pki: Pki) -> Iterator[tuple[PostgresServer, PostgresServer]]:
+    """A PostgreSQL primary and its hot standby (streaming replication), both over TLS;
+    stopped and deleted afterwards."""
+    primary = PostgresServer.launch(pki)
+    try:
+        standby = PostgresServer.launch_standby(pki, primary)
+        try:
+            yield primary, standby
+        finally:
+            standby.destroy()
+    finally:
+        primary.destroy()
+
+
+async def replicated_subscriber(
+    primary: PostgresServer, standby: PostgresServer
+) -> tuple[str, str]:
+    """A subscriber added on the primary, once the standby has it too."""
+    userid, token = add_subscriber(primary)
+    query = "SELECT 1 FROM users WHERE uuid = %s"
+
+    async def on_standby() -> bool:
+        return bool(await deferToThread(standby.execute, query, (userid,)))
+
+    deadline = reactor.seconds() + 20
+    while not await on_standby():
+        assert reactor.seconds() < deadline, "the standby never received the subscriber"
+        await deferLater(reactor, 0.1, lambda: None)
+    return userid, token
+
+
+def postgres_connections(events: Sequence[LogEvent]) -> list[str]:
+    """Each "connected to PostgreSQL host:port/db" line."""
+    return [
+        formatEvent(event)
+        for event in events
+        if event.get("log_format", "").startswith("connected to PostgreSQL")
+    ]
+
+
+async def event_or_end(tab: EventCollector) -> None:
+    await wait_for(lambda: bool(filenames(tab)) or tab.closed.called, "an event or an end")
+
+
+async def let_in(browser: Browser, url: str, publish_to: str, userid: str) -> int:
+    """Subscribe until the server lets the subscriber in, as an EventSource does; return
+    how many answers it took. Every answer must be a 200 (a browser stops on any other);
+    one that ends at once is the "come back later" of a database outage."""
+    for attempt in range(1, 20):
+        response, tab = await browser.open(url)
+        assert response.code == 200
+        await publish(5672, publish_to, found_contract(userid, filename=f"attempt {attempt}"))
+        await event_or_end(tab)
+        if filenames(tab):
+            tab.close()
+            return attempt
+        await deferLater(reactor, 0.5, lambda: None)  # the retry: hint's wait
+    raise AssertionError("never let in")
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_of_postgres_hosts_losing_the_primary_still_lets_subscribers_in(
+    plaintext_environ: dict[str, str],
+    primary_and_standby: tuple[PostgresServer, PostgresServer],
+    browser: Browser,
+    log_events: Sequence[LogEvent],
+) -> None:
+    primary, standby = primary_and_standby
+    userid, token = await replicated_subscriber(primary, standby)
+    environ = {
+        **plaintext_environ,
+        # Each host by another name in the certificate: verify-full checks each one's own.
+        "SSE_POSTGRES_HOST": "localhost,127.0.0.1",
+        "SSE_POSTGRES_PORT": f"{primary.port},{standby.port}",
+        "SSE_POSTGRES_SSLMODE": "verify-full",
+        "SSE_POSTGRES_USERNAME": primary.user,
+        "SSE_POSTGRES_DB_NAME": primary.database,
+        "SSE_POSTGRES_TIMEOUT_SECONDS": "2",
+        # Every subscribe asks the database.
+        "SSE_AUTH_CACHE_SECONDS": "0",
+    }
+    queue = environ["SSE_RABBITMQ_QUEUE_NAME"]
+    server = await start_server(environ)
+    try:
+        url = server.subscribe_url(new_uuid(), userid, token)
+        assert await let_in(browser, url, queue, userid) == 1
+        await deferToThread(primary.stop)
+        attempts = await let_in(browser, url, queue, userid)
+    finally:
+        await server.stop()
+    connected = postgres_connections(log_events)
+    assert f"connected to PostgreSQL localhost:{primary.port}/sse" in connected
+    assert f"connected to PostgreSQL 127.0.0.1:{standby.port}/sse" in connected
+    # At most the one "come back later" a database outage gets, then let in.
+    assert attempts <= 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_of_postgres_hosts_the_revocation_listener_passes_a_standby_listed_first(
+    plaintext_environ: dict[str, str],
+    primary_and_standby: tuple[PostgresServer, PostgresServer],
+    browser: Browser,
+    log_events: Sequence[LogEvent],
+) -> None:
+    primary, standby = primary_and_standby
+    userid, token = await replicated_subscriber(primary, standby)
+    environ = {
+        **plaintext_environ,
+        "SSE_POSTGRES_HOST": "127.0.0.1,localhost",
+        "SSE_POSTGRES_PORT": f"{standby.port},{primary.port}",
+        "SSE_POSTGRES_SSLMODE": "verify-full",
+        "SSE_POSTGRES_USERNAME": primary.user,
+        "SSE_POSTGRES_DB_NAME": primary.database,
+        "SSE_POSTGRES_POOL_SIZE": "2",
+        "SSE_AUTH_CACHE_SECONDS": "0",
+    }
+    server = await start_server(environ)
+    try:
+        listener = server.service.revocations
+        assert listener is not None
+        await wait_for(lambda: listener.listening, "LISTEN on the primary")
+        url = server.subscribe_url(new_uuid(), userid, token)
+        queue = environ["SSE_RABBITMQ_QUEUE_NAME"]
+        assert await let_in(browser, url, queue, userid) == 1
+    finally:
+        await server.stop()
+    # The pool reads from the standby, listed first; LISTEN, refused there, is on the primary.
+    assert sorted(postgres_connections(log_events)) == [
+        f"connected to PostgreSQL 127.0.0.1:{standby.port}/sse",
+        f"connected to PostgreSQL 127.0.0.1:{standby.port}/sse",
+        f"connected to PostgreSQL localhost:{primary.port}/sse",
+    ]
