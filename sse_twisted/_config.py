@@ -172,6 +172,30 @@ def _max_age(text: str) -> str:
     return text
 
 
+_MAX_PARTITIONS = 1024
+
+
+def _partition_count(text: str) -> int:
+    count = _positive_int(text)
+    if count > _MAX_PARTITIONS:
+        raise ValueError(f"{count} is more than {_MAX_PARTITIONS} partitions")
+    return count
+
+
+def _partition_numbers(text: str) -> tuple[int, ...]:
+    numbers: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.isascii() or not part.isdigit():
+            raise ValueError(f"{part!r} is not a partition number")
+        if int(part) in numbers:
+            raise ValueError(f"partition {int(part)} is listed twice")
+        numbers.append(int(part))
+    return tuple(sorted(numbers))
+
+
 @dataclass(frozen=True)
 class Setting:
     """One configurable value: its environment name, twistd option, default and parser."""
@@ -604,6 +628,23 @@ SETTINGS: tuple[Setting, ...] = (
         _boolean,
         "in prod, start even with plaintext RabbitMQ or PostgreSQL sslmode below verify-ca",
     ),
+    # Partitioned mode (README, "A sharded fleet").
+    Setting(
+        "rabbitmq_partitions",
+        "SSE_RABBITMQ_PARTITIONS",
+        "rabbitmq-partitions",
+        "1",
+        _partition_count,
+        "partitions of the stream (1: one stream queue; more: a super stream of that many)",
+    ),
+    Setting(
+        "partitions",
+        "SSE_PARTITIONS",
+        "partitions",
+        "",
+        _partition_numbers,
+        "comma-separated partitions this server consumes and serves (empty: all)",
+    ),
 )
 
 
@@ -666,6 +707,8 @@ class Config:
     cors_origins: tuple[str, ...]
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     allow_insecure_backends: bool
+    rabbitmq_partitions: int
+    partitions: tuple[int, ...]
 
 
 def _raw_value(
@@ -733,4 +776,28 @@ def load_config(
             f"SSE_POSTGRES_PORT: {len(values['postgres_port'])} ports for {hosts} hosts in "
             f"SSE_POSTGRES_HOST: give one port, or one per host"
         )
+    values["partitions"] = _consumed_partitions(
+        values["partitions"], values["rabbitmq_partitions"], environ, overrides
+    )
     return Config(**values)
+
+
+def _consumed_partitions(
+    numbers: tuple[int, ...],
+    count: int,
+    environ: Mapping[str, str],
+    overrides: Mapping[str, str | None],
+) -> tuple[int, ...]:
+    """The partitions to consume: those listed, each below the count; all when none is."""
+    if not numbers:
+        return tuple(range(count))
+    if numbers[-1] >= count:
+        source = _raw_value(_SETTINGS_BY_FIELD["partitions"], environ, overrides)[1]
+        raise ConfigError(
+            f"{source}: partition {numbers[-1]} does not exist with "
+            f"SSE_RABBITMQ_PARTITIONS={count} (partitions 0 to {count - 1})"
+        )
+    return numbers
+
+
+_SETTINGS_BY_FIELD = {setting.field: setting for setting in SETTINGS}

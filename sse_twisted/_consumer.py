@@ -35,6 +35,7 @@ from ._broker_nodes import BrokerNodesEndpoint, parse_broker_nodes
 from ._config import Config
 from ._live import LiveStart
 from ._metrics import Metrics, amqp_timestamp_seconds
+from ._partitions import SuperStream
 from ._tls import rabbitmq_client_tls
 
 __all__ = ["StreamConsumerService"]
@@ -151,7 +152,9 @@ class _ReportingEndpoint:
 
 
 class StreamConsumerService(Service):
-    """Consume the stream queue ``config.rabbitmq_queue_name``, reconnecting with backoff.
+    """Consume the stream queue ``queue`` (by default ``config.rabbitmq_queue_name``),
+    reconnecting with backoff; with a ``super_stream``, the queue is one of its partitions,
+    and the whole layout is declared (or refused) first.
 
     Each message goes to ``on_message(body, offset)``, synchronously and in stream order;
     when it returns the number of streams written, ``metrics`` counts them.
@@ -184,6 +187,8 @@ class StreamConsumerService(Service):
         on_fatal: Callable[[str], None],
         metrics: Metrics,
         live: LiveStart | None = None,
+        queue: str | None = None,
+        super_stream: SuperStream | None = None,
     ) -> None:
         self.consuming = False
         self.last_offset: int | None = None
@@ -203,7 +208,7 @@ class StreamConsumerService(Service):
             credentials=pika.PlainCredentials(config.rabbitmq_username, config.rabbitmq_password),
             heartbeat=config.rabbitmq_heartbeat_seconds,
         )
-        self._queue = config.rabbitmq_queue_name
+        self._queue = queue or config.rabbitmq_queue_name
         self._queue_arguments: dict[str, object] = {
             "x-queue-type": "stream",
             "x-max-age": config.rabbitmq_max_age,
@@ -211,6 +216,9 @@ class StreamConsumerService(Service):
         if config.rabbitmq_initial_cluster_size is not None:
             # Replicas on that many nodes; unset, the broker's default decides.
             self._queue_arguments["x-initial-cluster-size"] = config.rabbitmq_initial_cluster_size
+        self._super_stream = super_stream
+        if super_stream is not None:
+            self._queue_arguments = super_stream.queue_arguments
         self._prefetch = config.rabbitmq_prefetch
         self._read_back_seconds = config.replay_seconds
         self._ack_batch = max(1, config.rabbitmq_prefetch // 2)
@@ -315,6 +323,11 @@ class StreamConsumerService(Service):
     async def _consume(self, connection: _StreamConnection) -> None:
         if self.last_offset is not None and not await self._queue_exists(connection):
             self._new_stream(f"queue {self._queue} no longer exists")
+        if self._super_stream is not None:
+            problem = await self._super_stream.declare(connection)
+            if problem is not None:
+                self._give_up(problem)
+                return
         channel: TwistedChannel = await connection.channel()
         try:
             await channel.queue_declare(

@@ -10,7 +10,7 @@ __all__ = ["comment_frame", "event_frame", "id_frame", "jittered_retry_frame", "
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
-def event_frame(data: bytes, event_id: int | None = None, event: str | None = None) -> bytes:
+def event_frame(data: bytes, event_id: int | str | None = None, event: str | None = None) -> bytes:
     """One event: optional ``event:`` and ``id:`` lines, then one ``data:`` line per line of data.
 
     Line breaks inside ``data`` become separate ``data:`` lines, which the browser joins
@@ -20,7 +20,7 @@ def event_frame(data: bytes, event_id: int | None = None, event: str | None = No
     if event is not None:
         head += b"event: " + _one_line(event.encode("utf-8")) + b"\n"
     if event_id is not None:
-        head += b"id: %d\n" % event_id
+        head += _id_line(event_id)
     if b"\n" in data or b"\r" in data:
         body = b"".join(b"data: " + line + b"\n" for line in _LINE_BREAK.split(data))
     else:
@@ -33,9 +33,16 @@ def comment_frame(text: str) -> bytes:
     return b": " + _one_line(text.encode("utf-8")) + b"\n\n"
 
 
-def id_frame(event_id: int) -> bytes:
+def id_frame(event_id: int | str) -> bytes:
     """Move the browser's last event id to ``event_id`` without dispatching an event."""
-    return b"id: %d\n\n" % event_id
+    return _id_line(event_id) + b"\n"
+
+
+def _id_line(event_id: int | str) -> bytes:
+    # An offset, or a partition's id (``4-2-1187``, ASCII by construction).
+    if isinstance(event_id, int):
+        return b"id: %d\n" % event_id
+    return b"id: " + event_id.encode("ascii") + b"\n"
 
 
 def retry_frame(milliseconds: int) -> bytes:

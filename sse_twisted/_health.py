@@ -55,7 +55,8 @@ class _Probed(Protocol):
 
 
 class _ConsumerState(Protocol):
-    consuming: bool
+    @property
+    def consuming(self) -> bool: ...
 
     @property
     def behind(self) -> str | None: ...

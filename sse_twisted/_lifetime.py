@@ -10,6 +10,7 @@ replay window, so no event is lost.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -38,19 +39,20 @@ class StreamLifetimeService(Service):
 
     Each gets a jittered ``retry:`` and, when events were consumed since it opened without
     any being for it, an ``id:`` of the newest: its browser then resumes from there
-    rather than from nothing.
+    rather than from nothing. ``window`` is the replay window, or (partitioned) what gives
+    the window of a userid's partition.
     """
 
     def __init__(
         self,
         registry: StreamRegistry,
-        window: ReplayWindow,
+        window: ReplayWindow | Callable[[str], ReplayWindow | None],
         clock: IReactorTime,
         retry_milliseconds: int,
         jitter_milliseconds: int,
     ) -> None:
         self._registry = registry
-        self._window = window
+        self._window_of = window if callable(window) else (lambda _userid: window)
         self._clock = clock
         self._retry_milliseconds = retry_milliseconds
         self._jitter_milliseconds = jitter_milliseconds
@@ -80,11 +82,17 @@ class StreamLifetimeService(Service):
 
     def _last_words(self, stream: EventStream) -> bytes:
         words = b""
-        newest = self._window.newest
+        window = self._window_of(stream.userid)
+        newest = None if window is None else window.newest
         # Every event up to the newest consumed was written to this stream if it was for
         # it (live events are delivered as they are consumed), unless a backlog still held
         # some (closing drops it: the browser resumes after the last it got); one it already
         # has (it resumed ahead of this process) must not move its id back.
-        if newest is not None and newest > stream.resume_after and not stream.backlogged:
-            words += id_frame(newest)
+        if (
+            window is not None
+            and newest is not None
+            and newest > stream.resume_after
+            and not stream.backlogged
+        ):
+            words += id_frame(window.partition.event_id(newest))
         return words + jittered_retry_frame(self._retry_milliseconds, self._jitter_milliseconds)

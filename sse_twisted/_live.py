@@ -10,10 +10,13 @@ live events (the id came from a stream that no longer exists, or from elsewhere)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ._framing import id_frame
+from ._partitions import SINGLE, Partition
 from ._replay import ReplayWindow, reset_frame
 from ._streams import EventStream, StreamRegistry
 
@@ -23,19 +26,29 @@ __all__ = ["LiveStart", "settle_uncovered"]
 _HELD = 2**63
 
 
-def settle_uncovered(registry: StreamRegistry, first_offset: int) -> None:
-    """The window now holds every event from ``first_offset`` on: streams that resumed
-    before that was known and are behind it get a ``reset`` for what they missed."""
-    for stream in registry.take_uncovered():
+def settle_uncovered(
+    registry: StreamRegistry, first_offset: int, partition: Partition = SINGLE
+) -> None:
+    """The window of ``partition`` now holds every event from ``first_offset`` on: its
+    users' streams that resumed before that was known and are behind it get a ``reset``
+    for what they missed."""
+    for stream in registry.take_uncovered(_users_of(partition)):
         if stream.resume_after + 1 < first_offset:
-            stream.write(reset_frame(str(stream.resume_after), first_offset))
+            requested = str(partition.event_id(stream.resume_after))
+            stream.write(reset_frame(requested, first_offset, partition))
+
+
+def _users_of(partition: Partition) -> Callable[[str], bool] | None:
+    """Which userids ``partition`` holds; None for all of them."""
+    return None if partition.count == 1 else partition.holds
 
 
 class LiveStart:
     """Decide where a new stream starts, and settle the streams that must wait.
 
     Fed by the consumer: L{tail_known} (the read-back ends at ``tail``), L{caught_up}
-    (it has read the read-back) and L{new_stream} (the queue was re-created).
+    (it has read the read-back) and L{new_stream} (the queue was re-created). Offsets and
+    streams are those of the window's partition (all of them with one partition).
 
     @ivar tail: the newest offset published before the consumer attached, or None while
         unknown (-1 when the stream was empty).
@@ -53,6 +66,7 @@ class LiveStart:
     ) -> None:
         self._registry = registry
         self._window = window
+        self._partition = window.partition
         self._clock = clock
         self._grace = future_id_grace_seconds
         self.tail: int | None = None
@@ -74,11 +88,17 @@ class LiveStart:
                 return []
             stream.resume_after = self.tail
             position = max(self.tail, newest)
-            return [id_frame(position)] if position >= 0 else []
+            return [self._id_frame(position)] if position >= 0 else []
         if stream.resume_after > newest:
             self._wait_for(stream, last_event_id)
             return []
-        return [id_frame(newest)] if newest > stream.resume_after else []
+        return [self._id_frame(newest)] if newest > stream.resume_after else []
+
+    def _id_frame(self, offset: int) -> bytes:
+        return id_frame(self._partition.event_id(offset))
+
+    def _text_id(self, offset: int | None) -> str:
+        return str(offset if offset is None else self._partition.event_id(offset))
 
     def tail_known(self, tail: int) -> None:
         """The read-back ends at ``tail``: held streams start there, getting what the
@@ -88,9 +108,9 @@ class LiveStart:
         for stream in held:
             if not stream.is_open:
                 continue
-            frames = id_frame(tail) if tail >= 0 else b""
+            frames = self._id_frame(tail) if tail >= 0 else b""
             if self._window.newest is not None and self._window.newest > tail:
-                replay = self._window.replay(stream.userid, stream.topic, str(tail))
+                replay = self._window.replay(stream.userid, stream.topic, self._text_id(tail))
                 frames += b"".join(replay.frames)
             stream.resume_after = tail
             if frames:
@@ -102,7 +122,7 @@ class LiveStart:
         that a browser resuming behind it gets its ``reset`` as its first event."""
         if newest >= 0 and self._window.covered_from is None:
             self._window.starts_after(newest)
-            settle_uncovered(self._registry, newest + 1)
+            settle_uncovered(self._registry, newest + 1, self._partition)
 
     def caught_up(self) -> None:
         """The consumer has read the read-back: the grace of ids from ahead starts now."""
@@ -124,12 +144,15 @@ class LiveStart:
         self._held.clear()
         self._ahead.clear()
         self._window.clear()
-        frame = reset_frame(str(previous_offset), 0)
+        frame = reset_frame(self._text_id(previous_offset), 0, self._partition)
+        users = _users_of(self._partition)
         for stream in self._registry:
+            if users is not None and not users(stream.userid):
+                continue  # another partition's: its stream is not the one re-created
             stream.resume_after = -1
             stream.coverage_unknown = False
             stream.write(frame)
-        self._registry.take_uncovered()
+        self._registry.take_uncovered(users)
 
     def _wait_for(self, stream: EventStream, last_event_id: str) -> None:
         if self.is_caught_up:
@@ -152,4 +175,6 @@ class LiveStart:
             correlation_id=stream.correlation_id,
         )
         stream.resume_after = -1 if newest is None else newest
-        stream.write(reset_frame(last_event_id, None if newest is None else newest + 1))
+        stream.write(
+            reset_frame(last_event_id, None if newest is None else newest + 1, self._partition)
+        )

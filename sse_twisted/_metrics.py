@@ -54,6 +54,7 @@ SUBSCRIBE_OUTCOMES = (
     "auth_queue_full",
     "abandoned",
     "draining",
+    "wrong_shard",
     "error",
 )
 """How a subscribe request ended: the values of the ``outcome`` label.
@@ -62,11 +63,14 @@ SUBSCRIBE_OUTCOMES = (
 ``too_many_streams``: a stream limit answered 429; ``too_many_checks``: the client address
 had ``max_auth_checks_per_client`` checks in flight; ``auth_queue_full``:
 ``max_pending_auth_checks`` checks waited for PostgreSQL (both asked to come back later);
-``draining``: the server was stopping (asked to come back, to another server).
+``draining``: the server was stopping (asked to come back, to another server);
+``wrong_shard``: the user lives in a partition this server does not consume (a routing
+mistake: asked to come back, for the load balancer to route it right).
 """
 
-SKIP_REASONS = ("too_large", *INVALID_REASONS)
-"""Why a message was skipped: the values of the ``reason`` label (the log line has detail)."""
+SKIP_REASONS = ("too_large", *INVALID_REASONS, "wrong_partition")
+"""Why a message was skipped: the values of the ``reason`` label (the log line has detail).
+``wrong_partition``: published to a partition its user does not live in."""
 
 REFUSAL_REASONS = (
     "head_too_large",
@@ -240,8 +244,11 @@ class _Streams(Protocol):
 
 
 class _Consumer(Protocol):
-    consuming: bool
-    last_offset: int | None
+    @property
+    def consuming(self) -> bool: ...
+
+    @property
+    def last_offset(self) -> int | None: ...
 
 
 class _Authenticator(Protocol):
@@ -259,8 +266,11 @@ class _ServerTLS(Protocol):
 
 
 class _ReplayWindow(Protocol):
-    bytes: int
-    max_bytes: int
+    @property
+    def bytes(self) -> int: ...
+
+    @property
+    def max_bytes(self) -> int: ...
 
     def __len__(self) -> int: ...
 

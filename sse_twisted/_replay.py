@@ -14,6 +14,7 @@ from typing import NamedTuple
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from ._framing import event_frame
+from ._partitions import SINGLE, Partition
 
 __all__ = ["DEFAULT_MAX_BYTES", "Replay", "ReplayWindow", "reset_frame"]
 
@@ -43,14 +44,15 @@ class Replay:
     coverage_unknown: bool
 
 
-def reset_frame(requested: str, resume_from: int | None) -> bytes:
-    """The ``reset`` event: the events after ``requested`` up to ``resume_from`` are gone.
+def reset_frame(requested: str, resume_from: int | None, partition: Partition = SINGLE) -> bytes:
+    """The ``reset`` event: the events after ``requested`` up to ``resume_from`` (an offset
+    of ``partition``) are gone.
 
     Its id moves the browser's ``lastEventId`` to just before ``resume_from``, so that a
     later reconnection does not report the same gap again.
     """
     data = json.dumps({"lastEventId": requested, "resumeFrom": resume_from}).encode()
-    event_id = resume_from - 1 if resume_from is not None else None
+    event_id = partition.event_id(resume_from - 1) if resume_from is not None else None
     return event_frame(data, event_id, event="reset")
 
 
@@ -72,6 +74,8 @@ class ReplayWindow:
     @ivar bytes: the bytes of the retained frames (not Python's overhead for each event,
         about 250 bytes more: C{bench.replay_memory}).
     @ivar evicted: the running total of events evicted, for the stall log line.
+    @ivar partition: the partition whose events these are, which also says how event ids
+        are written.
     """
 
     def __init__(
@@ -80,7 +84,9 @@ class ReplayWindow:
         max_age_seconds: float,
         max_events: int,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        partition: Partition = SINGLE,
     ) -> None:
+        self.partition = partition
         self._clock = clock
         self._max_age = max_age_seconds
         self._max_events = max_events
@@ -161,24 +167,16 @@ class ReplayWindow:
     def replay(self, userid: str, topic: str, last_event_id: str) -> Replay:
         """The frames a stream resuming after ``last_event_id`` must get first.
 
-        An id that is not an offset, or older than the window, starts with a ``reset``
-        event; the user's retained events after it follow, oldest first.
+        An id that is not an offset (of this partition), or older than the window, starts
+        with a ``reset`` event; the user's retained events after it follow, oldest first.
         """
         self._evict(self._clock.seconds())
-        after = _parse_offset(last_event_id)
+        after = self.partition.offset_of(last_event_id)
         frames: list[bytes] = []
         if after is None or (self.covered_from is not None and after + 1 < self.covered_from):
-            frames.append(reset_frame(last_event_id, self.covered_from))
+            frames.append(reset_frame(last_event_id, self.covered_from, self.partition))
             after = -1
         for event in self._by_user.get(userid, ()):
             if event.offset > after and (event.topic is None or event.topic == topic):
                 frames.append(event.frame)
         return Replay(frames, after, coverage_unknown=self.covered_from is None and after >= 0)
-
-
-def _parse_offset(text: str) -> int | None:
-    if text == "-1":
-        return -1  # before offset 0: the id of the reset that starts a new stream
-    if text.isascii() and text.isdigit() and len(text) <= 19:
-        return int(text)
-    return None

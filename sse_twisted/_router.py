@@ -34,6 +34,8 @@ class MessageRouter:
         self._metrics = metrics
         self._registry = registry
         self._window = window
+        self._partition = window.partition
+        self._event_id = window.partition.event_id
         self._max_message_bytes = max_message_bytes
 
     def __call__(self, body: bytes, offset: int) -> int:
@@ -45,7 +47,7 @@ class MessageRouter:
             self._window.consumed(offset)
             # Streams that resumed before anything was consumed: the first offset read
             # tells whether events between theirs and it are lost to this process.
-            settle_uncovered(self._registry, offset)
+            settle_uncovered(self._registry, offset, self._partition)
         if len(body) > self._max_message_bytes:
             self._skip(
                 body,
@@ -59,7 +61,18 @@ class MessageRouter:
             except InvalidMessage as error:
                 self._skip(body, offset, str(error), error.reason)
             else:
-                frame = event_frame(message.data, offset)
+                if self._partition.count > 1 and not self._partition.holds(message.userid):
+                    # Its user's streams count this partition's offsets: it would be the
+                    # wrong position for them, and it is not what they resume from.
+                    self._skip(
+                        body,
+                        offset,
+                        f"user {message.userid} lives in another partition than "
+                        f"{self._partition.number} (published with the wrong routing key)",
+                        "wrong_partition",
+                    )
+                    return 0
+                frame = event_frame(message.data, self._event_id(offset))
                 self._window.record(message.userid, message.topic, offset, frame)
                 return self._registry.deliver(message.userid, message.topic, offset, frame)
         return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -300,10 +300,11 @@ class StreamRegistry:
             expired.extend(self._expiring.pop(heapq.heappop(self._expiry_seconds)))
         return expired
 
-    def take_uncovered(self) -> list[EventStream]:
-        """The streams still waiting to learn whether they missed events, now settled."""
-        streams = list(self._uncovered)
-        self._uncovered.clear()
+    def take_uncovered(self, users: Callable[[str], bool] | None = None) -> list[EventStream]:
+        """The streams still waiting to learn whether they missed events (only those of
+        the ``users`` it says, when given), now settled."""
+        streams = [s for s in self._uncovered if users is None or users(s.userid)]
+        self._uncovered.difference_update(streams)
         for stream in streams:
             stream.coverage_unknown = False
         return streams

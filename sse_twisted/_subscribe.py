@@ -18,11 +18,10 @@ from ._config import Config
 from ._cors import CrossOrigin
 from ._framing import comment_frame, jittered_retry_frame, retry_frame
 from ._lifetime import stream_lifetime
-from ._live import LiveStart
 from ._metrics import Metrics
 from ._paths import MASK
-from ._replay import ReplayWindow
 from ._resource import plain_answer
+from ._shard import LocalPartition, LocalPartitions
 from ._site import TrackedRequest, access_log, client_of
 from ._streams import EventStream, StreamRegistry
 from ._uuids import is_v4_uuid
@@ -69,19 +68,18 @@ class SubscribeResource(Resource):
         registry: StreamRegistry,
         authenticator: IAuthenticator,
         reactor: IReactorTime,
-        window: ReplayWindow,
-        live: LiveStart,
+        partitions: LocalPartitions,
         metrics: Metrics,
     ) -> None:
-        """Limits, CORS origins and retry delays come from ``config``."""
+        """Limits, CORS origins and retry delays come from ``config``; each user is served
+        from the replay window and live start of its partition, among ``partitions``."""
         super().__init__()
         self._config = config
         self._metrics = metrics
         self._registry = registry
         self._authenticator = authenticator
         self._clock = reactor
-        self._window = window
-        self._live = live
+        self._partitions = partitions
         self._cors = CrossOrigin(config.cors_origins)
         self._checks_per_client = ChecksPerClient(config.max_auth_checks_per_client)
         self._refusals = RefusalLog(reactor)
@@ -114,6 +112,10 @@ class SubscribeResource(Resource):
             self._come_back_elsewhere(request)
             return NOT_DONE_YET
         topic, userid, nonce = (part.decode("ascii") for part in parts)
+        partition = self._partitions.of(userid)
+        if partition is None:
+            self._wrong_shard(request, userid)
+            return NOT_DONE_YET
         # Checked before the database is asked (cheap refusals under a flood), and again
         # once it answered: other streams may have opened meanwhile.
         if self._refused_for_limits(request, userid):
@@ -136,7 +138,7 @@ class SubscribeResource(Resource):
         checking.addCallbacks(
             self._checked,
             self._unavailable,
-            callbackArgs=(request, topic, userid, nonce, finished),
+            callbackArgs=(request, topic, userid, nonce, finished, partition),
             errbackArgs=(request,),
         )
         checking.addErrback(self._unexpected, request)
@@ -188,6 +190,7 @@ class SubscribeResource(Resource):
         userid: str,
         nonce: str,
         finished: Deferred[None],
+        partition: LocalPartition,
     ) -> None:
         if not allowed:
             self._metrics.subscribed("forbidden")
@@ -222,13 +225,13 @@ class SubscribeResource(Resource):
         if last_event_id is not None:
             # Replay and registration happen in one reactor turn: no live event can fall
             # between the two, and none is sent twice.
-            replay = self._window.replay(userid, topic, last_event_id)
+            replay = partition.window.replay(userid, topic, last_event_id)
             head += replay.frames
             replayed = len(replay.frames)
             self._metrics.replay_events_sent.inc(replayed)
             stream.resume_after = replay.resume_after
             stream.coverage_unknown = replay.coverage_unknown
-        head += self._live.start(stream, last_event_id)
+        head += partition.live.start(stream, last_event_id)
         request.registerProducer(stream, True)
         self._registry.add(stream)
         finished.addBoth(self._closed, stream)
@@ -276,6 +279,25 @@ class SubscribeResource(Resource):
         )
         # The jitter spreads the comebacks of everyone refused in the same moment.
         self._retry_later(request, "server busy, retry", self._jittered_retry())
+
+    def _wrong_shard(self, request: Request, userid: str) -> None:
+        """The user lives in a partition this server does not consume: the load balancer
+        sent it to the wrong shard. A 200 that ends at once, as when busy (a non-200 would
+        stop the EventSource for good), so it comes back and can be routed right; counted,
+        and logged (as a summary under a flood). The userid is not logged: it is not
+        authenticated, and may be a misplaced token."""
+        if isinstance(request, TrackedRequest):
+            request.access_logged = False
+        self._metrics.subscribed("wrong_shard")
+        reason = (
+            f"the user lives in partition {self._partitions.partition_of(userid)} of "
+            f"{self._partitions.count}, not among this server's partitions "
+            f"{self._partitions.describe()}: the load balancer routes it to the wrong shard"
+        )
+        self._refusals.refused(
+            "wrong_shard", reason, client_of(request), getattr(request, "correlation_id", None)
+        )
+        self._retry_later(request, "not this server's partition, retry", self._jittered_retry())
 
     def _come_back_elsewhere(self, request: Request) -> None:
         """The server is draining: the browser comes back after a jittered delay, and

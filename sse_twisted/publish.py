@@ -2,6 +2,9 @@
 
     python -m sse_twisted.publish --userid <uuid> [--topic <uuid>] [--filename report.pdf]
 
+With ``--partitions P`` (default: ``SSE_RABBITMQ_PARTITIONS``, else 1) above 1, it goes to
+the super stream's exchange ``messages``, with the user's partition as routing key.
+
 A development tool: it blocks, so it never runs inside the server.
 """
 
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import ssl
 import sys
 from pathlib import Path
@@ -16,7 +20,14 @@ from pathlib import Path
 import pika
 import pika.exceptions
 
+from ._partitions import partition_of
 from ._tls import RABBITMQ_CA_FILE, RABBITMQ_CLIENT_CERT_FILE, RABBITMQ_CLIENT_KEY_FILE
+
+
+def _partition_count(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
 
 
 def _arguments(argv: list[str]) -> argparse.Namespace:
@@ -31,7 +42,13 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--username", default="guest")
     parser.add_argument("--password", default="guest")
     parser.add_argument("--vhost", default="/")
-    parser.add_argument("--queue", default="messages")
+    parser.add_argument("--queue", default="messages", help="the stream (or super stream)")
+    parser.add_argument(
+        "--partitions",
+        type=_partition_count,
+        default=os.environ.get("SSE_RABBITMQ_PARTITIONS", "1"),
+        help="partitions of the stream: above 1, published to its exchange, routed by user",
+    )
     parser.add_argument("--tls", action="store_true", help="amqps with the certs dir identity")
     parser.add_argument("--certs-dir", type=Path, default=Path("certs"))
     return parser.parse_args(argv)
@@ -65,19 +82,31 @@ def main(argv: list[str] | None = None) -> int:
         ssl_options=ssl_options,
     )
     body = json.dumps(message, indent=2).encode("utf-8")
+    # Unpartitioned: the default exchange routes by queue name. Partitioned: the super
+    # stream's exchange routes by partition number.
+    exchange, routing_key, where = "", options.queue, f"queue {options.queue!r}"
+    if options.partitions > 1:
+        partition = partition_of(options.userid, options.partitions)
+        exchange, routing_key = options.queue, str(partition)
+        where = f"partition {partition} of super stream {options.queue!r}"
     connection = pika.BlockingConnection(parameters)
     try:
         channel = connection.channel()
         channel.confirm_delivery()
-        channel.basic_publish("", options.queue, body, mandatory=True)
+        channel.basic_publish(exchange, routing_key, body, mandatory=True)
     except pika.exceptions.UnroutableError:
+        print(f"{where} does not exist yet: start the server first", file=sys.stderr)
+        return 1
+    except pika.exceptions.ChannelClosedByBroker as error:
         print(
-            f"queue {options.queue!r} does not exist yet: start the server first", file=sys.stderr
+            f"{where} does not exist yet ({error.reply_text}): start the server first",
+            file=sys.stderr,
         )
         return 1
     finally:
-        connection.close()
-    print(f"published to {options.queue}: {json.dumps(message)}")
+        if connection.is_open:
+            connection.close()
+    print(f"published to {where}: {json.dumps(message)}")
     return 0
 
 

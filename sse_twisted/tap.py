@@ -39,10 +39,18 @@ from ._metrics import (
     metrics_endpoint,
     metrics_site,
 )
+from ._partitions import SINGLE, Partition, SuperStream
 from ._replay import ReplayWindow
 from ._resource import root_resource
 from ._revocation import RevocationEnforcer, RevocationListener
 from ._router import MessageRouter
+from ._shard import (
+    LocalPartition,
+    LocalPartitions,
+    PartitionedConsumer,
+    PartitionGauges,
+    WindowsTotal,
+)
 from ._site import EventStreamSite
 from ._stalls import GarbageCollectionTimer, StallMonitorService
 from ._streams import StreamRegistry
@@ -105,7 +113,7 @@ class SSEService(MultiService):
     @ivar registry: the open streams.
     @ivar metrics: what ``/metrics`` serves.
     @ivar log_observer: the JSON log, handed to twistd's application.
-    @ivar consumer: the RabbitMQ stream consumer.
+    @ivar consumer: the RabbitMQ stream consumer (of every consumed partition).
     @ivar listener: the public TLS listener.
     """
 
@@ -119,7 +127,7 @@ class SSEService(MultiService):
         log_observer: JSONLogObserver,
         *,
         authenticator: IService,
-        consumer: StreamConsumerService,
+        consumer: StreamConsumerService | PartitionedConsumer,
         subscribe: SubscribeResource,
         listener: ListenerService,
         others: Mapping[str, IService],
@@ -199,7 +207,7 @@ def _stall_monitor(
     observer: JSONLogObserver,
     heartbeats: HeartbeatService,
     registry: StreamRegistry,
-    window: ReplayWindow,
+    windows: WindowsTotal,
 ) -> StallMonitorService:
     """The reactor-lag and collection monitor, told what each component did in a stall."""
     return StallMonitorService(
@@ -211,7 +219,7 @@ def _stall_monitor(
             "messages_consumed": lambda: counter_total(metrics.messages_consumed),
             "events_delivered": lambda: counter_total(metrics.events_delivered),
             "keep_alives": lambda: heartbeats.keep_alives_written,
-            "replay_evicted": lambda: window.evicted,
+            "replay_evicted": lambda: windows.evicted,
             "lines_logged": lambda: observer.lines_written,
             "bytes_logged": lambda: observer.bytes_written,
         },
@@ -248,8 +256,10 @@ def _consumer(
     live: LiveStart,
     metrics: Metrics,
     on_fatal: Callable[[str], None],
+    super_stream: SuperStream | None = None,
 ) -> StreamConsumerService:
-    """RabbitMQ's stream, each message routed to the streams it is for."""
+    """RabbitMQ's stream (the window's partition of it), each message routed to the
+    streams it is for."""
     return StreamConsumerService(
         config,
         reactor,
@@ -257,21 +267,81 @@ def _consumer(
         on_fatal=on_fatal,
         metrics=metrics,
         live=live,
+        queue=window.partition.queue(config.rabbitmq_queue_name),
+        super_stream=super_stream,
     )
+
+
+def _partitions(
+    config: Config,
+    reactor: Any,
+    registry: StreamRegistry,
+    metrics: Metrics,
+    on_fatal: Callable[[str], None],
+) -> LocalPartitions:
+    """The consumed partitions, each with its replay window, live start and consumer;
+    with more than one, the super stream's layout is declared by each consumer."""
+    count = config.rabbitmq_partitions
+    super_stream = None
+    if count > 1:
+        on_fatal = _first_only(on_fatal)
+        arguments: dict[str, object] = {
+            "x-queue-type": "stream",
+            "x-max-age": config.rabbitmq_max_age,
+        }
+        if config.rabbitmq_initial_cluster_size is not None:
+            # Each partition replicated as the single stream would be.
+            arguments["x-initial-cluster-size"] = config.rabbitmq_initial_cluster_size
+        super_stream = SuperStream(config.rabbitmq_queue_name, count, arguments)
+    local = []
+    for number in config.partitions:
+        partition = SINGLE if count == 1 else Partition(count, number)
+        window = ReplayWindow(
+            reactor,
+            config.replay_seconds,
+            config.replay_max_events,
+            config.replay_max_bytes,
+            partition,
+        )
+        live = LiveStart(registry, window, reactor, config.future_id_grace_seconds)
+        consumer = _consumer(
+            config, reactor, registry, window, live, metrics, on_fatal, super_stream
+        )
+        local.append(LocalPartition(number, window, live, consumer))
+    partitions = LocalPartitions(count, local)
+    if count > 1:
+        metrics.registry.register(PartitionGauges(partitions))
+    return partitions
+
+
+def _first_only(on_fatal: Callable[[str], None]) -> Callable[[str], None]:
+    """``on_fatal``, called once: every partition's consumer refuses a layout that does not
+    match, and one line says it."""
+    said: list[str] = []
+
+    def fatal(reason: str) -> None:
+        if not said:
+            said.append(reason)
+            on_fatal(reason)
+
+    return fatal
 
 
 def _url_tree(
     config: Config,
     reactor: Any,
     subscribe: SubscribeResource,
-    consumer: StreamConsumerService,
+    partitions: LocalPartitions,
     authenticator: PostgresAuthenticator,
 ) -> Resource:
     """``/subscribe``, the health probes, and the demo page in dev."""
     root = root_resource(subscribe)
     root.putChild(b"healthz", LivenessResource())
+    queues = ", ".join(
+        partition.window.partition.queue(config.rabbitmq_queue_name) for partition in partitions
+    )
     readiness = ReadinessResource(
-        [ConsumerCheck(consumer, config.rabbitmq_queue_name), PostgresCheck(authenticator, reactor)]
+        [ConsumerCheck(partitions.consumer, queues), PostgresCheck(authenticator, reactor)]
     )
     root.putChild(b"readyz", readiness)
     if config.app_env == "dev":
@@ -326,11 +396,15 @@ def _revocation(
 
 
 def _stream_lifetime(
-    config: Config, reactor: Any, registry: StreamRegistry, window: ReplayWindow
+    config: Config, reactor: Any, registry: StreamRegistry, partitions: LocalPartitions
 ) -> StreamLifetimeService:
     """Each stream closed at its end of life, its browser asked to come back."""
     return StreamLifetimeService(
-        registry, window, reactor, config.retry_milliseconds, config.reconnect_jitter_milliseconds
+        registry,
+        partitions.window_of,
+        reactor,
+        config.retry_milliseconds,
+        config.reconnect_jitter_milliseconds,
     )
 
 
@@ -380,19 +454,17 @@ def build_service(
     _warn_of_development_links(config)
     metrics = Metrics()
     registry = StreamRegistry()
-    window = ReplayWindow(
-        reactor, config.replay_seconds, config.replay_max_events, config.replay_max_bytes
-    )
-    live = LiveStart(registry, window, reactor, config.future_id_grace_seconds)
+    partitions = _partitions(config, reactor, registry, metrics, on_fatal)
+    consumer = partitions.consumer
     authenticator = PostgresAuthenticator(config, reactor)
     auth_cache = CachingAuthenticator(
         authenticator, reactor, config.auth_cache_seconds, config.auth_cache_size
     )
-    consumer = _consumer(config, reactor, registry, window, live, metrics, on_fatal)
-    subscribe = SubscribeResource(config, registry, auth_cache, reactor, window, live, metrics)
+    subscribe = SubscribeResource(config, registry, auth_cache, reactor, partitions, metrics)
     server_tls = ReloadableServerTLS(config.certs_dir, reactor)
-    root = _url_tree(config, reactor, subscribe, consumer, authenticator)
-    metrics.watch(registry, consumer, authenticator, auth_cache, server_tls, replay_window=window)
+    root = _url_tree(config, reactor, subscribe, partitions, authenticator)
+    windows = WindowsTotal([partition.window for partition in partitions])
+    metrics.watch(registry, consumer, authenticator, auth_cache, server_tls, replay_window=windows)
     observer = _log_observer(config)
     heartbeats = HeartbeatService(registry, config.heartbeat_seconds, reactor)
     return SSEService(
@@ -406,10 +478,10 @@ def build_service(
         listener=_listener(config, reactor, root, server_tls, metrics, on_fatal),
         others={
             **_revocation(config, reactor, auth_cache, registry, authenticator),
-            "stream-lifetime": _stream_lifetime(config, reactor, registry, window),
+            "stream-lifetime": _stream_lifetime(config, reactor, registry, partitions),
             "heartbeats": heartbeats,
             "stalls": _stall_monitor(
-                config, reactor, metrics, observer, heartbeats, registry, window
+                config, reactor, metrics, observer, heartbeats, registry, windows
             ),
             **_metrics_listener(config, reactor, metrics, on_fatal),
             **_process_wide(reactor, server_tls, open_files),

@@ -12,14 +12,17 @@ from typing import Any, cast
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
 from sse_twisted._config import load_config
+from sse_twisted._consumer import StreamConsumerService
 from sse_twisted._live import LiveStart
 from sse_twisted._metrics import Metrics
 from sse_twisted._replay import ReplayWindow
+from sse_twisted._shard import LocalPartition, LocalPartitions
 from sse_twisted._streams import StreamRegistry
 from sse_twisted._subscribe import SubscribeResource
 from sse_twisted.interfaces import IAuthenticator
@@ -142,10 +145,25 @@ def make_resource(
             **settings,
         },
     )
+    # One partition, as in an unpartitioned server; its consumer is never started.
+    consumer = StreamConsumerService(
+        replace(config, rabbitmq_tls=False),
+        MemoryReactorClock(),
+        on_message=lambda body, offset: 0,
+        on_fatal=print,
+        metrics=Metrics(),
+    )
+    partitions = LocalPartitions(1, [LocalPartition(0, window, live, consumer)])
     resource = SubscribeResource(
-        config, registry, authenticator, Clock(), window, live, metrics or Metrics()
+        config, registry, authenticator, Clock(), partitions, metrics or Metrics()
     )
     return resource, registry
+
+
+def window_of(resource: SubscribeResource) -> ReplayWindow:
+    """The replay window of a resource made by L{make_resource} (its only partition's)."""
+    (partition,) = resource._partitions
+    return partition.window
 
 
 class StreamingRequest(DummyRequest):

@@ -23,7 +23,7 @@ from sse_twisted._resource import root_resource
 from sse_twisted._site import EventStreamSite
 from sse_twisted._subscribe import path_problem
 from sse_twisted.interfaces import BackendBusy, BackendUnavailable
-from tests.fakes import ScriptedAuthenticator, make_resource, render, request_for
+from tests.fakes import ScriptedAuthenticator, make_resource, render, request_for, window_of
 from tests.sse_parser import EventParser
 
 TOPIC = "7a1f4c2e-9d3b-4f6a-8e2c-5b0d1a7c3e94"
@@ -194,7 +194,7 @@ def test_an_unknown_path_is_a_plain_404() -> None:
 
 def test_a_new_stream_is_given_the_newest_offset_consumed_as_its_last_event_id() -> None:
     resource, _ = make_resource(ScriptedAuthenticator(True))
-    resource._window.consumed(41)
+    window_of(resource).consumed(41)
     request = request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}")
     render(resource, request)
     parser = EventParser()
@@ -211,7 +211,7 @@ def test_stream_opened_counts_no_replayed_event_for_a_new_stream(
     log_events: Sequence[LogEvent],
 ) -> None:
     resource, _ = make_resource(ScriptedAuthenticator(True))
-    resource._window.consumed(41)
+    window_of(resource).consumed(41)
     render(resource, request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}"))
     assert _stream_opened(log_events)["replayed"] == 0
 
@@ -222,9 +222,9 @@ def test_stream_opened_counts_the_replayed_events_as_the_metric_does(
     metrics = Metrics()
     resource, _ = make_resource(ScriptedAuthenticator(True), metrics=metrics)
     for offset in (5, 6, 7):
-        resource._window.record(USERID, None, offset, f"id: {offset}\ndata: x\n\n".encode())
+        window_of(resource).record(USERID, None, offset, f"id: {offset}\ndata: x\n\n".encode())
     # Someone else's event after them: the new stream is also told to resume from 8.
-    resource._window.record(NONCE, None, 8, b"id: 8\ndata: y\n\n")
+    window_of(resource).record(NONCE, None, 8, b"id: 8\ndata: y\n\n")
     request = request_for(f"/subscribe/{TOPIC}/{USERID}/{NONCE}")
     request.requestHeaders.setRawHeaders(b"last-event-id", [b"5"])
     render(resource, request)
