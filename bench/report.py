@@ -36,7 +36,21 @@ def _throughput(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _latency(result: dict[str, Any]) -> dict[str, Any]:
-    return {**result["latency_ms"], "lost": result["lost"], "stalled": result["stalled_streams"]}
+    headline = {
+        **result["latency_ms"],
+        "lost": result["lost"],
+        "stalled": result["stalled_streams"],
+    }
+    with_idle = result.get("with_idle")
+    if with_idle:
+        headline["idle_p99"] = with_idle["latency_ms"]["p99"]
+        headline["idle_max"] = with_idle["latency_ms"]["max"]
+    return headline
+
+
+def _idle_latency(result: dict[str, Any], percentile: str) -> Any:
+    """S3's latency with the idle streams open, if that window ran."""
+    return result.get("with_idle", {}).get("latency_ms", {}).get(percentile)
 
 
 def _storm(result: dict[str, Any]) -> dict[str, Any]:
@@ -263,6 +277,27 @@ def table(report: dict[str, Any]) -> str:
             lambda value: _verdict(value, 10.0),
         )
         row("S3: lost (with stalled clients)", "s3", lambda r: r["lost"], "", "0", _zero)
+    if "with_idle" in scenarios.get("s3", {}):
+        label = f"S3 + {scenarios['s3']['with_idle']['idle_streams']:,} idle streams"
+        row(f"{label}: latency p50", "s3", lambda r: _idle_latency(r, "p50"), "ms")
+        row(f"{label}: latency p90", "s3", lambda r: _idle_latency(r, "p90"), "ms")
+        row(
+            f"{label}: latency p99",
+            "s3",
+            lambda r: _idle_latency(r, "p99"),
+            "ms",
+            "≤ 2 ms",
+            lambda value: _verdict(value, 2.0),
+        )
+        row(
+            f"{label}: latency max",
+            "s3",
+            lambda r: _idle_latency(r, "max"),
+            "ms",
+            "≤ 10 ms",
+            lambda value: _verdict(value, 10.0),
+        )
+        row(f"{label}: lost", "s3", lambda r: r["with_idle"]["lost"], "", "0", _zero)
     if "s4" in scenarios:
         row(
             "S4: server CPU per connection",
