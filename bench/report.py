@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from . import ingest
+
 __all__ = ["HEADLINES", "headline_values", "table"]
 
 
@@ -69,6 +71,7 @@ HEADLINES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "S3": _latency,
     "S4": _storm,
     "ceiling": _ceiling,
+    "ingest": ingest.headline,
 }
 
 
@@ -172,6 +175,18 @@ def table(report: dict[str, Any]) -> str:
             "≤ 3%" if key == "s1" else "",
             _verdict(idle, 3.0) if key == "s1" else "",
         )
+    unwanted = scenarios.get("ingest")
+    if unwanted:
+        cpu = unwanted["server_cpu_us_per_message"]
+        target = ingest.TARGET_US
+        row(
+            "ingest: server CPU per message for no stream",
+            cpu,
+            "µs",
+            f"≤ {target:.0f} µs",
+            _verdict(cpu, target),
+        )
+        row("ingest: messages consumed per second", unwanted["messages_per_second"], "msg/s")
     widths = [max((len(row[column]) for row in rows), default=0) for column in range(4)]
     lines = []
     header = ("figure (median)", "value", "target", "verdict")

@@ -20,6 +20,7 @@ from typing import Any
 
 from .clients import EventSink, Fleet, OpenResult, Subscription
 from .environment import REPOSITORY, BenchEnvironment, ServerProcess, broker_pid, sample
+from .ingest import ingest
 from .profiling import Profiler
 
 __all__ = ["Settings", "run_scenario"]
@@ -468,6 +469,7 @@ SCENARIOS = {
     "s4": lambda environment, settings: connect_storm(environment, settings),
     "s1": lambda environment, settings: idle_capacity(environment, settings),
     "s5-idle": lambda environment, settings: idle_capacity(environment, settings, "h2"),
+    "ingest": lambda environment, settings: ingest(environment, settings),
 }
 
 
