@@ -144,11 +144,9 @@ async def _main(options: argparse.Namespace) -> None:
                 source=options.source,
             )
             print(json.dumps({"profile": result.pop("profile"), **result}, indent=1), flush=True)
-    print(
-        json.dumps(
-            {"server_cpu_us_per_message": {"runs": figures, "median": statistics.median(figures)}}
-        )
-    )
+    if figures:
+        median = statistics.median(figures)
+        print(json.dumps({"server_cpu_us_per_message": {"runs": figures, "median": median}}))
 
 
 if __name__ == "__main__":
