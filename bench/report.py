@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from . import ingest
+
 __all__ = ["HEADLINES", "headline_values", "table"]
 
 
@@ -95,6 +97,7 @@ HEADLINES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "S4": _storm,
     "S4r": _resumed,
     "ceiling": _ceiling,
+    "ingest": ingest.headline,
 }
 
 
@@ -380,5 +383,20 @@ def table(report: dict[str, Any]) -> str:
             "% of a core",
             "≤ 3%" if key == "s1" else "",
             (lambda value: _verdict(value, 3.0)) if key == "s1" else None,
+        )
+    if "ingest" in scenarios:
+        row(
+            "ingest: server CPU per message for no stream",
+            "ingest",
+            lambda r: r["server_cpu_us_per_message"],
+            "µs",
+            f"≤ {ingest.TARGET_US:.0f} µs",
+            lambda value: _verdict(value, ingest.TARGET_US),
+        )
+        row(
+            "ingest: messages consumed per second",
+            "ingest",
+            lambda r: r["messages_per_second"],
+            "msg/s",
         )
     return rows.text()

@@ -43,6 +43,7 @@ from .environment import (
     sample,
     server_process,
 )
+from .ingest import ingest
 from .profiling import Profiler
 
 __all__ = ["SSE_TWISTED_ONLY", "Settings", "run_scenario"]
@@ -641,10 +642,11 @@ SCENARIOS = {
     "s4r": lambda environment, settings: resumed_connects(environment, settings),
     "s1": lambda environment, settings: idle_capacity(environment, settings),
     "s5-idle": lambda environment, settings: idle_capacity(environment, settings, "h2"),
+    "ingest": lambda environment, settings: ingest(environment, settings),
 }
 
 # The ceiling measures no server; uvicorn, which serves the reference, speaks no HTTP/2.
-SSE_TWISTED_ONLY = frozenset({"ceiling", "s5-throughput", "s5-idle"})
+SSE_TWISTED_ONLY = frozenset({"ceiling", "ingest", "s5-throughput", "s5-idle"})
 
 
 async def run_scenario(

@@ -173,6 +173,20 @@ def test_a_message_published_to_a_partition_its_user_does_not_live_in_is_skipped
     assert skipped == 1
 
 
+def test_a_message_kept_unread_replays_with_its_partitions_id() -> None:
+    registry = StreamRegistry()
+    partition = Partition(4, 1)
+    window = ReplayWindow(Clock(), 300, 100, partition=partition)
+    router = MessageRouter(registry, window, 10_000, Metrics())
+    userid = user_in(1)
+    message = found_contract(userid)
+    # Nobody here has a stream of this user: the message is kept as it came.
+    assert router(json.dumps(message).encode(), 7) == 0
+    replay = window.replay(userid, new_uuid(), partition.event_id(6))
+    [frame] = replay.frames
+    assert frame.startswith(b"id: 4-1-7\n")
+
+
 def test_a_new_stream_held_during_the_read_back_starts_at_its_partitions_tail() -> None:
     registry = StreamRegistry()
     window = ReplayWindow(Clock(), 300, 100, partition=Partition(4, 1))
