@@ -183,13 +183,16 @@ def test_the_shipped_proxy_timeouts_outlast_two_default_heartbeats() -> None:
     # every quiet stream (5 s did), and one barely above it cuts them on a late heartbeat.
     [heartbeat] = [s.default for s in SETTINGS if s.env == "SSE_HEARTBEAT_SECONDS"]
     nginx = (DEPLOY / "nginx" / "sse.conf").read_text()
-    haproxy = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
     timeouts = {
         "proxy_read_timeout": re.findall(r"^\s*proxy_read_timeout (\d+)s;", nginx, re.M),
         "proxy_send_timeout": re.findall(r"^\s*proxy_send_timeout (\d+)s;", nginx, re.M),
-        "timeout server": re.findall(r"^\s*timeout server (\d+)s$", haproxy, re.M),
-        "timeout client": re.findall(r"^\s*timeout client (\d+)s$", haproxy, re.M),
     }
+    # The single pool and the sharded edge.
+    for name in ("haproxy.cfg", "haproxy-sharded.cfg"):
+        haproxy = (DEPLOY / "haproxy" / name).read_text()
+        for timeout in ("server", "client"):
+            pattern = rf"^\s*timeout {timeout} (\d+)s$"
+            timeouts[f"{name}: timeout {timeout}"] = re.findall(pattern, haproxy, re.M)
     assert all(len(values) == 1 for values in timeouts.values()), timeouts
     assert {name: int(value) >= 2 * float(heartbeat) for name, [value] in timeouts.items()} == {
         name: True for name in timeouts
