@@ -100,11 +100,11 @@ def server_identity(certs_dir: Path) -> tuple[CertificateOptions, x509.Certifica
 
     Session tickets (RFC 5077 in TLS 1.2, PSK tickets in TLS 1.3) let a browser that comes
     back to the same process skip the certificate and its signature (TLS 1.3 still runs an
-    ECDHE exchange, for forward secrecy). They are stateless: the session travels in the ticket, encrypted under keys
-    OpenSSL draws at random for each context, so the server keeps nothing per session. The
-    keys are neither shared nor persisted (pyOpenSSL cannot set them): a ticket resumes only
-    on the process and context that issued it, and anywhere else the browser gets a full
-    handshake, as without tickets.
+    ECDHE exchange, for forward secrecy). They are stateless: the session travels in the
+    ticket, encrypted under keys OpenSSL draws at random for each context, so the server
+    keeps nothing per session. The keys are neither shared nor persisted (pyOpenSSL cannot
+    set them): a ticket resumes only on the process and context that issued it, and anywhere
+    else the browser gets a full handshake, as without tickets.
     """
     leaf, key, chain = _identity(certs_dir, SERVER_CERT_FILE, SERVER_KEY_FILE)
     if (certs_dir / SERVER_CA_FILE).exists():
