@@ -18,16 +18,21 @@ HTTP/2 request bodies and deadlines are handled per stream in L{sse_twisted._bod
 
 On stop each connection is drained (L{DrainingChannelProtocol.drain}): closed once its
 responses in progress have ended, an HTTP/2 one with GOAWAY.
+
+An HTTP/2 connection sends the DATA frames waiting on all its streams together, in one
+write (L{BatchingH2Connection}), not one frame per reactor turn.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import DeferredList
+import priority
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
 from twisted.web.http import HTTPChannel, Request, _GenericHTTPChannelProtocol
 
 from ._metrics import Metrics
@@ -42,14 +47,32 @@ from ._metrics import Metrics
 #    HTTPChannel); _channel: the HTTPChannel or twisted.web._http2.H2Connection behind it.
 #  - H2Connection._streamCleanupCallbacks: a Deferred per stream, fired once the stream is
 #    done (its END_STREAM written, or reset); H2Connection.conn is its h2 connection.
+#  - What _GenericHTTPChannelProtocol.dataReceived does to switch to HTTP/2, repeated in
+#    DrainingChannelProtocol._switch_to_h2 to build a BatchingH2Connection instead: the
+#    HTTPChannel's _networkProducer, its _requestFactory, _site, _factory, _timeOut and
+#    _callLater, and _negotiatedProtocol.
+#  - H2Connection's sending loop, which BatchingH2Connection._sendPrioritisedData replaces:
+#    priority (a priority.PriorityTree of streams with data), _outboundStreamQueues (a
+#    deque of bytes per stream, _END_STREAM_SENTINEL for its end), _stillProducing,
+#    _consumerBlocked (a Deferred while the transport is paused), _sendingDeferred (fired
+#    when a stream gets data), _reactor, _requestDone, remainingOutboundWindow and
+#    streams[id].flowControlBlocked.
 
-__all__ = ["DrainingChannelProtocol", "LimitedHTTPChannel", "limited_channel_protocol"]
+__all__ = [
+    "BatchingH2Connection",
+    "DrainingChannelProtocol",
+    "LimitedHTTPChannel",
+    "limited_channel_protocol",
+]
 
 # How long a refused client gets to read the refusal before its connection is cut.
 _GRACE_SECONDS = 5.0
 # Bytes pipelined behind a response in progress read before reads pause: Twisted's own
 # allowance (HTTPChannel's optimistic eager read, 16 KiB since Twisted 17.9).
 _PIPELINED_READ_BYTES = 16384
+# What an HTTP/2 connection sends in one reactor turn at most, so that one connection with
+# much to send does not hold the reactor (and its own transport pauses it in between).
+_H2_TURN_BYTES = 65536
 
 
 def _refusal(status: bytes, reason: str) -> bytes:
@@ -275,14 +298,112 @@ class LimitedHTTPChannel(HTTPChannel):
         super().connectionLost(reason)
 
 
+class BatchingH2Connection(H2Connection):
+    """Twisted's H2Connection, but sending in one reactor turn the DATA frames of every
+    stream that has some, up to L{_H2_TURN_BYTES}, with one write to the transport.
+
+    Twisted's loop sends one frame per reactor turn: a message for a hundred streams of a
+    connection took a hundred turns, a hundred TLS records and a hundred socket writes. Here
+    what the streams are given in one turn goes out in the next, together. The order and
+    flow control are Twisted's: the same priority tree picks the next stream, each
+    frame still respects the stream's window and the peer's frame size, and the loop waits
+    while the transport is paused or no stream has data.
+    """
+
+    def _sendPrioritisedData(self, *args: object) -> None:
+        if not self._stillProducing:
+            return
+        self.resetTimeout()
+        sent = 0
+        while sent < _H2_TURN_BYTES:
+            try:
+                stream = next(self.priority)
+            except priority.DeadlockError:
+                # Every stream is blocked or has nothing: wait until one gets data.
+                self._write_frames()
+                self._sendingDeferred = Deferred()
+                self._sendingDeferred.addCallback(self._send_next_turn)
+                return
+            if self._consumerBlocked is not None:
+                self._write_frames()
+                self._consumerBlocked.addCallback(self._sendPrioritisedData)
+                return
+            size = self._send_frame(stream)
+            if not size:
+                # A stream whose window is shut: Twisted's loop tries again next turn.
+                break
+            sent += size
+        self._write_frames()
+        self._reactor.callLater(0, self._sendPrioritisedData)
+
+    def _send_next_turn(self, stream: int) -> None:
+        # Not at once: what the other streams get in this turn goes out with it.
+        self._reactor.callLater(0, self._sendPrioritisedData)
+
+    def _send_frame(self, stream: int) -> int:
+        """Queue the next frame of ``stream`` in the h2 connection; return its size in bytes
+        of data (the end of the stream counts as one), 0 if its window let nothing go."""
+        queue = self._outboundStreamQueues[stream]
+        frame = queue.popleft()
+        if frame is _END_STREAM_SENTINEL:
+            self.conn.end_stream(stream)
+            # What the stream's end releases (a drain's GOAWAY) follows its frames.
+            self._write_frames()
+            self._requestDone(stream)
+            return 1
+        largest = min(
+            self.conn.max_outbound_frame_size, self.conn.local_flow_control_window(stream)
+        )
+        if len(frame) > largest:
+            queue.appendleft(frame[largest:])
+            frame = frame[:largest]
+        if frame:
+            self.conn.send_data(stream, frame)
+        if not queue:
+            self.priority.block(stream)
+        if self.remainingOutboundWindow(stream) <= 0:
+            self.streams[stream].flowControlBlocked()
+        return len(frame)
+
+    def _write_frames(self) -> None:
+        frames = self.conn.data_to_send()
+        if frames:
+            self.transport.write(frames)  # type: ignore[union-attr]
+
+
 # Twisted has no public way to end an HTTP/2 connection gracefully, nor to reach it: these
 # private names are what DrainingChannelProtocol uses (see the list at the top).
-
-
 class DrainingChannelProtocol(_GenericHTTPChannelProtocol):
     """A connection's protocol (HTTP/1.1 or HTTP/2) that can be drained: see L{drain}."""
 
     _lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._negotiatedProtocol is None:
+            transport = self._channel.transport
+            if getattr(transport, "negotiatedProtocol", None) == b"h2":
+                self._switch_to_h2()
+        super().dataReceived(data)
+
+    def _switch_to_h2(self) -> None:
+        """What Twisted does when ALPN chose HTTP/2, with a L{BatchingH2Connection}."""
+        channel = self._channel
+        assert isinstance(channel, HTTPChannel)
+        network_producer = channel._networkProducer
+        network_producer.unregisterProducer()
+        channel.setTimeout(None)
+        # Twisted's H2Connection has no type hints. Twisted gives it the global reactor;
+        # this, the site's (the same one, but a test's clock in a test).
+        h2: Any = BatchingH2Connection(getattr(self._factory, "reactor", None))
+        h2.requestFactory = self._requestFactory
+        h2.site = self._site
+        h2.factory = self._factory
+        h2.timeOut = self._timeOut
+        h2.callLater = self._callLater
+        h2.makeConnection(channel.transport)
+        network_producer.registerProducer(h2, True)
+        self._channel = h2
+        self._negotiatedProtocol = b"h2"
 
     def drain(self) -> None:
         """Close this connection once its responses in progress have ended (ending them is

@@ -93,10 +93,18 @@ def _identity(
 
 def server_identity(certs_dir: Path) -> tuple[CertificateOptions, x509.Certificate]:
     """Context for the browser-facing port (TLS 1.2+ with ECDHE and AEAD suites only, full
-    chain, ALPN h2 then http/1.1) and the certificate it serves.
+    chain, ALPN h2 then http/1.1, session tickets) and the certificate it serves.
 
     ``ca.pem`` is optional and, when present, sent as the intermediate chain after
     whatever chain ``cert.pem`` already carries.
+
+    Session tickets (RFC 5077 in TLS 1.2, PSK tickets in TLS 1.3) let a browser that comes
+    back to the same process skip the certificate and its signature (TLS 1.3 still runs an
+    ECDHE exchange, for forward secrecy). They are stateless: the session travels in the
+    ticket, encrypted under keys OpenSSL draws at random for each context, so the server
+    keeps nothing per session. The keys are neither shared nor persisted (pyOpenSSL cannot
+    set them): a ticket resumes only on the process and context that issued it, and anywhere
+    else the browser gets a full handshake, as without tickets.
     """
     leaf, key, chain = _identity(certs_dir, SERVER_CERT_FILE, SERVER_KEY_FILE)
     if (certs_dir / SERVER_CA_FILE).exists():
@@ -108,6 +116,7 @@ def server_identity(certs_dir: Path) -> tuple[CertificateOptions, x509.Certifica
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(BROWSER_TLS12_CIPHERS),
         acceptableProtocols=[b"h2", b"http/1.1"],
+        enableSessionTickets=True,
     )
     return options, leaf
 

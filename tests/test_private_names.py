@@ -6,9 +6,11 @@ drops one, this fails naming it and the module to revisit."""
 from __future__ import annotations
 
 import pika
+import twisted.web._http2
 import twisted.web.http
 from pika.adapters.twisted_connection import TwistedProtocolConnection
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.web.http import HTTPChannel
 
 from sse_twisted._channel import DrainingChannelProtocol
@@ -31,6 +33,33 @@ def _twisted_names() -> list[str]:
         missing.append("H2Connection._streamCleanupCallbacks")
     if not callable(getattr(getattr(connection, "conn", None), "close_connection", None)):
         missing.append("H2Connection.conn (an h2 connection)")
+    # The sending loop BatchingH2Connection replaces, and what _switch_to_h2 repeats.
+    for name in (
+        "priority",
+        "_outboundStreamQueues",
+        "_stillProducing",
+        "_consumerBlocked",
+        "_sendingDeferred",
+        "_reactor",
+        "_requestDone",
+        "_sendPrioritisedData",
+        "remainingOutboundWindow",
+        "streams",
+    ):
+        if not hasattr(connection, name):
+            missing.append(f"H2Connection.{name}")
+    if not hasattr(twisted.web._http2, "_END_STREAM_SENTINEL"):
+        missing.append("twisted.web._http2._END_STREAM_SENTINEL")
+    protocol = DrainingChannelProtocol(HTTPChannel())
+    for name in ("_requestFactory", "_site", "_factory", "_timeOut", "_callLater"):
+        if not hasattr(protocol, name):
+            missing.append(f"_GenericHTTPChannelProtocol.{name}")
+    if getattr(protocol, "_negotiatedProtocol", "missing") is not None:
+        missing.append("_GenericHTTPChannelProtocol._negotiatedProtocol")
+    connected = HTTPChannel()
+    connected.makeConnection(StringTransport())
+    if not hasattr(connected, "_networkProducer"):
+        missing.append("HTTPChannel._networkProducer")
     return [
         f"Twisted {twisted.__version__} has no {name}: see sse_twisted/_channel.py"
         for name in missing
