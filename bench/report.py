@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .fleet import fleet_headline
+
 __all__ = ["HEADLINES", "headline_values", "table"]
 
 
@@ -81,6 +83,7 @@ HEADLINES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "S4": _storm,
     "S4r": _resumed,
     "ceiling": _ceiling,
+    "fleet": fleet_headline,
 }
 
 

@@ -39,6 +39,7 @@ from .environment import (
     sample,
     server_process,
 )
+from .fleet import fleet
 from .profiling import Profiler
 
 __all__ = ["SSE_TWISTED_ONLY", "Settings", "run_scenario"]
@@ -61,6 +62,8 @@ class Settings:
     resume_connections: int = 500
     streams_per_h2_connection: int = 100
     open_concurrency: int = 100
+    fleet_rate: float = 2000.0
+    fleet_seconds: float = 15.0
     source: Path | None = None
     server_environ: tuple[tuple[str, str], ...] = ()
     server: str = SSE_TWISTED
@@ -545,10 +548,12 @@ SCENARIOS = {
     "s4r": lambda environment, settings: resumed_connects(environment, settings),
     "s1": lambda environment, settings: idle_capacity(environment, settings),
     "s5-idle": lambda environment, settings: idle_capacity(environment, settings, "h2"),
+    "fleet": lambda environment, settings: fleet(environment, settings),
 }
 
-# The ceiling measures no server; uvicorn, which serves the reference, speaks no HTTP/2.
-SSE_TWISTED_ONLY = frozenset({"ceiling", "s5-throughput", "s5-idle"})
+# The ceiling measures no server; uvicorn, which serves the reference, speaks no HTTP/2;
+# the fleet needs the partitioned mode.
+SSE_TWISTED_ONLY = frozenset({"ceiling", "s5-throughput", "s5-idle", "fleet"})
 
 
 async def run_scenario(
