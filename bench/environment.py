@@ -103,12 +103,32 @@ def sample(pid: int) -> ProcessSample:
     return ProcessSample(time.monotonic(), cpu, rss)
 
 
-def broker_pid() -> int | None:
-    """The RabbitMQ Erlang VM's pid, to report the broker's CPU beside the server's."""
+def _listening_inodes(port: int) -> set[str]:
+    """The inodes of the sockets listening on TCP ``port`` (``/proc/net/tcp``, tcp6)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local address (hex ip:port), state 0A is LISTEN, inode is the 10th field.
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                inodes.add(fields[9])
+    return inodes
+
+
+def broker_pid(port: int = 5672) -> int | None:
+    """The pid of the RabbitMQ Erlang VM listening on ``port``, to report the broker's CPU
+    beside the server's: not any ``beam.smp`` (tests start brokers of their own)."""
+    sockets = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "comm").read_text().strip() == "beam.smp":
+                if (entry / "comm").read_text().strip() != "beam.smp":
+                    continue
+                if any(os.readlink(fd) in sockets for fd in (entry / "fd").iterdir()):
                     return int(entry.name)
             except OSError:
                 continue

@@ -66,6 +66,14 @@ def _partitions_of(instance: int, shards: int) -> tuple[int, ...]:
     return tuple(range(instance * per_shard, (instance + 1) * per_shard))
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """The CPU seconds of ``pid``; NaN when there is none or it has gone."""
+    try:
+        return sample(pid).cpu_seconds if pid else float("nan")
+    except OSError:
+        return float("nan")
+
+
 async def _until_live(instance: _Instance) -> None:
     """Until the instance has read back every partition it consumes (what follows is
     live): a message published before would be read back, not delivered live."""
@@ -184,7 +192,7 @@ async def _sharding(
         await asyncio.sleep(_IDLE_SECONDS)
         idle_end = [instance.server.sample() for instance in instances]
         broker = broker_pid()
-        broker_start = sample(broker).cpu_seconds if broker else 0.0
+        broker_start = _cpu_seconds(broker)
         start = [instance.server.sample() for instance in instances]
         rate = settings.fleet_rate
         published = await _publish(
@@ -196,7 +204,7 @@ async def _sharding(
         )
         complete = await _until_sentinels(sink, {count + number for number in range(PARTITIONS)})
         end = [instance.server.sample() for instance in instances]
-        broker_cpu = (sample(broker).cpu_seconds if broker else 0.0) - broker_start
+        broker_cpu = _cpu_seconds(broker) - broker_start
         await asyncio.sleep(0.5)  # duplicates, if any, would arrive now
         fleet_messages = published["count"]
         expected = Counter(
