@@ -144,8 +144,12 @@ def figures(reports: list[dict[str, Any]]) -> Figures:
         raise SystemExit("bench.sizing: no fleet scenario in the results given")
     values["ingest_us"], sources["ingest_us"] = _ingest_us(fleet, values["delivery_us"])
     one_shard = fleet["shardings"][0]
-    values["broker_us_per_message"] = one_shard["broker_cpu_us_per_fleet_message"]
-    sources["broker_us_per_message"] = "fleet, 1 shard: beam.smp CPU / fleet message (shared)"
+    values["broker_us_per_message"] = one_shard["broker_net_cpu_us_per_fleet_message"]
+    sources["broker_us_per_message"] = (
+        f"fleet, 1 shard: the shared broker's CPU per fleet message (one read each), less its "
+        f"CPU while the fleet was idle ({one_shard['broker_background_cpu_percent']} % of a core): "
+        f"an indication"
+    )
     return Figures(**values, sources=sources)
 
 
