@@ -12,15 +12,18 @@ Prints the figures, the assumptions and a markdown table.
 
 The model, per instance of ``n`` streams, each stream getting ``r`` messages a minute, one
 stream per user, ``k`` instances per shard (every instance of a shard reads all of the
-shard's messages, and delivers those of its own streams):
+shard's messages, and delivers those of its own streams), each instance one core:
 
-* memory: ``n x memory per stream`` within the budget;
 * CPU: ``n x heartbeat`` + ``n*r/60 x delivery`` + ``(k - 1)*n*r/60 x ingest`` (the messages
-  of its shard's other instances' streams) within the usable share of its core;
-* a reconnect storm: all ``n`` streams back within ``storm_seconds`` at ``usable / connect``
-  connects a second.
+  of its shard's other instances' streams);
+* memory and CPU must hold after one instance of each shard is lost: its streams move to
+  the ``k - 1`` others, which then carry ``k / (k - 1)`` times their streams and deliveries
+  (and ingest fewer unmatched messages), within the usable share of the core and the memory
+  budget;
+* a reconnect storm: all ``n`` streams of an instance back within ``storm_seconds`` at
+  ``usable / connect`` connects a second.
 
-The smallest ``n`` wins (the resource that runs out first); ``P`` = shards, the least.
+The smallest ``n`` wins (that resource runs out first); ``P`` = shards, the least.
 RabbitMQ takes ``N*r/60`` messages/s in and sends ``k`` times as many to consumers.
 """
 
@@ -69,7 +72,7 @@ class Assumptions:
     storm_seconds: float = 60.0  # every stream of an instance back within this
     instances_per_shard: int = 2  # so that losing one is a reconnect, not an outage
     wire_bytes_per_message: int = 400  # a 200-byte message and its AMQP frames
-    broker_usable_cores: float = 3 * 8 * 0.7  # a 3-node cluster of 8 cores, 30 % headroom
+    broker_usable_cores: float = 16.8  # a 3-node cluster of 8 cores each, 70 % of them
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class Size:
     streams_per_instance: int
     memory_share: float
     cpu_share: float
+    cpu_after_loss_share: float
     delivery_cpu_share: float
     ingest_cpu_share: float
     heartbeat_cpu_share: float
@@ -153,30 +157,49 @@ def figures(reports: list[dict[str, Any]]) -> Figures:
     return Figures(**values, sources=sources)
 
 
-def size(streams: int, per_minute: float, measured: Figures, assume: Assumptions) -> Size:
-    """The fleet for ``streams`` open streams at ``per_minute`` messages each a minute."""
-    k = assume.instances_per_shard
-    per_stream_rate = per_minute / 60
-    cpu_per_stream = (
-        measured.heartbeat_cores_per_stream
-        + per_stream_rate * measured.delivery_us / 1e6
-        + (k - 1) * per_stream_rate * measured.ingest_us / 1e6
+def _cores(streams: float, shard_messages: float, per_stream_rate: float, m: Figures) -> float:
+    """An instance's CPU (cores) with ``streams`` streams in a shard taking
+    ``shard_messages`` a second: heartbeats, deliveries, and the shard's other messages."""
+    own = streams * per_stream_rate
+    return (
+        streams * m.heartbeat_cores_per_stream
+        + own * m.delivery_us / 1e6
+        + (shard_messages - own) * m.ingest_us / 1e6
     )
+
+
+def size(streams: int, per_minute: float, measured: Figures, assume: Assumptions) -> Size:
+    """The fleet for ``streams`` open streams at ``per_minute`` messages each a minute.
+
+    Memory and CPU must hold with one instance of every shard lost (its streams moved to
+    the ``k - 1`` others of its shard, which take ``k / (k - 1)`` times their streams);
+    the storm is every stream of an instance back within ``storm_seconds``.
+    """
+    k = assume.instances_per_shard
+    if k < 2:
+        raise ValueError("sizing assumes at least 2 instances per shard")
+    failover = k / (k - 1)
+    rate = per_minute / 60
+    # Per stream of an instance in normal times: its shard takes k times its own messages.
+    per_stream_after_loss = _cores(failover, k * rate, rate, measured)
     connects_per_second = assume.cpu_usable / (measured.connect_ms / 1e3)
     limits = {
-        "instance memory": assume.stream_memory_mib * 1024 / measured.memory_kb_per_stream,
-        "instance CPU": assume.cpu_usable / cpu_per_stream,
+        "instance memory": assume.stream_memory_mib
+        * 1024
+        / measured.memory_kb_per_stream
+        / failover,
+        "instance CPU": assume.cpu_usable / per_stream_after_loss,
         "connects per second (reconnect storm)": connects_per_second * assume.storm_seconds,
     }
     first = min(limits, key=lambda name: limits[name])
     shards = max(1, math.ceil(streams / (limits[first] * k)))
     instances = shards * k
     n = streams / instances
-    messages_in = streams * per_stream_rate
+    messages_in = streams * rate
     messages_out = messages_in * k
     broker_cores = messages_out * measured.broker_us_per_message / 1e6
-    delivery = n * per_stream_rate * measured.delivery_us / 1e6
-    ingest = (k - 1) * n * per_stream_rate * measured.ingest_us / 1e6
+    delivery = n * rate * measured.delivery_us / 1e6
+    ingest = (k - 1) * n * rate * measured.ingest_us / 1e6
     if first == "instance CPU":
         first = "instance CPU (deliveries)" if delivery >= ingest else "instance CPU (ingest)"
     if broker_cores > assume.broker_usable_cores:
@@ -189,7 +212,8 @@ def size(streams: int, per_minute: float, measured: Figures, assume: Assumptions
         partitions=shards,
         streams_per_instance=round(n),
         memory_share=n / limits["instance memory"],
-        cpu_share=n * cpu_per_stream / assume.cpu_usable,
+        cpu_share=_cores(n, k * n * rate, rate, measured) / assume.cpu_usable,
+        cpu_after_loss_share=n / limits["instance CPU"],
         delivery_cpu_share=delivery / assume.cpu_usable,
         ingest_cpu_share=ingest / assume.cpu_usable,
         heartbeat_cpu_share=n * measured.heartbeat_cores_per_stream / assume.cpu_usable,
@@ -231,9 +255,9 @@ def markdown(measured: Figures, assume: Assumptions) -> str:
     lines += [
         "",
         "| open streams | msg/stream/min | instances (shards x k) | P | streams/instance "
-        "| memory | CPU (deliveries + ingest + heartbeats) | storm | RabbitMQ in | "
-        "RabbitMQ out (msg/s, bytes/s) | broker CPU | runs out first |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| memory, one lost | CPU (deliveries + ingest + heartbeats) | CPU, one lost | storm "
+        "| RabbitMQ in | RabbitMQ out (msg/s, bytes/s) | broker CPU | runs out first |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for streams in SIZES:
         for per_minute in RATES:
@@ -244,9 +268,9 @@ def markdown(measured: Figures, assume: Assumptions) -> str:
                 f"| {_count(row.streams_per_instance)} | {_percent(row.memory_share)} "
                 f"| {_percent(row.cpu_share)} ({_percent(row.delivery_cpu_share)} + "
                 f"{_percent(row.ingest_cpu_share)} + {_percent(row.heartbeat_cpu_share)}) "
-                f"| {_percent(row.connect_share)} "
+                f"| {_percent(row.cpu_after_loss_share)} | {_percent(row.connect_share)} "
                 f"| {_count(row.messages_in)}/s | {_count(row.messages_out)}/s, "
-                f"{_count(row.bytes_out)}B/s | {row.broker_cores:.2g} cores "
+                f"{_count(row.bytes_out)}B/s | {_count(row.broker_cores)} cores "
                 f"| {row.first_to_run_out} |"
             )
     unsharded = assume.cpu_usable / (measured.ingest_us / 1e6)
