@@ -69,8 +69,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--resume-connections", type=int, default=500, help="S4r connections in each round"
     )
-    parser.add_argument("--fleet-rate", type=float, default=2000.0, help="fleet messages/s")
-    parser.add_argument("--fleet-seconds", type=float, default=15.0, help="fleet publishing time")
+    parser.add_argument("--fleet-rate", type=float, default=4000.0, help="fleet messages/s")
+    parser.add_argument("--fleet-seconds", type=float, default=10.0, help="fleet publishing time")
     parser.add_argument(
         "--servers",
         default=",".join(SERVERS),

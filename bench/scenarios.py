@@ -62,8 +62,8 @@ class Settings:
     resume_connections: int = 500
     streams_per_h2_connection: int = 100
     open_concurrency: int = 100
-    fleet_rate: float = 2000.0
-    fleet_seconds: float = 15.0
+    fleet_rate: float = 4000.0
+    fleet_seconds: float = 10.0
     source: Path | None = None
     server_environ: tuple[tuple[str, str], ...] = ()
     server: str = SSE_TWISTED
