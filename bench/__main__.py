@@ -65,6 +65,12 @@ def _arguments() -> argparse.Namespace:
         default=15.0,
         help="S3 window (one heartbeat period at least)",
     )
+    parser.add_argument(
+        "--latency-idle-streams",
+        type=int,
+        default=10000,
+        help="idle streams S3 opens for its second window (0 = no second window)",
+    )
     parser.add_argument("--storm", type=int, default=2000, help="S4 connections")
     parser.add_argument(
         "--resume-connections", type=int, default=500, help="S4r connections in each round"
@@ -206,6 +212,7 @@ async def _bench(options: argparse.Namespace) -> dict[str, Any]:
             idle_seconds=options.idle_seconds,
             throughput_messages=options.messages,
             latency_seconds=options.latency_seconds,
+            latency_idle_streams=options.latency_idle_streams,
             storm_connections=options.storm,
             resume_connections=options.resume_connections,
             fleet_rate=options.fleet_rate,

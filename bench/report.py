@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from . import ingest
 from .fleet import fleet_headline
 
 __all__ = ["HEADLINES", "headline_values", "table"]
@@ -38,7 +39,21 @@ def _throughput(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _latency(result: dict[str, Any]) -> dict[str, Any]:
-    return {**result["latency_ms"], "lost": result["lost"], "stalled": result["stalled_streams"]}
+    headline = {
+        **result["latency_ms"],
+        "lost": result["lost"],
+        "stalled": result["stalled_streams"],
+    }
+    with_idle = result.get("with_idle")
+    if with_idle:
+        headline["idle_p99"] = with_idle["latency_ms"]["p99"]
+        headline["idle_max"] = with_idle["latency_ms"]["max"]
+    return headline
+
+
+def _idle_latency(result: dict[str, Any], percentile: str) -> Any:
+    """S3's latency with the idle streams open, if that window ran."""
+    return result.get("with_idle", {}).get("latency_ms", {}).get(percentile)
 
 
 def _storm(result: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +98,7 @@ HEADLINES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "S4": _storm,
     "S4r": _resumed,
     "ceiling": _ceiling,
+    "ingest": ingest.headline,
     "fleet": fleet_headline,
 }
 
@@ -266,6 +282,27 @@ def table(report: dict[str, Any]) -> str:
             lambda value: _verdict(value, 10.0),
         )
         row("S3: lost (with stalled clients)", "s3", lambda r: r["lost"], "", "0", _zero)
+    if "with_idle" in scenarios.get("s3", {}):
+        label = f"S3 + {scenarios['s3']['with_idle']['idle_streams']:,} idle streams"
+        row(f"{label}: latency p50", "s3", lambda r: _idle_latency(r, "p50"), "ms")
+        row(f"{label}: latency p90", "s3", lambda r: _idle_latency(r, "p90"), "ms")
+        row(
+            f"{label}: latency p99",
+            "s3",
+            lambda r: _idle_latency(r, "p99"),
+            "ms",
+            "≤ 2 ms",
+            lambda value: _verdict(value, 2.0),
+        )
+        row(
+            f"{label}: latency max",
+            "s3",
+            lambda r: _idle_latency(r, "max"),
+            "ms",
+            "≤ 10 ms",
+            lambda value: _verdict(value, 10.0),
+        )
+        row(f"{label}: lost", "s3", lambda r: r["with_idle"]["lost"], "", "0", _zero)
     if "s4" in scenarios:
         row(
             "S4: server CPU per connection",
@@ -348,5 +385,20 @@ def table(report: dict[str, Any]) -> str:
             "% of a core",
             "≤ 3%" if key == "s1" else "",
             (lambda value: _verdict(value, 3.0)) if key == "s1" else None,
+        )
+    if "ingest" in scenarios:
+        row(
+            "ingest: server CPU per message for no stream",
+            "ingest",
+            lambda r: r["server_cpu_us_per_message"],
+            "µs",
+            f"≤ {ingest.TARGET_US:.0f} µs",
+            lambda value: _verdict(value, ingest.TARGET_US),
+        )
+        row(
+            "ingest: messages consumed per second",
+            "ingest",
+            lambda r: r["messages_per_second"],
+            "msg/s",
         )
     return rows.text()

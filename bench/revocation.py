@@ -113,6 +113,7 @@ class Case:
                 "SSE_POSTGRES_SSLMODE": "disable",
                 "SSE_POSTGRES_TIMEOUT_SECONDS": "2",
                 "SSE_RABBITMQ_TLS": "false",
+                "SSE_ALLOW_INSECURE_BACKENDS": "true",
                 "SSE_RABBITMQ_HOST": "127.0.0.1",
                 "SSE_RABBITMQ_QUEUE_NAME": self.queue,
                 "SSE_RETRY_MILLISECONDS": "300",

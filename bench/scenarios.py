@@ -15,11 +15,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
 import time
-from dataclasses import dataclass
+import urllib.request
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from .clients import (
     EventSink,
@@ -40,6 +44,7 @@ from .environment import (
     server_process,
 )
 from .fleet import fleet
+from .ingest import ingest
 from .profiling import Profiler
 
 __all__ = ["SSE_TWISTED_ONLY", "Settings", "run_scenario"]
@@ -56,6 +61,7 @@ class Settings:
     latency_streams: int = 1000
     latency_rate: float = 500.0
     latency_seconds: float = 15.0
+    latency_idle_streams: int = 10000
     stalled_streams: int = 10
     storm_connections: int = 2000
     storm_timeout: float = 30.0
@@ -74,7 +80,7 @@ class Settings:
         return max(
             *self.levels,
             self.storm_connections,
-            self.latency_streams + 1,
+            self.latency_streams + 1 + self.latency_idle_streams,
             2 * self.resume_connections,
             100,
         )
@@ -330,14 +336,23 @@ async def throughput(
 
 
 async def latency(environment: BenchEnvironment, settings: Settings) -> dict[str, Any]:
-    """S3: 500 messages/s to 1,000 streams; publish-to-receive latency, beside stalled clients.
+    """S3: 500 messages/s to 1,000 streams; publish-to-receive latency, beside stalled clients,
+    then again with ``latency_idle_streams`` idle streams open beside them.
 
     ``stalled_streams`` more streams, of one extra "hot" user, stop reading at once and get
-    8 KB messages at 50/s: their data piles up in the server, which must not delay anyone.
+    8 KB messages at 50/s: their data piles up in the server, which must not delay anyone
+    (the server drops them during the first window, so the second has none). The idle
+    streams belong to other users and get only keep-alives. Each window also reports the
+    server's stall lines (a tick ``SSE_STALL_LOG_MS`` late) and what ran in them, and how
+    its reactor-lag and collection histograms moved.
     """
     sink = EventSink(record_latency=True)
     streams = settings.latency_streams
     count = int(settings.latency_rate * settings.latency_seconds)
+    metrics_port = _free_port()
+    settings = replace(
+        settings, server_environ=(("SSE_METRICS_PORT", str(metrics_port)), *settings.server_environ)
+    )
     async with _Run(environment, settings, "s3", sink) as run:
         opened = await run.open("http/1.1", run.subscriptions(0, streams))
         hot_user = streams
@@ -348,48 +363,130 @@ async def latency(environment: BenchEnvironment, settings: Settings) -> dict[str
             stalled=True,
         )
         users = environment.users_file(streams)
-        await asyncio.sleep(0.5)
-        before = run.server.sample()
-        meter = Meter(run.server)
-        meter.start()
-        published = await _publish(
-            run.server.queue,
-            users,
-            count,
-            "--rate",
-            str(settings.latency_rate),
-            "--hot-user",
-            environment.userids[hot_user],
-            "--hot-rate",
-            "50",
-        )
-        await _wait_for_events(
-            sink, count, stall_seconds=5.0, counted=lambda: len(sink.latencies_ns)
-        )
-        cost = meter.stop()
-        after = run.server.sample()
-        ordered = sorted(value / 1e6 for value in sink.latencies_ns)
-        return {
+
+        async def window() -> dict[str, Any]:
+            sink.latencies_ns.clear()
+            await asyncio.sleep(0.5)
+            before = run.server.sample()
+            run.server.read_log()
+            stalls_from = len(run.server.log_lines)
+            histograms_before = await _stall_histograms(metrics_port)
+            meter = Meter(run.server)
+            meter.start()
+            published = await _publish(
+                run.server.queue,
+                users,
+                count,
+                "--rate",
+                str(settings.latency_rate),
+                "--hot-user",
+                environment.userids[hot_user],
+                "--hot-rate",
+                "50",
+            )
+            await _wait_for_events(
+                sink, count, stall_seconds=5.0, counted=lambda: len(sink.latencies_ns)
+            )
+            cost = meter.stop()
+            after = run.server.sample()
+            ordered = sorted(value / 1e6 for value in sink.latencies_ns)
+            run.server.read_log()
+            return {
+                "messages": count,
+                "received": len(ordered),
+                "lost": count - len(ordered),
+                "hot_messages": published["hot_messages"],
+                "latency_ms": {
+                    "p50": round(_percentile(ordered, 0.50), 3),
+                    "p90": round(_percentile(ordered, 0.90), 3),
+                    "p99": round(_percentile(ordered, 0.99), 3),
+                    "max": round(ordered[-1], 3) if ordered else float("nan"),
+                },
+                "server_cpu_percent": round(100 * cost["server_cpu_seconds"] / cost["seconds"], 1),
+                "server_rss_growth_kb": after.rss_kib - before.rss_kib,
+                "window": cost,
+                "stalls": _stalls(run.server.log_lines[stalls_from:]),
+                "histograms": _moved(histograms_before, await _stall_histograms(metrics_port)),
+            }
+
+        alone = await window()
+        result: dict[str, Any] = {
             "scenario": "S3",
             "streams": streams,
             "open": _opened(opened),
             "stalled_streams": stalled.established,
             "rate": settings.latency_rate,
-            "messages": count,
-            "received": len(ordered),
-            "lost": count - len(ordered),
-            "hot_messages": published["hot_messages"],
-            "latency_ms": {
-                "p50": round(_percentile(ordered, 0.50), 3),
-                "p90": round(_percentile(ordered, 0.90), 3),
-                "p99": round(_percentile(ordered, 0.99), 3),
-                "max": round(ordered[-1], 3) if ordered else float("nan"),
-            },
-            "server_cpu_percent": round(100 * cost["server_cpu_seconds"] / cost["seconds"], 1),
-            "server_rss_growth_kb": after.rss_kib - before.rss_kib,
-            "window": cost,
-            "server_warnings": run.warnings(),
+            **alone,
         }
+        if settings.latency_idle_streams:
+            first_idle = hot_user + 1
+            last_idle = first_idle + settings.latency_idle_streams
+            idle = await run.open("http/1.1", run.subscriptions(first_idle, last_idle))
+            result["with_idle"] = {
+                "idle_streams": settings.latency_idle_streams,
+                "open": _opened(idle),
+                **await window(),
+            }
+        result["server_warnings"] = run.warnings()
+        return result
+
+
+def _stalls(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """The server's stall lines of a window: how many, the longest, collections in them,
+    and the three longest with what ran (their structured fields)."""
+    stalls = [line for line in lines if "lag_ms" in line]
+    longest = sorted(stalls, key=lambda line: line["lag_ms"], reverse=True)[:3]
+    return {
+        "count": len(stalls),
+        "max_lag_ms": longest[0]["lag_ms"] if longest else 0.0,
+        "with_collection": sum(1 for line in stalls if line.get("gc_collections")),
+        "longest": [
+            {key: value for key, value in line.items() if key not in _LOG_LINE_KEYS}
+            for line in longest
+        ],
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+_STALL_HISTOGRAMS = ("sse_reactor_lag_seconds", "sse_gc_pause_seconds")
+
+
+async def _stall_histograms(port: int) -> dict[str, float]:
+    """The server's lag and collection histogram samples; empty for a server without them."""
+
+    def scrape() -> str:
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return str(response.read().decode())
+
+    try:
+        text = await asyncio.to_thread(scrape)
+    except OSError:
+        return {}
+    return {
+        " ".join([sample.name, *(f"{k}={v}" for k, v in sorted(sample.labels.items()))]): (
+            sample.value
+        )
+        for family in text_string_to_metric_families(text)
+        if family.name in _STALL_HISTOGRAMS
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+
+
+def _moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The samples that moved in a window, by how much: counts per bucket, sums."""
+    moved = {name: round(value - before.get(name, 0.0), 4) for name, value in after.items()}
+    return {name: value for name, value in moved.items() if value}
+
+
+_LOG_LINE_KEYS = frozenset({"message", "env", "index", "correlation_id", "logger", "@level"})
 
 
 async def connect_storm(
@@ -548,12 +645,13 @@ SCENARIOS = {
     "s4r": lambda environment, settings: resumed_connects(environment, settings),
     "s1": lambda environment, settings: idle_capacity(environment, settings),
     "s5-idle": lambda environment, settings: idle_capacity(environment, settings, "h2"),
+    "ingest": lambda environment, settings: ingest(environment, settings),
     "fleet": lambda environment, settings: fleet(environment, settings),
 }
 
 # The ceiling measures no server; uvicorn, which serves the reference, speaks no HTTP/2;
 # the fleet needs the partitioned mode.
-SSE_TWISTED_ONLY = frozenset({"ceiling", "s5-throughput", "s5-idle", "fleet"})
+SSE_TWISTED_ONLY = frozenset({"ceiling", "ingest", "s5-throughput", "s5-idle", "fleet"})
 
 
 async def run_scenario(

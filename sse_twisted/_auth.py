@@ -7,7 +7,6 @@ connections, and query cancellation cannot be used from a timeout.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -35,14 +34,8 @@ from .interfaces import BackendBusy, BackendUnavailable, IAuthenticator
 __all__ = ["PostgresAuthenticator"]
 
 _SUBSCRIBER_QUERY = "SELECT 1 FROM users WHERE uuid = %s AND sse_token = %s"
-# The pairs come as two arrays, zipped by unnest: one statement for any number of pairs.
-_GRANTED_QUERY = (
-    "SELECT uuid, sse_token FROM users WHERE (uuid, sse_token) IN "
-    "(SELECT * FROM unnest(%s::varchar[], %s::varchar[]))"
-)
 # A pair no subscriber has: the readiness probe runs the subscribe query, whatever it answers.
 _PROBE_USERID = _PROBE_NONCE = "00000000-0000-0000-0000-000000000000"
-_MASK = "****"
 
 
 class _LiveConnectionPool(ConnectionPool):
@@ -218,10 +211,7 @@ class PostgresAuthenticator(Service):
         elif failure.check(DeferredTimeoutError):
             reason = f"no answer within {self._config.postgres_timeout_seconds} seconds"
         else:
-            reason = describe_postgres_error(failure.value)
-            if nonce:
-                # A server message can quote a parameter, in a type error say.
-                reason = reason.replace(nonce, _MASK)
+            reason = describe_postgres_error(failure.value, hiding=(nonce,))
         if failure.check(*OUTAGES):
             self.log.warn(
                 # Not the userid: it is the path segment as sent, unchecked, and a path with a
@@ -236,33 +226,4 @@ class PostgresAuthenticator(Service):
             )
         else:
             self.log.failure("cannot check a subscriber", failure)
-        raise BackendUnavailable(reason)
-
-    def granted(self, pairs: Sequence[tuple[str, str]]) -> Deferred[set[tuple[str, str]]]:
-        """Fire with those of the (userid, nonce) ``pairs`` that are in ``users``, asked in
-        one query; fail with L{BackendUnavailable} when PostgreSQL cannot answer."""
-        # Through the same bounded line as subscriber checks (it waits its turn like one).
-        answer = self._pool.run_query(
-            _GRANTED_QUERY, ([userid for userid, _ in pairs], [nonce for _, nonce in pairs])
-        )
-        answer.addTimeout(self._config.postgres_timeout_seconds, self._reactor)
-        return answer.addCallbacks(
-            lambda rows: {(userid, nonce) for userid, nonce in rows},
-            self._granted_unanswered,
-            errbackArgs=(pairs,),
-        )
-
-    def _granted_unanswered(self, failure: Failure, pairs: Sequence[tuple[str, str]]) -> Failure:
-        if failure.check(ConnectionDead):
-            reason = "no live connection to PostgreSQL (reconnecting)"
-        elif failure.check(DeferredTimeoutError):
-            reason = f"no answer within {self._config.postgres_timeout_seconds} seconds"
-        elif failure.check(psycopg2.Error, *OUTAGES):
-            # A server message can quote a parameter.
-            reason = describe_postgres_error(failure.value)
-            for _, nonce in pairs:
-                if nonce:
-                    reason = reason.replace(nonce, _MASK)
-        else:
-            return failure
         raise BackendUnavailable(reason)

@@ -246,6 +246,14 @@ SETTINGS: tuple[Setting, ...] = (
         "address the metrics port binds to; keep it private",
     ),
     Setting(
+        "stall_log_milliseconds",
+        "SSE_STALL_LOG_MS",
+        "stall-log-ms",
+        "50",
+        _non_negative_int,
+        "log a line, with what ran, when the reactor runs a tick this late (0 = never)",
+    ),
+    Setting(
         "listen_backlog",
         "SSE_LISTEN_BACKLOG",
         "listen-backlog",
@@ -652,6 +660,7 @@ class Config:
     tcp_user_timeout_seconds: float
     metrics_port: int
     metrics_address: str
+    stall_log_milliseconds: int
     log_index: str
     logs_dir: Path | None
     certs_dir: Path

@@ -7,13 +7,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pika
+import pika.channel
+import pika.spec
 from pika.adapters.twisted_connection import (
-    ClosableDeferredQueue,
     ReceivedMessage,
     TwistedChannel,
     TwistedProtocolConnection,
 )
-from pika.exceptions import AMQPError, ChannelClosedByBroker
+from pika.exceptions import AMQPError, ChannelClosedByBroker, ConsumerCancelled
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.base import DelayedCall
@@ -49,6 +50,10 @@ _QUIET_SECONDS = 1.0
 _CHUNK_SETTLE_SECONDS = 0.2
 _HANDSHAKE_TIMEOUT_SECONDS = 30.0
 _CLOSE_TIMEOUT_SECONDS = 5.0
+# pika re-slices its whole buffer after every frame it decodes, so one read costs the square
+# of its size (Twisted reads up to 64 KiB, some 700 frames of deliveries): it is handed at
+# most this much at a time, a few dozen frames.
+_PIKA_FEED_BYTES = 4096
 
 
 def _describe_amqp_failure(failure: Failure) -> str:
@@ -84,6 +89,10 @@ class _StreamConnection(TwistedProtocolConnection):
         # Heartbeats only start after the handshake: a peer that accepts TCP and then says
         # nothing would otherwise hold this connection, and stop retries, forever.
         self._abort_after(_HANDSHAKE_TIMEOUT_SECONDS, "no AMQP handshake")
+
+    def dataReceived(self, data: bytes) -> None:
+        for start in range(0, len(data), _PIKA_FEED_BYTES):
+            super().dataReceived(data[start : start + _PIKA_FEED_BYTES])
 
     def connectionReady(self) -> _StreamConnection:
         self._cancel_deadline()
@@ -198,7 +207,6 @@ class StreamConsumerService(Service):
         self._tail: int | None = None
         self._verifying_at: int | None = None
         self._from_first = False
-        self._messages: ClosableDeferredQueue | None = None
         self._probe_channel: TwistedChannel | None = None
         self._quiet: DelayedCall | None = None
         self._reactor = reactor
@@ -244,7 +252,8 @@ class StreamConsumerService(Service):
         )
         self._stopping = False
         self._connection: _StreamConnection | None = None
-        self._channel: TwistedChannel | None = None
+        # The main consumer's channel, of pika's callback API: see _consume_on.
+        self._channel: pika.channel.Channel | None = None
         self._first_attached_at: datetime | None = None
         self._unacked = 0
         self._last_delivery_tag = 0
@@ -333,6 +342,7 @@ class StreamConsumerService(Service):
             await channel.queue_declare(
                 queue=self._queue, durable=True, arguments=self._queue_arguments
             )
+            channel.close()
         except ChannelClosedByBroker as error:
             if error.reply_code != _PRECONDITION_FAILED:
                 raise
@@ -351,17 +361,10 @@ class StreamConsumerService(Service):
                 queue=self._queue,
                 reason=error.reply_text,
             )
-            channel = await connection.channel()
         probe = await self._attach_probe(connection)
-        # Streams refuse consumers without a prefetch limit.
-        await channel.basic_qos(prefetch_count=self._prefetch)
         offset = self._resume_point()
-        # Streams refuse automatic acks with 540 NOT_IMPLEMENTED, closing the connection.
-        messages, _ = await channel.basic_consume(
-            queue=self._queue, auto_ack=False, arguments={"x-stream-offset": offset}
-        )
-        self._channel = channel
-        self._messages = messages
+        # Closed or not, the channel still leads to the pika connection it belonged to.
+        consumer = await self._consume_on(channel.connection, offset)
         self.consuming = True
         self._failed_attempts = 0
         self.log.info(
@@ -372,8 +375,50 @@ class StreamConsumerService(Service):
         )
         if not self._caught_up:
             self._wait_for_quiet()
-        probe.addCallbacks(self._probed, lambda _: None, callbackArgs=(messages,))
-        self._read(messages)
+        probe.addCallbacks(self._probed, lambda _: None, callbackArgs=(consumer,))
+
+    async def _consume_on(
+        self, connection: pika.connection.Connection, offset: int | str | datetime
+    ) -> pika.channel.Channel:
+        """Consume the stream from ``offset`` on a new channel; return it once consuming.
+
+        A channel of pika's callback API (``pika.channel.Channel``, opened through the
+        connection the Twisted adapter drives, all public API), not a L{TwistedChannel}: its
+        ``basic_consume`` would hand every delivery through a Deferred queue, a third of the
+        CPU of a message that no stream here wants. Checked against pika 1.4.4; the calls
+        relied on are guarded by tests/test_pika_internals.py.
+        """
+        step: Deferred[Any] = Deferred()
+
+        def closed(channel: pika.channel.Channel, reason: Exception) -> None:
+            if not step.called:
+                step.errback(reason)
+            self._consumer_ended(channel, reason)
+
+        def consuming(frame: pika.frame.Method[pika.spec.Basic.ConsumeOk]) -> None:
+            # Before the first delivery, which may follow in the same read.
+            self._channel = channel
+            step.callback(frame)
+
+        channel = connection.channel(on_open_callback=step.callback)
+        channel.add_on_close_callback(closed)
+        await step
+        step = Deferred()
+        # Streams refuse consumers without a prefetch limit.
+        channel.basic_qos(prefetch_count=self._prefetch, callback=step.callback)
+        await step
+        step = Deferred()
+        channel.add_on_cancel_callback(lambda _: self._consumer_ended(channel, ConsumerCancelled()))
+        # Streams refuse automatic acks with 540 NOT_IMPLEMENTED, closing the connection.
+        channel.basic_consume(
+            self._queue,
+            self._deliver,
+            auto_ack=False,
+            arguments={"x-stream-offset": offset},
+            callback=consuming,
+        )
+        await step
+        return channel
 
     async def _attach_probe(self, connection: _StreamConnection) -> Deferred[ReceivedMessage]:
         # Attached before the main consumer: whatever it sees was published after that.
@@ -434,9 +479,9 @@ class StreamConsumerService(Service):
         # re-entered, and the callee may well stop this service.
         stopped.addCallback(lambda _: self._reactor.callLater(0, self._on_fatal, reason))
 
-    def _probed(self, message: ReceivedMessage, messages: ClosableDeferredQueue) -> None:
+    def _probed(self, message: ReceivedMessage, consumer: pika.channel.Channel) -> None:
         # One delivery tells all the probe can: the first offset published after attaching.
-        if messages is not self._messages:
+        if consumer is not self._channel:
             return
         first_new: int = message.properties.headers["x-stream-offset"]
         if self._verifying_at is not None and first_new <= self._verifying_at:
@@ -462,12 +507,12 @@ class StreamConsumerService(Service):
         # Nothing published since attaching, and nothing more to read back.
         if self.last_offset is not None:
             self._tail_known(self.last_offset)
-        elif self._connection is not None and self._messages is not None:
+        elif self._connection is not None and self._channel is not None:
             # Nothing read back at all: the newest message, if any, is older than the
             # window. Its offset is still the tail, which tells a browser resuming at it
             # from one that missed events.
             looking = Deferred.fromCoroutine(self._newest_at_rest(self._connection))
-            looking.addCallback(self._rested, self._messages)
+            looking.addCallback(self._rested, self._channel)
             looking.addErrback(
                 lambda reason: self.log.warn(
                     "cannot read the newest offset of {queue}: {reason}",
@@ -501,8 +546,8 @@ class StreamConsumerService(Service):
             channel.close()
         return newest
 
-    def _rested(self, newest: int, messages: ClosableDeferredQueue) -> None:
-        if messages is not self._messages or self._caught_up or self._tail is not None:
+    def _rested(self, newest: int, consumer: pika.channel.Channel) -> None:
+        if consumer is not self._channel or self._caught_up or self._tail is not None:
             return  # the stream was replaced, or the probe told the tail meanwhile
         nothing_read = self.last_offset is None
         if nothing_read and self._live is not None:
@@ -561,7 +606,6 @@ class StreamConsumerService(Service):
         self._flush_acks()
         channels = (self._channel, self._probe_channel)
         self._channel = self._probe_channel = None
-        self._messages = None
         self.consuming = False
         for channel in channels:
             if channel is not None and channel.is_open:
@@ -569,22 +613,18 @@ class StreamConsumerService(Service):
         if self._connection is not None:
             self._start_consuming(self._connection)
 
-    def _read(self, messages: ClosableDeferredQueue) -> None:
-        # A reader is always waiting, so pika's put() hands each delivery straight through:
-        # nothing piles up in the queue and this does not recurse.
-        messages.get().addCallbacks(
-            self._deliver,
-            self._consumer_ended,
-            callbackArgs=(messages,),
-            errbackArgs=(messages,),
-        )
-
-    def _deliver(self, message: ReceivedMessage, messages: ClosableDeferredQueue) -> None:
-        if messages is not self._messages:
+    def _deliver(
+        self,
+        channel: pika.channel.Channel,
+        method: pika.spec.Basic.Deliver,
+        properties: pika.spec.BasicProperties,
+        body: bytes,
+    ) -> None:
+        if channel is not self._channel:
             return  # from the consumer of a stream that was replaced
-        offset: int = message.properties.headers["x-stream-offset"]
+        offset: int = properties.headers["x-stream-offset"]
         if self._verifying_at is not None and offset >= self._verifying_at:
-            if offset != self._verifying_at or message.body != self._last_body:
+            if offset != self._verifying_at or body != self._last_body:
                 self._restart_at_new_stream(
                     f"offset {self._verifying_at} no longer holds the message consumed there"
                 )
@@ -592,23 +632,22 @@ class StreamConsumerService(Service):
             self._verifying_at = None
         # A resumed consumer may be sent the chunk holding its start offset from the top.
         elif self.last_offset is None or offset > self.last_offset:
-            self._handle(message, offset)
-        self._acknowledge(message.method.delivery_tag)
-        self._read(messages)
+            self._handle(body, properties, offset)
+        self._acknowledge(method.delivery_tag)
 
-    def _handle(self, message: ReceivedMessage, offset: int) -> None:
+    def _handle(self, body: bytes, properties: pika.spec.BasicProperties, offset: int) -> None:
         written: object = 0
         try:
-            written = self._on_message(message.body, offset)
+            written = self._on_message(body, offset)
         except Exception:
             self.log.failure("on_message failed at offset {offset}", offset=offset)
         self.last_offset = offset
         # A reference, not a copy: what a reconnection compares the same offset with.
-        self._last_body = message.body
+        self._last_body = body
         # Once per message, however many streams it reached.
         self._metrics.messages_consumed.inc()
         if isinstance(written, int):
-            published_at = amqp_timestamp_seconds(message.properties.timestamp)
+            published_at = amqp_timestamp_seconds(properties.timestamp)
             self._metrics.delivered(written, published_at, self._reactor.seconds())
         if not self._caught_up:
             if self._tail is not None and offset >= self._tail:
@@ -616,14 +655,14 @@ class StreamConsumerService(Service):
             else:
                 self._wait_for_quiet()
 
-    def _consumer_ended(self, reason: Failure, messages: ClosableDeferredQueue) -> None:
-        if messages is not self._messages:
-            return  # the consumer of a stream that was replaced
+    def _consumer_ended(self, channel: pika.channel.Channel, reason: Exception) -> None:
+        if channel is not self._channel:
+            return  # the consumer of a stream that was replaced, or not consuming yet
         self.consuming = False
         if self._connection is not None:
             # A fresh connection redeclares the queue and attaches a new consumer.
             self._connection.abandon(
-                f"consumer of {self._queue} ended: {_describe_amqp_failure(reason)}"
+                f"consumer of {self._queue} ended: {_describe_amqp_failure(Failure(reason))}"
             )
 
     def _acknowledge(self, delivery_tag: int) -> None:
@@ -652,7 +691,6 @@ class StreamConsumerService(Service):
         self.consuming = False
         self._connection = None
         self._channel = None
-        self._messages = None
         self._cancel_quiet()  # restarted once consuming again
         self._flush_acks()  # the channel is gone: this only forgets what was pending
         if self._stopping:

@@ -131,7 +131,11 @@ def bridge_standard_logging() -> None:
 
 @implementer(ILogObserver)
 class JSONLogObserver:
-    """Write each log event as one JSON line to stdout and, if given, a daily log file."""
+    """Write each log event as one JSON line to stdout and, if given, a daily log file.
+
+    @ivar lines_written: the running total of lines (and C{bytes_written} of characters),
+        for the stall log line.
+    """
 
     def __init__(
         self,
@@ -150,9 +154,13 @@ class JSONLogObserver:
         if logs_dir is not None:
             logs_dir.mkdir(parents=True, exist_ok=True)
             self._file = DailyLogFile(f"{index}.log", str(logs_dir))
+        self.lines_written = 0
+        self.bytes_written = 0
 
     def __call__(self, event: LogEvent) -> None:
         line = self.format(event) + "\n"
+        self.lines_written += 1
+        self.bytes_written += len(line)
         self._stream.write(line)
         self._stream.flush()
         if self._file is not None:

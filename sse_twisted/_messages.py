@@ -11,6 +11,7 @@ Adding a message type is one small class::
 from __future__ import annotations
 
 import json
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ __all__ = [
     "InvalidMessage",
     "Message",
     "MessageSchema",
+    "find_userid",
     "message_type",
     "parse_message",
 ]
@@ -103,6 +105,27 @@ def _matches(value: Any, expected: type) -> bool:
 def _json_type_name(value: Any) -> str:
     names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array"}
     return "null" if value is None else names.get(type(value), "object")
+
+
+_USERID_MEMBER = re.compile(
+    rb'"userid"\s*:\s*"([0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12})"'
+)
+
+
+def find_userid(body: bytes) -> str | None:
+    """The lowercase ``userid`` of ``body`` found without parsing it, or None when the body
+    is not simple enough for that: then only L{parse_message} can tell.
+
+    A body qualifies when it has no backslash (so every quote delimits a string and no
+    key is spelt with escapes), a single ``{`` (no nested object, so every key is the top
+    object's) and ``"userid"`` once (no duplicate key). If such a body is valid JSON, its
+    ``userid`` member is the one found here; whether it is valid, and of a known type,
+    is left to L{parse_message} when a stream or a replay needs the message.
+    """
+    if b"\\" in body or body.count(b"{") != 1 or body.count(b'"userid"') != 1:
+        return None
+    found = _USERID_MEMBER.search(body)
+    return None if found is None else found[1].decode("ascii").lower()
 
 
 def parse_message(body: bytes) -> Message:

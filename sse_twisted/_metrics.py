@@ -31,12 +31,14 @@ from ._messages import INVALID_REASONS
 from ._server_name import NamedServerRequest
 
 __all__ = [
+    "GC_GENERATIONS",
     "REFUSAL_REASONS",
     "SKIP_REASONS",
     "SUBSCRIBE_OUTCOMES",
     "Metrics",
     "MetricsListenerService",
     "amqp_timestamp_seconds",
+    "counter_total",
     "metrics_endpoint",
     "metrics_site",
 ]
@@ -84,6 +86,12 @@ label (431, 408, 400, 413 or an HTTP/2 stream reset, 408 or a reset)."""
 # reads as up to one second more than it was: below 1 s the buckets say little.
 _LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
+# Seconds the reactor was held: from what nobody notices to what every stream does.
+_STALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+GC_GENERATIONS = (0, 1, 2)
+"""The garbage collector's generations: the values of the ``generation`` label."""
+
 
 def amqp_timestamp_seconds(timestamp: int | None) -> float | None:
     """Seconds since the epoch of an AMQP ``timestamp`` property, if the message has one.
@@ -95,6 +103,16 @@ def amqp_timestamp_seconds(timestamp: int | None) -> float | None:
         return None
     seconds = float(timestamp)
     return seconds / 1000 if seconds > 1e11 else seconds
+
+
+def counter_total(counter: Counter) -> float:
+    """The running total of an unlabelled counter (or of one label's child)."""
+    return next(
+        sample.value
+        for family in counter.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
 
 
 def _bound(counter: Counter, values: Iterable[str]) -> dict[str, Counter]:
@@ -161,6 +179,22 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.reactor_lag_seconds = Histogram(
+            "sse_reactor_lag_seconds",
+            "How late a tick due every 50 ms ran: how long the reactor was held by other work.",
+            buckets=_STALL_BUCKETS,
+            registry=registry,
+        )
+        gc_pauses = Histogram(
+            "sse_gc_pause_seconds",
+            "Garbage collections, by the oldest generation collected.",
+            ["generation"],
+            buckets=_STALL_BUCKETS,
+            registry=registry,
+        )
+        self.gc_pause_seconds = {
+            generation: gc_pauses.labels(str(generation)) for generation in GC_GENERATIONS
+        }
         ProcessCollector(registry=registry)
 
     def subscribed(self, outcome: str) -> None:

@@ -10,7 +10,7 @@ from ``doRead`` as an "Unhandled Error" traceback.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import psycopg2
@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 _VERIFYING_SSLMODES = ("verify-ca", "verify-full")
+_MASK = "****"
 
 # "PostgreSQL cannot answer now", as opposed to a broken schema or a bug.
 OUTAGES = (
@@ -51,15 +52,23 @@ def _reconnect_delays() -> Iterator[float]:
     return simpleBackoffIterator(initialDelay=0.5, maxDelay=10.0, factor=2.0, maxRetries=0)
 
 
-def describe_postgres_error(error: object) -> str:
-    """The error on one line, and of a server error only the primary message.
+def describe_postgres_error(error: object, hiding: Iterable[str] = ()) -> str:
+    """The error on one line, and of a server error only the primary message, with each
+    (non-empty) string of ``hiding`` masked.
 
-    The rest of psycopg2's text for a server error quotes the query with its parameters.
-    A failed connect keeps every line: libpq writes one per address it tried.
+    The rest of psycopg2's text for a server error quotes the query with its parameters,
+    and even the primary message can quote one (in a type error, say): pass the secrets
+    among them as ``hiding``. A failed connect keeps every line: libpq writes one per
+    address it tried.
     """
     if isinstance(error, psycopg2.Error) and error.diag.message_primary:
-        return str(error.diag.message_primary)
-    return " ".join(str(error).split()) or type(error).__name__
+        description = str(error.diag.message_primary)
+    else:
+        description = " ".join(str(error).split()) or type(error).__name__
+    for secret in hiding:
+        if secret:
+            description = description.replace(secret, _MASK)
+    return description
 
 
 def connection_parameters(

@@ -3,13 +3,15 @@ re-checked.
 
 ``schema/users.sql`` installs the triggers: deleting a row, or changing its ``uuid`` or
 ``sse_token``, sends the old ``uuid`` on channel ``sse_revocations``; ``TRUNCATE users``
-sends ``*``. One dedicated connection LISTENs; it reconnects like the authenticator's pool
-and LISTENs again each time.
+sends ``*``. One dedicated connection, to the primary, LISTENs; it reconnects like the
+authenticator's pool and LISTENs again each time.
 
 A notification is only a hint: any role may NOTIFY that channel, and notifications sent
 while the connection is down are lost. So nothing is closed on its word: the affected
 streams' (userid, token) pairs are asked of the database, and only those it no longer
-grants are closed.
+grants are closed. They are asked on that same connection to the primary, never of a
+standby the subscriber checks may read: the primary sends a notification at its commit,
+which a standby may not have replayed yet, and would still grant the pair.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import psycopg2
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from txpostgres.reconnection import ConnectionDead
 
 from ._config import Config
 from ._postgres import (
@@ -44,6 +49,12 @@ __all__ = ["CHANNEL", "RevocationEnforcer", "RevocationListener"]
 _Pair = tuple[str, str]
 
 CHANNEL = "sse_revocations"
+# The pairs come as two arrays, zipped by unnest: one statement for any number of pairs.
+_GRANTED_QUERY = (
+    "SELECT uuid, sse_token FROM users WHERE (uuid, sse_token) IN "
+    "(SELECT * FROM unnest(%s::varchar[], %s::varchar[]))"
+)
+_NO_PRIMARY = "no live connection to the PostgreSQL primary (reconnecting)"
 _PAYLOAD_SHOWN = 64
 # Pairs asked in one query: a few hundred keep each query well within the timeout.
 _BATCH_PAIRS = 500
@@ -54,7 +65,8 @@ _EVERYONE = "*"
 
 
 class RevocationListener(Service):
-    """LISTENs on ``sse_revocations`` and calls ``on_revoked(userid)`` for each notification.
+    """LISTENs on ``sse_revocations`` and calls ``on_revoked(userid)`` for each notification;
+    L{granted} asks the primary, on that same connection, which pairs are still granted.
 
     Starting never fails: a connection that cannot open keeps retrying in the background.
     Notifications sent while the connection is down are lost, so after every LISTEN
@@ -75,6 +87,7 @@ class RevocationListener(Service):
         """Build the connection without connecting; ``reactor`` must provide IReactorTime
         and IReactorFDSet."""
         self._config = config
+        self._reactor = reactor
         self._on_revoked = on_revoked
         self._on_resynchronised = on_resynchronised
         # txpostgres hands notifications to observers through a cooperator; its default one
@@ -112,6 +125,42 @@ class RevocationListener(Service):
         self._listening_on = None
         self._connection.shut_down()
         return succeed(None)
+
+    def granted(self, pairs: Sequence[_Pair]) -> Deferred[set[_Pair]]:
+        """Fire with those of the (userid, nonce) ``pairs`` that are in ``users`` on the
+        primary, asked in one query; fail with L{BackendUnavailable} while there is no
+        connection to it, or when it does not answer within ``postgres_timeout_seconds``.
+
+        txpostgres runs the connection's queries (LISTEN included) one at a time, and hands
+        over the notifications that arrive during one once it is over.
+        """
+        if not self._connection.alive:
+            return fail(BackendUnavailable(_NO_PRIMARY))
+        sent: Deferred[list[_Pair]] = self._connection.runQuery(
+            _GRANTED_QUERY, ([userid for userid, _ in pairs], [nonce for _, nonce in pairs])
+        )
+        # Waited on through a Deferred without canceller, as the pool's checks are:
+        # cancelling txpostgres's own raises out of cancel() and blocks the reactor in
+        # libpq's PQcancel. The query itself ends at the server's statement_timeout.
+        answer: Deferred[list[_Pair]] = Deferred()
+        sent.chainDeferred(answer)
+        answer.addTimeout(self._config.postgres_timeout_seconds, self._reactor)
+        return answer.addCallbacks(
+            lambda rows: {(userid, nonce) for userid, nonce in rows},
+            self._granted_unanswered,
+            errbackArgs=(pairs,),
+        )
+
+    def _granted_unanswered(self, failure: Failure, pairs: Sequence[_Pair]) -> Failure:
+        if failure.check(ConnectionDead):
+            reason = _NO_PRIMARY
+        elif failure.check(DeferredTimeoutError):
+            reason = f"no answer within {self._config.postgres_timeout_seconds} seconds"
+        elif failure.check(psycopg2.Error, *OUTAGES):
+            reason = describe_postgres_error(failure.value, hiding=[nonce for _, nonce in pairs])
+        else:
+            return failure
+        raise BackendUnavailable(reason)
 
     def _first_attempt_over(self, _: None) -> None:
         # A failed first attempt is retried by the detector, which then calls _reconnected.

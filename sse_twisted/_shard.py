@@ -132,6 +132,11 @@ class WindowsTotal:
         """The bound on ``bytes``: each partition's, added up."""
         return sum(window.max_bytes for window in self._windows)
 
+    @property
+    def evicted(self) -> int:
+        """Events evicted so far, over all partitions (for the stall log line)."""
+        return sum(window.evicted for window in self._windows)
+
 
 class PartitionGauges(Collector):
     """Per-partition gauges, read at scrape time: consuming, at the tail, the offset of

@@ -32,7 +32,13 @@ from ._limits import (
 from ._listener import ListenerService, tls_endpoint
 from ._live import LiveStart
 from ._logging import JSONLogObserver, bridge_standard_logging
-from ._metrics import Metrics, MetricsListenerService, metrics_endpoint, metrics_site
+from ._metrics import (
+    Metrics,
+    MetricsListenerService,
+    counter_total,
+    metrics_endpoint,
+    metrics_site,
+)
 from ._partitions import SINGLE, Partition, SuperStream
 from ._replay import ReplayWindow
 from ._resource import root_resource
@@ -46,6 +52,7 @@ from ._shard import (
     WindowsTotal,
 )
 from ._site import EventStreamSite
+from ._stalls import GarbageCollectionTimer, StallMonitorService
 from ._streams import StreamRegistry
 from ._subscribe import SubscribeResource
 from ._tls_reload import ReloadableServerTLS, ReloadOnHangup
@@ -191,6 +198,33 @@ def _refuse_insecure_backends_in_prod(config: Config) -> None:
             f"refused in prod: {', '.join(problems)}; use TLS, or set "
             f"SSE_ALLOW_INSECURE_BACKENDS=true to start anyway"
         )
+
+
+def _stall_monitor(
+    config: Config,
+    reactor: Any,
+    metrics: Metrics,
+    observer: JSONLogObserver,
+    heartbeats: HeartbeatService,
+    registry: StreamRegistry,
+    windows: WindowsTotal,
+) -> StallMonitorService:
+    """The reactor-lag and collection monitor, told what each component did in a stall."""
+    return StallMonitorService(
+        reactor,
+        metrics.reactor_lag_seconds,
+        GarbageCollectionTimer(metrics.gc_pause_seconds),
+        config.stall_log_milliseconds / 1000,
+        activity={
+            "messages_consumed": lambda: counter_total(metrics.messages_consumed),
+            "events_delivered": lambda: counter_total(metrics.events_delivered),
+            "keep_alives": lambda: heartbeats.keep_alives_written,
+            "replay_evicted": lambda: windows.evicted,
+            "lines_logged": lambda: observer.lines_written,
+            "bytes_logged": lambda: observer.bytes_written,
+        },
+        gauges={"open_streams": lambda: len(registry)},
+    )
 
 
 def _warn_of_development_links(config: Config) -> None:
@@ -351,10 +385,13 @@ def _revocation(
     reactor: Any,
     auth_cache: CachingAuthenticator,
     registry: StreamRegistry,
-    authenticator: PostgresAuthenticator,
 ) -> dict[str, IService]:
     """PostgreSQL's revocation feed, and what closes the streams it revokes."""
-    enforcer = RevocationEnforcer(auth_cache, registry, authenticator.granted, reactor)
+    # The re-check reads the primary the notifications come from, on the feed's connection
+    # (the subscriber checks' pool may be on a standby that has not replayed them yet).
+    enforcer = RevocationEnforcer(
+        auth_cache, registry, lambda pairs: revocations.granted(pairs), reactor
+    )
     revocations = RevocationListener(
         config, reactor, enforcer.revoke, on_resynchronised=enforcer.resynchronise
     )
@@ -431,19 +468,24 @@ def build_service(
     root = _url_tree(config, reactor, subscribe, partitions, authenticator)
     windows = WindowsTotal([partition.window for partition in partitions])
     metrics.watch(registry, consumer, authenticator, auth_cache, server_tls, replay_window=windows)
+    observer = _log_observer(config)
+    heartbeats = HeartbeatService(registry, config.heartbeat_seconds, reactor)
     return SSEService(
         config,
         registry,
         metrics,
-        _log_observer(config),
+        observer,
         authenticator=authenticator,
         consumer=consumer,
         subscribe=subscribe,
         listener=_listener(config, reactor, root, server_tls, metrics, on_fatal),
         others={
-            **_revocation(config, reactor, auth_cache, registry, authenticator),
+            **_revocation(config, reactor, auth_cache, registry),
             "stream-lifetime": _stream_lifetime(config, reactor, registry, partitions),
-            "heartbeats": HeartbeatService(registry, config.heartbeat_seconds, reactor),
+            "heartbeats": heartbeats,
+            "stalls": _stall_monitor(
+                config, reactor, metrics, observer, heartbeats, registry, windows
+            ),
             **_metrics_listener(config, reactor, metrics, on_fatal),
             **_process_wide(reactor, server_tls, open_files),
         },

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import random
 import secrets
 import shutil
 import signal
@@ -46,11 +47,31 @@ class BackendStartupError(Exception):
     """A backend server did not become ready."""
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing uses now, for a server started later.
+
+    It is drawn below the ephemeral range: a port the kernel handed out (bind to port 0)
+    may be taken meanwhile as the source port of any outgoing connection on a busy
+    machine, and the server's later bind then fails (a RabbitMQ node's distribution
+    port did, with "dist_port_already_used").
+    """
+    first_ephemeral = _ephemeral_ports().start
+    while True:
+        port = random.randrange(20000, first_ephemeral) if first_ephemeral > 21000 else 0
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(probe.getsockname()[1])
 
 
 def _log_tail(path: Path, lines: int = 80) -> str:

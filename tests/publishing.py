@@ -41,6 +41,20 @@ def delete_queue(port: int, queue: str) -> None:
             connection.close()
 
 
+def delete_super_stream(port: int, name: str, partitions: int) -> None:
+    """Delete the super stream ``name`` from the broker's plain AMQP ``port``: its exchange
+    and every partition queue (and one more, which the refusal tests make)."""
+    with suppress(pika.exceptions.AMQPError):
+        connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", port))
+        try:
+            channel = connection.channel()
+            channel.exchange_delete(name)
+            for queue in [name, *(f"{name}-{n}" for n in range(partitions + 1))]:
+                channel.queue_delete(queue)
+        finally:
+            connection.close()
+
+
 def _publish_blocking(
     parameters: pika.ConnectionParameters,
     queue: str,

@@ -1,6 +1,6 @@
 """The engines as clusters: a three-node RabbitMQ cluster losing (shut down or crashed) the
 node the consumer reads from while messages flow, and a PostgreSQL primary with its
-streaming-replication standby losing the primary.
+streaming-replication standby losing the primary, or lagging behind a revocation.
 
 Select with ``-k cluster``. Every server runs from the installed binaries on free ports,
 over TLS as in production; each is stopped, and its files deleted, at the end.
@@ -26,10 +26,11 @@ from twisted.logger import LogEvent, formatEvent
 from tests.backends import Pki, PostgresServer, RabbitMQCluster, RabbitMQServer
 from tests.browser import Browser, EventCollector
 from tests.in_process_server import start_server
+from tests.logs import lines_with
 from tests.publishing import found_contract, publish
 from tests.secrets_tracking import new_uuid
 from tests.subscribers import add_subscriber
-from tests.waiting import wait_for
+from tests.waiting import bounded, wait_for
 
 USERS = 3
 TABS_PER_USER = 2
@@ -350,8 +351,7 @@ async def test_cluster_of_postgres_hosts_the_revocation_listener_passes_a_standb
     }
     server = await start_server(environ)
     try:
-        listener = server.service.revocations
-        assert listener is not None
+        listener = server.service.getServiceNamed("revocations")
         await wait_for(lambda: listener.listening, "LISTEN on the primary")
         url = server.subscribe_url(new_uuid(), userid, token)
         queue = environ["SSE_RABBITMQ_QUEUE_NAME"]
@@ -363,4 +363,76 @@ async def test_cluster_of_postgres_hosts_the_revocation_listener_passes_a_standb
         f"connected to PostgreSQL 127.0.0.1:{standby.port}/sse",
         f"connected to PostgreSQL 127.0.0.1:{standby.port}/sse",
         f"connected to PostgreSQL localhost:{primary.port}/sse",
+    ]
+
+
+async def replay_paused(standby: PostgresServer) -> None:
+    """Pause the standby's replay, and wait until it has: until resumed, it answers with
+    what it had replayed, whatever the primary commits meanwhile."""
+    await deferToThread(standby.execute, "SELECT pg_wal_replay_pause()")
+    query = "SELECT pg_get_wal_replay_pause_state()"
+    await wait_for_rows(standby, query, (), [("paused",)], "the standby's replay to pause")
+
+
+async def wait_for_rows(
+    server: PostgresServer, query: str, params: tuple[Any, ...], rows: list[Any], what: str
+) -> None:
+    deadline = reactor.seconds() + 20
+    while await deferToThread(server.execute, query, params) != rows:
+        assert reactor.seconds() < deadline, what
+        await deferLater(reactor, 0.1, lambda: None)
+
+
+async def open_tab(browser: Browser, url: str) -> EventCollector:
+    """A stream, once the server has it open."""
+    response, tab = await browser.open(url)
+    assert response.code == 200
+    await wait_for(lambda: "connected" in tab.parser.comments, "the stream to open")
+    return tab
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_of_postgres_hosts_a_revocation_closes_the_stream_while_the_standby_lags(
+    plaintext_environ: dict[str, str],
+    primary_and_standby: tuple[PostgresServer, PostgresServer],
+    browser: Browser,
+    log_events: Sequence[LogEvent],
+) -> None:
+    primary, standby = primary_and_standby
+    alice, alice_token = await replicated_subscriber(primary, standby)
+    bob, bob_token = await replicated_subscriber(primary, standby)
+    environ = {
+        **plaintext_environ,
+        # The standby first: the subscriber checks read from it.
+        "SSE_POSTGRES_HOST": "127.0.0.1,localhost",
+        "SSE_POSTGRES_PORT": f"{standby.port},{primary.port}",
+        "SSE_POSTGRES_SSLMODE": "verify-full",
+        "SSE_POSTGRES_USERNAME": primary.user,
+        "SSE_POSTGRES_DB_NAME": primary.database,
+        "SSE_POSTGRES_POOL_SIZE": "2",
+        "SSE_AUTH_CACHE_SECONDS": "0",
+    }
+    queue = environ["SSE_RABBITMQ_QUEUE_NAME"]
+    server = await start_server(environ)
+    try:
+        listener = server.service.getServiceNamed("revocations")
+        await wait_for(lambda: listener.listening, "LISTEN on the primary")
+        alices_tab = await open_tab(browser, server.subscribe_url(new_uuid(), alice, alice_token))
+        bobs_tab = await open_tab(browser, server.subscribe_url(new_uuid(), bob, bob_token))
+        await replay_paused(standby)
+        try:
+            await deferToThread(primary.execute, "DELETE FROM users WHERE uuid = %s", (alice,))
+            await bounded(alices_tab.closed, 10)
+            # The standby still has Alice's row: the re-check did not read it there.
+            still_there = "SELECT count(*) FROM users WHERE uuid = %s"
+            assert await deferToThread(standby.execute, still_there, (alice,)) == [(1,)]
+            assert not bobs_tab.closed.called
+            await publish(5672, queue, found_contract(bob, filename="still open"))
+            await wait_for(lambda: filenames(bobs_tab) == ["still open"], "Bob's next event")
+        finally:
+            await deferToThread(standby.execute, "SELECT pg_wal_replay_resume()")
+    finally:
+        await server.stop()
+    assert lines_with(log_events, "access revoked") == [
+        f"access revoked for {alice}: 1 open streams closed"
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import pwd
@@ -33,11 +34,12 @@ from twisted.internet.threads import deferToThread
 
 from sse_twisted import _tls
 from sse_twisted._config import SETTINGS, load_config
+from sse_twisted._partitions import partition_of
 from sse_twisted.devcerts import DEV_CERTIFICATE_FILES
 from tests.backends import Pki, PostgresServer, RabbitMQServer, free_port
 from tests.browser import Browser
 from tests.in_process_server import start_server
-from tests.publishing import found_contract
+from tests.publishing import delete_super_stream, found_contract
 from tests.secrets_tracking import new_password, new_uuid
 from tests.subscribers import add_subscriber
 
@@ -163,13 +165,25 @@ def test_no_container_gets_the_ca_key_the_certs_directory_or_the_deploy_director
         assert "./deploy" not in sources, f"{name} mounts all of deploy/"
         # Each file of deploy/ it mounts is one it uses: on its entrypoint or command line,
         # or where the image reads it.
+        # or one that another mounted file names (the edge's shards.map).
         used = " ".join(map(str, [*service.get("entrypoint", []), *service.get("command", [])]))
-        for target, source in mounts(service).items():
-            if source.startswith("./deploy/"):
-                assert (REPOSITORY / source).exists(), source
-                assert target in used or target.startswith(
-                    ("/etc/rabbitmq/conf.d/", "/docker-entrypoint-initdb.d")
-                ), f"{name}: {source} is mounted but not used"
+        deploy_files = {
+            target: source
+            for target, source in mounts(service).items()
+            if source.startswith("./deploy/")
+        }
+        for target, source in deploy_files.items():
+            assert (REPOSITORY / source).exists(), source
+            named_by_another = any(
+                target in (REPOSITORY / other).read_text()
+                for other in deploy_files.values()
+                if other != source and (REPOSITORY / other).is_file()
+            )
+            assert (
+                target in used
+                or named_by_another
+                or target.startswith(("/etc/rabbitmq/conf.d/", "/docker-entrypoint-initdb.d"))
+            ), f"{name}: {source} is mounted but not used"
 
 
 def rabbitmq_settings() -> dict[str, str]:
@@ -329,6 +343,89 @@ def test_only_the_browser_port_is_published_and_metrics_stay_inside_the_containe
     assert "ports" not in services["postgres"]
     exposed = re.findall(r"^EXPOSE (.+)$", DOCKERFILE.read_text(), re.M)
     assert exposed == [settings["SSE_PORT"]]
+
+
+HAPROXY = REPOSITORY / "deploy" / "haproxy"
+SHARDED_EDGE = HAPROXY / "haproxy-sharded.cfg"
+
+
+def shards_table() -> dict[int, str]:
+    """deploy/haproxy/shards.map: partition -> the backend of its shard."""
+    lines = (HAPROXY / "shards.map").read_text().splitlines()
+    pairs = [line.split() for line in lines if line.strip() and not line.startswith("#")]
+    return {int(partition): backend for partition, backend in pairs}
+
+
+def sharded_edge() -> tuple[int, dict[str, list[str]]]:
+    """haproxy-sharded.cfg: its number of partitions (the ``mod``), and the addresses of
+    each backend's servers."""
+    text = SHARDED_EDGE.read_text()
+    [modulus] = re.findall(r"crc32,mod\((\d+)\)", text)
+    backends: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("backend "):
+            servers = backends.setdefault(line.split()[1], [])
+        elif line.strip().startswith("server "):
+            servers.append(line.split()[2])
+    return int(modulus), backends
+
+
+def test_the_fleet_profile_runs_the_shipped_sharded_edge_and_each_shard_with_its_partitions(
+    compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    fleet = {name: service for name, service in services.items() if "profiles" in service}
+    assert {tuple(service["profiles"]) for service in fleet.values()} == {("fleet",)}
+    # Without the profile, the stack is the one above.
+    assert set(services) - set(fleet) == {"sse-certs", "sse", "rabbitmq", "postgres"}
+    partitions, backends = sharded_edge()
+    table = shards_table()
+    assert sorted(table) == list(range(partitions))
+    shards = set(table.values())
+    assert set(backends) == shards | {"sse_any"}
+    # Anything but a subscribe may go to any instance of any shard.
+    assert sorted(backends["sse_any"]) == sorted(a for shard in shards for a in backends[shard])
+    subnet = ipaddress.ip_network(compose["networks"]["fleet"]["ipam"]["config"][0]["subnet"])
+    by_address = {
+        service["networks"]["fleet"]["ipv4_address"]: name for name, service in fleet.items()
+    }
+    assert all(ipaddress.ip_address(address) in subnet for address in by_address)
+    edge_name = by_address.pop(environment(fleet["sse-a1"])["SSE_TRUSTED_PROXIES"])
+    edge = fleet[edge_name]
+    instances = []
+    for shard in sorted(shards):
+        for address in backends[shard]:
+            host, port = address.rsplit(":", 1)
+            name = by_address[host]
+            instance = fleet[name]
+            settings = environment(instance)
+            assert settings["SSE_PORT"] == port
+            without_files = {k: v for k, v in settings.items() if not k.endswith("_FILE")}
+            config = load_config({**without_files, "SSE_CERTS_DIR": "."})
+            assert config.rabbitmq_partitions == partitions
+            assert config.partitions == tuple(p for p, s in sorted(table.items()) if s == shard)
+            assert config.app_env == "prod" and config.rabbitmq_tls
+            assert config.postgres_sslmode == "verify-full"
+            assert config.trusted_proxies
+            # Like the stack's server: its certificates, its secrets, the same gates.
+            assert instance["depends_on"] == services["sse"]["depends_on"]
+            assert mounts(instance)[settings["SSE_CERTS_DIR"]] == "sse-tls"
+            assert set(instance["secrets"]) == set(services["sse"]["secrets"])
+            assert "ports" not in instance, "browsers come through the edge"
+            instances.append(name)
+    assert len(instances) == 4 and set(instances) == set(by_address.values())
+    # The edge runs the shipped files as they are, with the certificates where they say.
+    assert edge["image"].startswith("haproxy:2.6")
+    edge_mounts = mounts(edge)
+    assert edge_mounts["/etc/haproxy/haproxy.cfg"] == "./deploy/haproxy/haproxy-sharded.cfg"
+    assert edge_mounts["/etc/haproxy/shards.map"] == "./deploy/haproxy/shards.map"
+    text, started = SHARDED_EDGE.read_text(), " ".join(edge["entrypoint"])
+    assert "map_int(/etc/haproxy/shards.map)" in text
+    assert "-f /etc/haproxy/haproxy.cfg" in started
+    for path in ("/etc/haproxy/certs/sse.pem", "/etc/sse/certs/ca.pem", "/run/haproxy"):
+        assert path in text and (path in started or path in edge["tmpfs"]), path
+    assert not any("key" in source and "ca" in source for source in edge_mounts.values())
+    assert published(edge) == {443: ""}
+    assert set(edge["depends_on"]) == set(instances)
 
 
 def dockerfile_instruction(name: str) -> list[str]:
@@ -673,12 +770,13 @@ async def test_the_stacks_rabbitmq_account_can_declare_and_consume_its_stream_an
     suffix = uuid.uuid4().hex[:8]
     sse_user, admin_user, queue = f"sse_{suffix}", f"admin_{suffix}", f"messages_{suffix}"
     definitions, password_files = write_definitions(tmp_path, sse_user, admin_user, queue)
+    # The stream queue, or the super stream of that name: the exchange and its partitions.
     assert json.loads(definitions.read_text())["permissions"][0] == {
         "user": sse_user,
         "vhost": "/",
-        "configure": f"^{queue}$",
-        "write": "",
-        "read": f"^{queue}$",
+        "configure": f"^{queue}(-[0-9]+)?$",
+        "write": f"^{queue}-[0-9]+$",
+        "read": f"^{queue}(-[0-9]+)?$",
     }
     assert definitions.stat().st_mode & 0o777 == 0o600
     rabbitmq_tls.rabbitmqctl("import_definitions", str(definitions))
@@ -702,11 +800,40 @@ async def test_the_stacks_rabbitmq_account_can_declare_and_consume_its_stream_an
             assert json.loads(event["data"]) == found_contract(userid)
         finally:
             await server.stop()
+        # The same account runs a partitioned server: it declares, binds and consumes the
+        # super stream of that name.
+        partitioned = await start_server(
+            {
+                **tls_environ,
+                "SSE_RABBITMQ_USERNAME": sse_user,
+                "SSE_RABBITMQ_PASSWORD_FILE": password_files[sse_user],
+                "SSE_RABBITMQ_QUEUE_NAME": queue,
+                "SSE_RABBITMQ_PARTITIONS": "4",
+                "SSE_RABBITMQ_INITIAL_CLUSTER_SIZE": "1",
+            }
+        )
+        try:
+            userid, token = add_subscriber(postgres_tls)
+            _, tab = await browser.open(partitioned.subscribe_url(new_uuid(), userid, token))
+            admin = amqp_as(rabbitmq_tls, admin_user, password_files[admin_user])
+            body = json.dumps(found_contract(userid)).encode()
+            admin.channel().basic_publish(queue, str(partition_of(userid, 4)), body)
+            admin.close()
+            event = await tab.next_event()
+            assert json.loads(event["data"]) == found_contract(userid)
+        finally:
+            await partitioned.stop()
         account = amqp_as(rabbitmq_tls, sse_user, password_files[sse_user])
         try:
             publish = account.channel()
             publish.confirm_delivery()
             assert refused(lambda: publish.basic_publish("", queue, b"{}")) == 403
+            # Nor into the super stream, through its exchange or straight to a partition.
+            into_exchange, into_partition = account.channel(), account.channel()
+            into_exchange.confirm_delivery()
+            into_partition.confirm_delivery()
+            assert refused(lambda: into_exchange.basic_publish(queue, "0", b"{}")) == 403
+            assert refused(lambda: into_partition.basic_publish("", f"{queue}-0", b"{}")) == 403
             other = f"other_{suffix}"
             assert refused(lambda: account.channel().queue_declare(other)) == 403
             assert refused(lambda: account.channel().exchange_declare(other)) == 403
@@ -728,6 +855,7 @@ async def test_the_stacks_rabbitmq_account_can_declare_and_consume_its_stream_an
     finally:
         with suppress(RuntimeError):  # the server may never have declared it
             rabbitmq_tls.rabbitmqctl("delete_queue", queue)
+        delete_super_stream(rabbitmq_tls.amqp_port, queue, 4)
         rabbitmq_tls.rabbitmqctl("delete_user", sse_user)
         rabbitmq_tls.rabbitmqctl("delete_user", admin_user)
 

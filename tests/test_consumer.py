@@ -226,7 +226,8 @@ async def test_messages_after_start_arrive_in_order_with_increasing_offsets(
     # A small window: were acks lost, delivery would stall after 10 messages.
     config = consumer_config(tmp_path, 5672, queue, rabbitmq_prefetch=10, replay_seconds=0)
     consumer = StreamConsumerService(config, reactor, inbox, unexpected_fatal, Metrics())
-    bodies = [f"message {number}".encode() for number in range(500)]
+    # Some larger than the pieces pika is fed (4 KiB), so that frames span them.
+    bodies = [f"message {number}".encode() + b"x" * (number * 97 % 9000) for number in range(500)]
     async with running(consumer):
         await logs.wait_for(f"consuming {queue} at ")
         assert consumer.consuming

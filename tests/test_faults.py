@@ -113,7 +113,10 @@ tls = ssl.create_default_context(cafile=sys.argv[2]).wrap_socket(raw, server_hos
 tls.sendall(f"GET {sys.argv[3]} HTTP/1.1\\r\\nHost: localhost\\r\\n\\r\\n".encode())
 seen = b""
 while b": connected" not in seen:
-    seen += tls.recv(4096)
+    chunk = tls.recv(4096)
+    if not chunk:
+        sys.exit(f"the server closed before ': connected': {seen[:300]!r}")
+    seen += chunk
 print("open", flush=True)
 while tls.recv(4096):
     pass

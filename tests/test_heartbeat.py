@@ -59,3 +59,29 @@ def test_ticks_a_busy_reactor_ran_late_are_made_up() -> None:
     clock.advance(149)  # one late call standing for 149 ticks
     service.stopService()
     assert [heartbeats(stream) for stream in streams] == [1] * 300
+
+
+def test_a_slice_larger_than_a_batch_leaves_the_rest_to_later_reactor_turns() -> None:
+    clock, registry = Clock(), StreamRegistry()
+    streams = open_streams(registry, 150 * 25)  # slices of 25 streams
+    service = HeartbeatService(registry, interval_seconds=150, clock=clock)
+    service.startService()
+    assert sum(map(heartbeats, streams)) == 10
+    # The rest is a call for the next reactor turn (a Clock runs the whole chain at once).
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [0, 1]
+    clock.advance(0)
+    assert sum(map(heartbeats, streams)) == 25
+    assert service.keep_alives_written == 25
+    service.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+def test_stopping_between_batches_writes_no_more() -> None:
+    clock, registry = Clock(), StreamRegistry()
+    streams = open_streams(registry, 150 * 25)
+    service = HeartbeatService(registry, interval_seconds=150, clock=clock)
+    service.startService()
+    service.stopService()
+    clock.advance(0)
+    assert sum(map(heartbeats, streams)) == 10
+    assert clock.getDelayedCalls() == []

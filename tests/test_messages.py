@@ -11,6 +11,7 @@ from sse_twisted._messages import (
     INVALID_REASONS,
     InvalidMessage,
     MessageSchema,
+    find_userid,
     message_type,
     parse_message,
 )
@@ -140,3 +141,63 @@ def test_no_message_content_can_inject_an_event_or_a_field(filename: str, extra:
     assert events[0]["id"] == "17"
     assert events[0]["event"] == "message"
     assert json.loads(events[0]["data"]) == document
+
+
+OTHER = "5D2C7B1A-3E4F-4A6B-8C9D-0E1F2A3B4C5D"
+
+
+def test_the_userid_of_a_plain_message_is_found_in_lowercase_without_parsing() -> None:
+    upper = found_contract(userid=USERID.upper())
+    assert find_userid(json.dumps(upper).encode()) == USERID
+    assert find_userid(json.dumps(upper, indent=2).encode()) == USERID
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # A key that holds "userid" with an escaped quote, before the real one.
+        b'{"x\\"userid":"%s","userid":"%s"}' % (OTHER.encode(), USERID.encode()),
+        # The key spelt with an escape.
+        b'{"user\\u0069d":"%s","userid":"%s"}' % (USERID.encode(), OTHER.encode()),
+        # A nested object's userid first.
+        b'{"meta":{"userid":"%s"},"userid":"%s"}' % (OTHER.encode(), USERID.encode()),
+        # A duplicate key: JSON keeps the last.
+        b'{"userid":"%s","userid":"%s"}' % (OTHER.encode(), USERID.encode()),
+        # Not a UUID.
+        b'{"userid":"nobody"}',
+        b"not json",
+    ],
+)
+def test_a_message_whose_userid_needs_parsing_is_left_to_the_parser(body: bytes) -> None:
+    assert find_userid(body) is None
+
+
+decoy_text = st.lists(
+    st.sampled_from(['"userid"', ":", '"', "\\", "{", "}", ",", " ", USERID, OTHER, "userid"]),
+    max_size=8,
+).map("".join)
+decoy_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | decoy_text,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["userid", "user", "topic"]), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@given(
+    userid=st.sampled_from([USERID, OTHER, "nobody"]),
+    extra=st.dictionaries(st.sampled_from(["note", "userid ", "data", "x"]), decoy_values),
+    ascii_only=st.booleans(),
+    indent=st.none() | st.integers(0, 2),
+)
+def test_a_userid_found_without_parsing_is_always_the_one_the_parser_finds(
+    userid: str, extra: dict[str, object], ascii_only: bool, indent: int | None
+) -> None:
+    body = json.dumps(
+        found_contract(userid=userid) | extra, ensure_ascii=ascii_only, indent=indent
+    ).encode()
+    found = find_userid(body)
+    if found is not None:
+        assert found == parse_message(body).userid

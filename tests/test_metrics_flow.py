@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 
@@ -120,3 +121,29 @@ async def test_counters_move_and_gauges_follow_the_streams_as_events_flow(
         assert closed[("sse_open_streams", (("protocol", "h2"),))] == 0
     finally:
         await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reactor_lag_and_collection_pauses_are_served_as_histograms(
+    metrics_environ: dict[str, str], postgres_tls: PostgresServer, rabbitmq_tls: RabbitMQServer
+) -> None:
+    server = await start_server(metrics_environ)
+    port = int(metrics_environ["SSE_METRICS_PORT"])
+    try:
+        # Scrape until the tick (every 50 ms) has been measured again.
+        ticks = [(await scrape(port))[("sse_reactor_lag_seconds_count", ())]]
+        while ticks[-1] == ticks[0]:
+            ticks.append((await scrape(port))[("sse_reactor_lag_seconds_count", ())])
+        before = await scrape(port)
+        gc.collect()  # the server runs in this process: its collector is ours
+        after = await scrape(port)
+    finally:
+        await server.stop()
+    full = ("sse_gc_pause_seconds_count", (("generation", "2"),))
+    assert after[full] > before[full]
+    for generation in ("0", "1", "2"):
+        labels = (("generation", generation), ("le", "0.0005"))
+        assert ("sse_gc_pause_seconds_bucket", labels) in after
+    lag_buckets = [key for key in after if key[0] == "sse_reactor_lag_seconds_bucket"]
+    assert ("le", "1.0") in {label for _, labels in lag_buckets for label in labels}
+    assert after[("sse_reactor_lag_seconds_bucket", (("le", "+Inf"),))] >= ticks[-1]

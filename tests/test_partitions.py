@@ -9,7 +9,6 @@ import subprocess
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from sse_twisted.tap import build_service
 from tests.browser import Browser
 from tests.in_process_server import RunningServer, start_server
 from tests.logs import warnings_logged
-from tests.publishing import found_contract
+from tests.publishing import delete_super_stream, found_contract
 from tests.secrets_tracking import new_token, new_uuid
 from tests.waiting import bounded, wait_for
 
@@ -173,6 +172,20 @@ def test_a_message_published_to_a_partition_its_user_does_not_live_in_is_skipped
     assert skipped == 1
 
 
+def test_a_message_kept_unread_replays_with_its_partitions_id() -> None:
+    registry = StreamRegistry()
+    partition = Partition(4, 1)
+    window = ReplayWindow(Clock(), 300, 100, partition=partition)
+    router = MessageRouter(registry, window, 10_000, Metrics())
+    userid = user_in(1)
+    message = found_contract(userid)
+    # Nobody here has a stream of this user: the message is kept as it came.
+    assert router(json.dumps(message).encode(), 7) == 0
+    replay = window.replay(userid, new_uuid(), partition.event_id(6))
+    [frame] = replay.frames
+    assert frame.startswith(b"id: 4-1-7\n")
+
+
 def test_a_new_stream_held_during_the_read_back_starts_at_its_partitions_tail() -> None:
     registry = StreamRegistry()
     window = ReplayWindow(Clock(), 300, 100, partition=Partition(4, 1))
@@ -230,19 +243,6 @@ def _broker() -> pika.BlockingConnection:
     return pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
 
 
-def delete_super_stream(name: str, partitions: int) -> None:
-    """Delete the exchange and every partition queue (one more, for the refusal tests)."""
-    with suppress(pika.exceptions.AMQPError):
-        connection = _broker()
-        try:
-            channel = connection.channel()
-            channel.exchange_delete(name)
-            for queue in [name, *(f"{name}-{n}" for n in range(partitions + 1))]:
-                channel.queue_delete(queue)
-        finally:
-            connection.close()
-
-
 def _first_message(connection: pika.BlockingConnection, queue: str) -> bytes:
     """The body of the first message of the stream ``queue``."""
     channel = connection.channel()
@@ -295,7 +295,7 @@ def partitioned_environ(plaintext_environ: dict[str, str]) -> Iterator[dict[str,
         "SSE_PARTITIONS": "0,1",
         "SSE_RABBITMQ_INITIAL_CLUSTER_SIZE": "1",
     }
-    delete_super_stream(name, PARTITIONS)
+    delete_super_stream(5672, name, PARTITIONS)
 
 
 @pytest_twisted.async_yield_fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 from sse_twisted._partitions import partition_of
 from tests.backends import free_port
 
+SHARDED_EDGE = Path(__file__).parent.parent / "deploy" / "haproxy" / "haproxy-sharded.cfg"
 # .ci/run installs HAProxy and sets this: there a missing binary is a failure.
 REQUIRED = os.environ.get("SSE_TEST_PROXIES_REQUIRED") == "1"
 PARTITIONS = 4
@@ -35,7 +37,7 @@ defaults
 frontend partitions
     bind 127.0.0.1:{port}
     http-request return status 200 content-type text/plain lf-string \
-"%[{userid},crc32] %[{userid},crc32,mod({partitions})]"
+"%[{userid},crc32] %[{userid},crc32,mod({partitions})] %[{shipped}]"
 """
 
 
@@ -49,13 +51,30 @@ def _haproxy() -> str:
     return found
 
 
+def shipped_partition_expression() -> str:
+    """The sample expression deploy/haproxy/haproxy-sharded.cfg routes by."""
+    [expression] = re.findall(
+        r"^\s*http-request set-var\(txn\.partition\) (\S+) if subscribe$",
+        SHARDED_EDGE.read_text(),
+        re.M,
+    )
+    return expression
+
+
 @pytest.fixture
 def haproxy_port(tmp_path: Path) -> Iterator[int]:
     """A real HAProxy answering each request with the CRC-32 of the path's userid segment
-    and that modulo 4."""
+    and that modulo 4, then the partition the shipped sharded edge computes."""
     port = free_port()
     configuration = tmp_path / "haproxy.cfg"
-    configuration.write_text(CONFIGURATION.format(port=port, userid=USERID, partitions=PARTITIONS))
+    configuration.write_text(
+        CONFIGURATION.format(
+            port=port,
+            userid=USERID,
+            partitions=PARTITIONS,
+            shipped=shipped_partition_expression(),
+        )
+    )
     process = subprocess.Popen(
         [_haproxy(), "-db", "-f", str(configuration)],
         stdout=subprocess.PIPE,
@@ -92,9 +111,30 @@ def test_haproxys_crc32_of_the_lowercase_userid_is_zlibs_and_gives_the_same_part
         connection.request("GET", f"/subscribe/{uuid.uuid4()}/{sent}/{uuid.uuid4()}")
         response = connection.getresponse()
         assert response.status == 200
-        crc, partition = (int(value) for value in response.read().split())
+        crc, partition, _ = (int(value) for value in response.read().split())
         assert crc == zlib.crc32(userid.encode("ascii")), userid
         assert partition == partition_of(sent, PARTITIONS), userid
         compared += 1
     connection.close()
     assert compared == 2000
+
+
+def test_the_shipped_sharded_edge_routes_by_the_partition_the_server_computes(
+    haproxy_port: int,
+) -> None:
+    expression = shipped_partition_expression()
+    assert expression.endswith(f",lower,crc32,mod({PARTITIONS})")
+    connection = http.client.HTTPConnection("127.0.0.1", haproxy_port, timeout=10)
+    for number in range(500):
+        userid = str(uuid.uuid4())
+        # As a client may send it: upper case, or with a character percent-encoded (the
+        # server splits the path at its slashes, then decodes each segment).
+        sent = userid.upper() if number % 2 else userid
+        if number % 5 == 0:
+            sent = "%" + sent[0].encode().hex().upper() + sent[1:]
+        connection.request("GET", f"/subscribe/{uuid.uuid4()}/{sent}/{uuid.uuid4()}")
+        response = connection.getresponse()
+        assert response.status == 200
+        *_, partition = (int(value) for value in response.read().split())
+        assert partition == partition_of(userid, PARTITIONS), sent
+    connection.close()

@@ -4,17 +4,12 @@ reconnects, the real client address reaches the server, and no token reaches a p
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
 import re
-import shutil
 import signal
 import socket
 import ssl
-import subprocess
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,14 +20,25 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.python.failure import Failure
 
 from sse_twisted._config import SETTINGS
 from tests.backends import Pki, free_port
 from tests.browser import Browser
+from tests.proxies import (
+    CLIENT_ADDRESS,
+    DEPLOY,
+    EventSourceClients,
+    EventSourceTab,
+    Proxy,
+    binary,
+    installed_node,
+    listening,
+    render,
+    spawn,
+    until_haproxy_checked,
+)
 from tests.publishing import found_contract, publish
 from tests.secrets_tracking import LOGGED_TEXT, leaked_secrets, new_uuid
 from tests.sse_parser import EventParser
@@ -40,92 +46,17 @@ from tests.subscribers import add_local_subscriber
 from tests.twistd_processes import Instance
 from tests.waiting import TIMEOUT, bounded, wait_for
 
-DEPLOY = Path(__file__).parent.parent / "deploy"
-# The clients connect from this loopback address; the proxies reach the instances from
-# 127.0.0.1, the one trusted proxy address.
-CLIENT_ADDRESS = "127.0.0.2"
-# .ci/run installs both proxies and sets this: there a missing binary is a failure.
-REQUIRED = os.environ.get("SSE_TEST_PROXIES_REQUIRED") == "1"
 
-
-def _binary(name: str) -> str:
-    """The proxy's executable; skipped with the reason outside CI, a failure in CI."""
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
-    if found is None:
-        reason = f"{name} is not installed (apt-get install nginx haproxy; .ci/run does)"
-        if REQUIRED:
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return found
-
-
-def render(shipped: Path, replacements: Mapping[str, str]) -> str:
-    """The shipped file with ``replacements`` made, each of which must apply: the test runs
-    the file operators copy, with only addresses and paths changed."""
-    text = shipped.read_text()
-    for old, new in replacements.items():
-        assert old in text, f"{shipped} no longer contains {old!r}: update this test"
-        text = text.replace(old, new)
-    return text
-
-
-class ProxyProcess(ProcessProtocol):
-    """A proxy running in the foreground; its output is kept (and audited for secrets)."""
-
-    def __init__(self) -> None:
-        self.output = ""
-        self.ended: Deferred[None] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data.decode("utf-8", "replace")
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        LOGGED_TEXT.append(self.output)
-        self.ended.callback(None)
-
-
-@dataclass
-class Proxy:
-    """A running proxy: where browsers reach it, its access log, what a retry looks like in
-    it, and how to know it sends requests to an instance again."""
-
-    port: int
-    process: ProxyProcess
-    transport: Any
-    access_log: Callable[[], str]
-    retried: re.Pattern[str]
-    sees_up: Callable[[str], Deferred[None] | None]
-
-    async def stop(self) -> None:
-        if not self.process.ended.called:
-            self.transport.signalProcess(signal.SIGTERM)
-        await bounded(self.process.ended)
-
-
-async def _listening(port: int, process: ProxyProcess) -> None:
-    def accepts() -> bool:
-        if process.ended.called:
-            raise AssertionError(f"the proxy exited:\n{process.output}")
-        with socket.socket() as probe:
-            return probe.connect_ex(("127.0.0.1", port)) == 0
-
-    await wait_for(accepts, "the proxy never listened")
-
-
-def _spawn(argv: list[str], cwd: Path) -> tuple[ProxyProcess, Any]:
-    process = ProxyProcess()
-    transport = reactor.spawnProcess(  # type: ignore[attr-defined]
-        process, argv[0], argv, env={"PATH": os.environ["PATH"]}, path=str(cwd)
-    )
-    return process, transport
+@pytest.fixture(scope="session")
+def node() -> str:
+    """The node executable, with the npm eventsource client installed."""
+    return installed_node()
 
 
 async def start_nginx(directory: Path, certs: Path, port: int, upstreams: list[int]) -> Proxy:
     """deploy/nginx/sse.conf inside a minimal main configuration (as Debian's nginx.conf
     includes conf.d/*.conf in its http block)."""
-    nginx = _binary("nginx")
+    nginx = binary("nginx")
     site = render(
         DEPLOY / "nginx" / "sse.conf",
         {
@@ -147,8 +78,8 @@ async def start_nginx(directory: Path, certs: Path, port: int, upstreams: list[i
         f"worker_processes 1;\nevents {{ worker_connections 256; }}\n"
         f"http {{ {temporary} include {directory}/sse.conf; }}\n"
     )
-    process, transport = _spawn([nginx, "-p", str(directory), "-c", "nginx.conf"], directory)
-    await _listening(port, process)
+    process, transport = spawn([nginx, "-p", str(directory), "-c", "nginx.conf"], directory)
+    await listening(port, process)
     return Proxy(
         port,
         process,
@@ -163,7 +94,7 @@ async def start_nginx(directory: Path, certs: Path, port: int, upstreams: list[i
 
 async def start_haproxy(directory: Path, certs: Path, port: int, upstreams: list[int]) -> Proxy:
     """deploy/haproxy/haproxy.cfg, in the foreground, without its chroot and user."""
-    haproxy = _binary("haproxy")
+    haproxy = binary("haproxy")
     bundle = directory / "sse.pem"
     stats_socket = directory / "admin.sock"
     bundle.write_bytes((certs / "cert.pem").read_bytes() + (certs / "key.pem").read_bytes())
@@ -182,11 +113,11 @@ async def start_haproxy(directory: Path, certs: Path, port: int, upstreams: list
         },
     )
     (directory / "haproxy.cfg").write_text(configuration)
-    process, transport = _spawn([haproxy, "-db", "-f", str(directory / "haproxy.cfg")], directory)
-    await _listening(port, process)
+    process, transport = spawn([haproxy, "-db", "-f", str(directory / "haproxy.cfg")], directory)
+    await listening(port, process)
 
     def sees_up(server: str) -> Deferred[None]:
-        return Deferred.fromCoroutine(_until_haproxy_checked(stats_socket, server))
+        return Deferred.fromCoroutine(until_haproxy_checked(stats_socket, "sse_instances", server))
 
     return Proxy(
         port,
@@ -196,136 +127,6 @@ async def start_haproxy(directory: Path, certs: Path, port: int, upstreams: list
         retried=re.compile(r" 200 .* retries=\+[1-9]"),
         sees_up=sees_up,
     )
-
-
-def _haproxy_server_state(stats_socket: Path, server: str) -> tuple[str, str]:
-    """``(status, check_status)`` of ``server`` from ``show stat`` on the stats socket."""
-    with socket.socket(socket.AF_UNIX) as connection:
-        connection.settimeout(5)
-        connection.connect(str(stats_socket))
-        connection.sendall(b"show stat\n")
-        answer = b""
-        while chunk := connection.recv(65536):
-            answer += chunk
-    rows = csv.DictReader(io.StringIO(answer.decode().removeprefix("# ")))
-    for row in rows:
-        if row["pxname"] == "sse_instances" and row["svname"] == server:
-            return row["status"], row["check_status"]
-    raise AssertionError(f"no server {server} in show stat:\n{answer.decode()}")
-
-
-async def _until_haproxy_checked(stats_socket: Path, server: str) -> None:
-    """Until HAProxy holds ``server`` UP with its last health check passed: a server that
-    failed one check is "UP 1/2" and one that failed two is DOWN until two pass."""
-    deadline = reactor.seconds() + TIMEOUT
-    while True:
-        state = await deferToThread(_haproxy_server_state, stats_socket, server)
-        if state == ("UP", "L7OK"):
-            return
-        if reactor.seconds() > deadline:
-            raise TimeoutError(f"HAProxy holds {server} {state}")
-        await deferLater(reactor, 0.1, lambda: None)
-
-
-EVENTSOURCE_CLIENT = Path(__file__).parent / "eventsource_client"
-
-
-@pytest.fixture(scope="session")
-def node() -> str:
-    """The node executable, once tests/eventsource_client has its pinned packages (the npm
-    ``eventsource``) installed by ``npm ci``; skipped with the reason outside CI, a failure
-    in CI."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        reason = "node (>= 20) and npm are not installed: the npm eventsource client needs them"
-        if REQUIRED:
-            pytest.fail(reason)
-        pytest.skip(reason)
-    installed = subprocess.run(
-        [npm, "ci", "--no-audit", "--no-fund", "--prefer-offline"],
-        cwd=EVENTSOURCE_CLIENT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if installed.returncode != 0:
-        pytest.fail(f"npm ci in {EVENTSOURCE_CLIENT} failed:\n{installed.stdout}{installed.stderr}")
-    return node
-
-
-class EventSourceClient(ProcessProtocol):
-    """One EventSource of the npm ``eventsource`` package in its own node process
-    (tests/eventsource_client/client.mjs): it reconnects by itself with Last-Event-ID and
-    gives up for good on a non-200; this reads the line it prints for each thing that
-    happens."""
-
-    def __init__(self) -> None:
-        self.opens = 0
-        # Whether a stream is open (ProcessProtocol's ``connected`` is about the process).
-        self.streaming = False
-        self.events: list[dict[str, str]] = []
-        self.errors: list[dict[str, Any]] = []
-        self.stderr = ""
-        self.ended: Deferred[None] = Deferred()
-        self._partial = b""
-
-    def start(self, node: str, url: str, ca_certificate: Path) -> None:
-        argv = [node, str(EVENTSOURCE_CLIENT / "client.mjs"), url, CLIENT_ADDRESS]
-        self.transport = reactor.spawnProcess(  # type: ignore[attr-defined]
-            self,
-            node,
-            argv,
-            env={"PATH": os.environ["PATH"], "NODE_EXTRA_CA_CERTS": str(ca_certificate)},
-            path=str(EVENTSOURCE_CLIENT),
-        )
-
-    def outReceived(self, data: bytes) -> None:
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            happened = json.loads(line)
-            if happened["type"] == "open":
-                self.opens += 1
-                self.streaming = True
-            elif happened["type"] == "error":
-                self.errors.append(happened)
-                self.streaming = False
-            else:
-                self.events.append(
-                    {"event": happened["type"], "id": happened["id"], "data": happened["data"]}
-                )
-
-    def errReceived(self, data: bytes) -> None:
-        self.stderr += data.decode("utf-8", "replace")
-
-    def processEnded(self, reason: Failure) -> None:
-        self.streaming = False
-        self.ended.callback(None)
-
-    @property
-    def refused(self) -> list[dict[str, Any]]:
-        """Answers other than a 200 event stream: the library closes for good on each."""
-        return [error for error in self.errors if error["code"] is not None]
-
-    @property
-    def failures(self) -> list[dict[str, Any]]:
-        """Streams cut rather than ended, and requests that got no response at all."""
-        return [error for error in self.errors if error["message"] is not None]
-
-    @property
-    def gave_up(self) -> bool:
-        """Closed for good (``readyState`` CLOSED) or the process ended of itself."""
-        return any(error["readyState"] == 2 for error in self.errors) or self.ended.called
-
-    @property
-    def requests(self) -> int:
-        """Requests that got an answer: each opened stream and each refusal."""
-        return self.opens + len(self.refused)
-
-    async def stop(self) -> None:
-        if not self.ended.called:
-            self.transport.signalProcess(signal.SIGTERM)
-        await bounded(self.ended)
 
 
 @dataclass
@@ -353,14 +154,14 @@ class Publisher:
             await deferLater(reactor, 0.05, lambda: None)
 
 
-def sequence(client: EventSourceClient) -> list[int]:
+def sequence(client: EventSourceTab) -> list[int]:
     return [
         json.loads(event["data"])["seq"] for event in client.events if event["event"] == "message"
     ]
 
 
 def _reconnected(
-    clients: list[EventSourceClient],
+    clients: list[EventSourceTab],
     before: list[int],
     quantifier: Callable[[Any], bool],
 ) -> Callable[[], bool]:
@@ -368,7 +169,7 @@ def _reconnected(
     opened ``before`` streams, and every client has a stream open."""
 
     def reconnected() -> bool:
-        gone = [(client.errors, client.stderr) for client in clients if client.gave_up]
+        gone = [client.errors for client in clients if client.gave_up]
         assert gone == [], f"a client got a non-200 and gave up for good: {gone}"
         return quantifier(
             client.opens > count for client, count in zip(clients, before, strict=True)
@@ -382,13 +183,16 @@ def test_the_shipped_proxy_timeouts_outlast_two_default_heartbeats() -> None:
     # every quiet stream (5 s did), and one barely above it cuts them on a late heartbeat.
     [heartbeat] = [s.default for s in SETTINGS if s.env == "SSE_HEARTBEAT_SECONDS"]
     nginx = (DEPLOY / "nginx" / "sse.conf").read_text()
-    haproxy = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
     timeouts = {
         "proxy_read_timeout": re.findall(r"^\s*proxy_read_timeout (\d+)s;", nginx, re.M),
         "proxy_send_timeout": re.findall(r"^\s*proxy_send_timeout (\d+)s;", nginx, re.M),
-        "timeout server": re.findall(r"^\s*timeout server (\d+)s$", haproxy, re.M),
-        "timeout client": re.findall(r"^\s*timeout client (\d+)s$", haproxy, re.M),
     }
+    # The single pool and the sharded edge.
+    for name in ("haproxy.cfg", "haproxy-sharded.cfg"):
+        haproxy = (DEPLOY / "haproxy" / name).read_text()
+        for timeout in ("server", "client"):
+            pattern = rf"^\s*timeout {timeout} (\d+)s$"
+            timeouts[f"{name}: timeout {timeout}"] = re.findall(pattern, haproxy, re.M)
     assert all(len(values) == 1 for values in timeouts.values()), timeouts
     assert {name: int(value) >= 2 * float(heartbeat) for name, [value] in timeouts.items()} == {
         name: True for name in timeouts
@@ -438,7 +242,9 @@ async def test_a_rolling_restart_behind_the_proxy_is_seen_by_clients_only_as_rec
     second = Instance(environs[1], tmp_path / "b")
     instances = [first, second]
     proxy: Proxy | None = None
-    clients: list[EventSourceClient] = []
+    clients: list[EventSourceTab] = []
+    # One node process per client.
+    processes: list[EventSourceClients] = []
     publisher: Publisher | None = None
     users: list[str] = []
     # The user of each client.
@@ -458,10 +264,11 @@ async def test_a_rolling_restart_behind_the_proxy_is_seen_by_clients_only_as_rec
             tokens.append(token)
             for _ in range(CLIENTS_PER_USER):
                 url = f"https://localhost:{proxy.port}/subscribe/{new_uuid()}/{userid}/{token}"
-                client = EventSourceClient()
-                clients.append(client)
+                process = EventSourceClients()
+                processes.append(process)
+                clients.append(process.tabs[0])
                 subscribers.append(userid)
-                client.start(node, url, pki.ca_certificate)
+                process.start(node, [url], pki.ca_certificate)
         await wait_for(_reconnected(clients, [0 for _ in clients], all), "clients connected")
         publisher = Publisher(plaintext_environ["SSE_RABBITMQ_QUEUE_NAME"], users)
         publishing = Deferred.fromCoroutine(publisher.run())
@@ -508,8 +315,8 @@ async def test_a_rolling_restart_behind_the_proxy_is_seen_by_clients_only_as_rec
     finally:
         if publisher is not None:
             publisher.stopped = True
-        for client in clients:
-            await client.stop()
+        for process in processes:
+            await process.stop()
         for instance in instances:
             if not instance.process.ended.called:
                 await instance.kill(signal.SIGTERM)

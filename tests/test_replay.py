@@ -10,6 +10,7 @@ from sse_twisted._framing import event_frame
 from sse_twisted._metrics import Metrics
 from sse_twisted._replay import ReplayWindow
 from sse_twisted._router import MessageRouter
+from sse_twisted._shard import WindowsTotal
 from sse_twisted._streams import EventStream, StreamRegistry
 from tests.sse_parser import EventParser
 
@@ -149,3 +150,27 @@ def test_a_client_that_catches_up_is_not_dropped() -> None:
         stream.resumeProducing()
     assert not request.channel.transport.disconnecting
     assert len(request.written) == 10
+
+
+def test_a_window_aged_all_at_once_is_evicted_a_batch_per_reactor_turn() -> None:
+    clock = Clock()
+    window = ReplayWindow(clock, max_age_seconds=60, max_events=10_000)
+    fill(window, *((offset, ALICE, None) for offset in range(2500)))
+    clock.advance(61)  # a quiet spell: every event has aged
+    fill(window, (2500, BOB, None))
+    assert len(window) == 1501  # 1,000 evicted in this turn
+    assert window.covered_from == 1000
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [61]
+    clock.advance(0)  # the next turns (a Clock runs the chain at once)
+    assert len(window) == 1
+    assert window.covered_from == 2500
+    assert window.evicted == 2500
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_evictions_of_every_partitions_window_are_summed_for_the_stall_line() -> None:
+    clock = Clock()
+    windows = [ReplayWindow(clock, max_age_seconds=60, max_events=2) for _ in range(2)]
+    fill(windows[0], (0, ALICE, None), (1, ALICE, None), (2, ALICE, None))
+    fill(windows[1], *((offset, BOB, None) for offset in range(5)))
+    assert WindowsTotal(windows).evicted == 1 + 3

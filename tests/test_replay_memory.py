@@ -91,6 +91,20 @@ def test_clearing_the_window_for_a_new_stream_frees_its_bytes_too() -> None:
     assert (len(window), window.bytes) == (1, len(_frame(0, 9000)))
 
 
+def test_a_message_kept_unread_counts_its_body_then_its_frame_once_decoded() -> None:
+    window = ReplayWindow(Clock(), max_age_seconds=60, max_events=100, max_bytes=10_000)
+    decoded = {0: (None, _frame(0, 3000)), 1: None}
+    window.decode = lambda body, offset: decoded[offset]
+    window.record_unread(ALICE, 0, b"b" * 2000)
+    window.record_unread(ALICE, 1, b"b" * 500)
+    assert window.bytes == 2500
+    window.replay(ALICE, NEWS, "-1")
+    # The refused one holds nothing; the frame's size replaces the body's.
+    assert window.bytes == len(_frame(0, 3000))
+    window.record_unread(BOB, 2, b"b" * 7000)
+    assert (len(window), window.bytes) == (2, 7000)
+
+
 class _PacedRequest(DummyRequest):
     """A request over a transport that takes ``room`` bytes, then pauses its producer
     until L{drain} (the client read them)."""

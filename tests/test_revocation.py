@@ -173,7 +173,7 @@ class Recorder:
         return not self.revoked.pending
 
 
-def config_for(database: str, tmp_path: Path) -> Config:
+def config_for(database: str, tmp_path: Path, timeout_seconds: str = "2") -> Config:
     return load_config(
         {},
         {
@@ -183,7 +183,7 @@ def config_for(database: str, tmp_path: Path) -> Config:
             "postgres-username": "postgres",
             "postgres-db-name": database,
             "postgres-sslmode": "disable",
-            "postgres-timeout-seconds": "2",
+            "postgres-timeout-seconds": timeout_seconds,
         },
     )
 
@@ -335,6 +335,97 @@ async def test_stopping_closes_the_connection_for_good(
     await listener.stopService()
     assert not listener.listening
     await wait_for(lambda: listener_backends(database) == [], "the server to see it closed")
+
+
+# --- the grant query, on the listener's connection to the primary ---
+
+
+@pytest_twisted.ensureDeferred
+async def test_granted_tells_which_of_many_pairs_are_still_in_users(
+    start: Starter, database: str, tmp_path: Path
+) -> None:
+    listener, _ = start(config_for(database, tmp_path))
+    await listening(listener)
+    alice, bob = new_user(database), new_user(database)
+    crossed = (alice[0], bob[1])
+    strangers = [(str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(300)]
+    granted = await bounded(listener.granted([alice, crossed, *strangers, bob]), WAIT_SECONDS)
+    assert granted == {alice, bob}
+    injected = (alice[0], "' OR '1'='1")
+    assert await bounded(listener.granted([injected]), WAIT_SECONDS) == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_granted_without_a_users_table_is_unavailable_and_quotes_no_token(
+    start: Starter, tmp_path: Path
+) -> None:
+    name = f"sse_test_{secrets.token_hex(4)}"
+    sql("postgres", f'CREATE DATABASE "{name}"')
+    try:
+        listener, _ = start(config_for(name, tmp_path))
+        await listening(listener)
+        token = new_token()
+        with pytest.raises(BackendUnavailable) as raised:
+            await bounded(listener.granted([(new_uuid(), token)]), WAIT_SECONDS)
+        assert str(raised.value) == 'relation "users" does not exist'
+        await listener.stopService()
+    finally:
+        sql("postgres", f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest_twisted.ensureDeferred
+async def test_granted_without_a_connection_to_the_primary_is_unavailable(
+    start: Starter, own_database: str, tmp_path: Path, log_events: Sequence[LogEvent]
+) -> None:
+    allow_connections(own_database, False)
+    try:
+        listener, _ = start(config_for(own_database, tmp_path))
+        await wait_for(
+            lambda: bool(lines_with(log_events, "cannot connect to PostgreSQL")),
+            "a refused connection",
+        )
+        with pytest.raises(BackendUnavailable) as raised:
+            await bounded(listener.granted([(new_uuid(), new_token())]), WAIT_SECONDS)
+        assert str(raised.value) == ("no live connection to the PostgreSQL primary (reconnecting)")
+    finally:
+        allow_connections(own_database, True)
+
+
+def lock_waiters(database: str) -> int:
+    with closing(connect(database)) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'",
+            (database,),
+        )
+        (count,) = cursor.fetchone()
+        return int(count)
+
+
+@pytest_twisted.ensureDeferred
+async def test_grant_queries_take_turns_on_the_listening_connection_and_lose_no_notification(
+    start: Starter, own_database: str, tmp_path: Path, log_events: Sequence[LogEvent]
+) -> None:
+    listener, recorder = start(config_for(own_database, tmp_path, timeout_seconds="10"))
+    await listening(listener)
+    alice, bob = new_user(own_database), new_user(own_database)
+    revoked = str(uuid.uuid4())
+    with closing(connect(own_database)) as locker:
+        locker.autocommit = False
+        locker.cursor().execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        # Two at once on one connection: psycopg2 refuses a second query while one runs,
+        # so the second must wait for its turn.
+        first = listener.granted([alice])
+        second = listener.granted([bob, (bob[0], alice[1])])
+        await wait_for(lambda: lock_waiters(own_database) == 1, "the first query to wait")
+        # Sent while the query waits on the lock: delivered once it is over.
+        sql(own_database, "SELECT pg_notify(%s, %s)", (CHANNEL, revoked))
+        assert not first.called and not second.called
+        locker.rollback()
+    assert await bounded(first, WAIT_SECONDS) == {alice}
+    assert await bounded(second, WAIT_SECONDS) == {bob}
+    assert await recorder.next_revoked() == revoked
+    assert listener.listening
+    assert tracebacks(log_events) == []
 
 
 # --- end to end: a live stream over TLS, closed by a revocation ---

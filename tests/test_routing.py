@@ -13,6 +13,7 @@ from sse_twisted._replay import ReplayWindow
 from sse_twisted._router import MessageRouter
 from sse_twisted._streams import EventStream, StreamRegistry
 from tests.sse_parser import EventParser
+from tests.test_metrics import value
 
 ALICE = "0b8e3a52-6a3e-4c1e-9f4a-2d7b1c9e5a10"
 BOB = "5d2c7b1a-3e4f-4a6b-8c9d-0e1f2a3b4c5d"
@@ -28,9 +29,14 @@ def open_stream(registry: StreamRegistry, userid: str, topic: str) -> EventStrea
     return stream
 
 
-def router_for(registry: StreamRegistry) -> MessageRouter:
+def router_for(
+    registry: StreamRegistry, window: ReplayWindow | None = None, metrics: Metrics | None = None
+) -> MessageRouter:
     return MessageRouter(
-        registry, ReplayWindow(Clock(), 60, 100), max_message_bytes=10_000, metrics=Metrics()
+        registry,
+        ReplayWindow(Clock(), 60, 100) if window is None else window,
+        max_message_bytes=10_000,
+        metrics=Metrics() if metrics is None else metrics,
     )
 
 
@@ -96,6 +102,41 @@ def test_an_invalid_message_is_logged_with_offset_and_reason_and_skipped() -> No
     assert [event["id"] for event in received(stream)] == ["43"]
 
 
+def test_a_message_for_a_user_with_no_stream_here_is_replayed_as_if_it_had_been_delivered() -> None:
+    registry = StreamRegistry()
+    alices = open_stream(registry, ALICE, NEWS)
+    window = ReplayWindow(Clock(), 60, 100)
+    router = router_for(registry, window)
+    router(body(ALICE, topic=NEWS.upper()), 7)
+    router(body(BOB, topic=NEWS.upper()), 8)
+    [delivered] = received(alices)
+    [replayed] = EventParser().feed(b"".join(window.replay(BOB, NEWS, "6").frames))
+    assert (replayed["id"], replayed["data"]) == ("8", delivered["data"].replace(ALICE, BOB))
+    assert window.replay(BOB, ALERTS, "6").frames == []
+
+
+def test_an_invalid_message_for_a_user_with_no_stream_is_refused_when_a_replay_needs_it() -> None:
+    registry = StreamRegistry()
+    window = ReplayWindow(Clock(), 60, 100)
+    metrics = Metrics()
+    router = router_for(registry, window, metrics)
+    with capturedLogs() as consumed:
+        router(b'{"type": "foundcontract", "userid": "%s"}' % BOB.encode(), 41)
+        router(body(BOB), 42)
+    assert consumed == []
+    with capturedLogs() as replaying:
+        first = window.replay(BOB, NEWS, "40").frames
+        again = window.replay(BOB, NEWS, "40").frames
+    assert [event["id"] for event in EventParser().feed(b"".join(first))] == ["42"]
+    assert again == first
+    # Logged and counted once, as it would have been at consumption.
+    assert [(event["offset"], event["reason"]) for event in replaying] == [
+        (41, "missing field 'filename'")
+    ]
+    assert value(metrics, "sse_messages_skipped_total", reason="bad_field") == 1
+    assert window.newest == 42
+
+
 CAROL = "9e8d7c6b-5a4f-4e3d-8c2b-1a0f9e8d7c6b"
 USERS = [ALICE, BOB, CAROL]
 TOPICS = [NEWS, ALERTS]
@@ -138,3 +179,36 @@ def test_a_message_reaches_exactly_its_users_streams_on_its_topic_and_no_other_s
         events = received(stream)
         assert [event["id"] for event in events] == expected
         assert all(json.loads(event["data"])["userid"].lower() == userid for event in events)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tabs=st.lists(st.tuples(st.sampled_from(USERS), st.sampled_from(TOPICS)), max_size=4),
+    sent=st.lists(messages, max_size=8),
+)
+def test_the_replay_of_each_user_and_topic_holds_exactly_its_messages_stream_open_or_not(
+    tabs: list[tuple[str, str]], sent: list[dict[str, object]]
+) -> None:
+    registry = StreamRegistry()
+    for userid, topic in tabs:
+        open_stream(registry, userid, topic)
+    window = ReplayWindow(Clock(), 60, 100)
+    router = router_for(registry, window)
+    for offset, message in enumerate(sent):
+        userid = str(message["userid"])
+        extra = {"note": message["note"]}
+        if message["nested"]:
+            extra["data"] = message["nested"]
+        if message["topic"] is not None:
+            extra["topic"] = message["topic"]
+        router(body(userid.upper() if message["upper"] else userid, **extra), offset)
+    for userid in USERS:
+        for topic in TOPICS:
+            expected = [
+                str(offset)
+                for offset, message in enumerate(sent)
+                if message["userid"] == userid and message["topic"] in (None, topic)
+            ]
+            events = EventParser().feed(b"".join(window.replay(userid, topic, "-1").frames))
+            assert [event["id"] for event in events] == expected
+            assert all(json.loads(event["data"])["userid"].lower() == userid for event in events)

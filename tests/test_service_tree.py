@@ -21,6 +21,7 @@ SERVER_CHILDREN = [
     "revocations",
     "stream-lifetime",
     "heartbeats",
+    "stalls",
     "metrics",
 ]
 

@@ -124,12 +124,13 @@ class Instance:
         self.port = 0
         self._ca = Path(environ["SSE_CERTS_DIR"]) / "ca.pem"
 
-    async def ready(self) -> None:
+    async def ready(self, seconds: float = 30) -> None:
         """Once it listens, consumes and answers ``/readyz`` with 200 (its read-back is
-        over): when a load balancer would start sending it browsers."""
-        self.port = await bounded(self.process.port, 30)
-        await bounded(self.process.consuming, 30)
-        await bounded(deferToThread(_until_ready, self.port, self._ca), 30)
+        over): when a load balancer would start sending it browsers. Each step may take
+        ``seconds``."""
+        self.port = await bounded(self.process.port, seconds)
+        await bounded(self.process.consuming, seconds)
+        await bounded(deferToThread(_until_ready, self.port, self._ca), seconds)
 
     def url(self, topic: str, userid: str, token: str) -> str:
         return f"https://localhost:{self.port}/subscribe/{topic}/{userid}/{token}"

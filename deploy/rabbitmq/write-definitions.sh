@@ -6,8 +6,12 @@
 # Passwords come from secret files and only their salted SHA-256 reaches OUTPUT:
 #
 #   RABBITMQ_SSE_USER, RABBITMQ_SSE_PASSWORD_FILE      the server's account: on vhost /, it
-#       may declare (configure) and consume (read) the stream queue RABBITMQ_SSE_QUEUE and
-#       nothing else: no publishing, no other queue or exchange.
+#       may declare (configure) and consume (read) the stream queue RABBITMQ_SSE_QUEUE, or
+#       with SSE_RABBITMQ_PARTITIONS above 1 the super stream of that name (the exchange
+#       RABBITMQ_SSE_QUEUE and the partitions RABBITMQ_SSE_QUEUE-0, -1, ...: configure and
+#       read both, write the partitions, which binding them to the exchange needs), and
+#       nothing else: no publishing (that needs write on an exchange), no other queue or
+#       exchange.
 #   RABBITMQ_ADMIN_USER, RABBITMQ_ADMIN_PASSWORD_FILE  an administrator, for the management
 #       UI and publishing by hand.
 #
@@ -66,7 +70,9 @@ cat >"$output" <<JSON
   ],
   "permissions": [
     {"user": "$RABBITMQ_SSE_USER", "vhost": "/",
-     "configure": "^$RABBITMQ_SSE_QUEUE\$", "write": "", "read": "^$RABBITMQ_SSE_QUEUE\$"},
+     "configure": "^$RABBITMQ_SSE_QUEUE(-[0-9]+)?\$",
+     "write": "^$RABBITMQ_SSE_QUEUE-[0-9]+\$",
+     "read": "^$RABBITMQ_SSE_QUEUE(-[0-9]+)?\$"},
     {"user": "$RABBITMQ_ADMIN_USER", "vhost": "/",
      "configure": ".*", "write": ".*", "read": ".*"}
   ]
