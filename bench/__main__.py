@@ -36,6 +36,7 @@ from .environment import (
     environment,
     raise_file_limit,
 )
+from .fleet import fleet_table
 from .report import headline_values, table
 from .scenarios import (
     SCENARIOS,
@@ -74,6 +75,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--resume-connections", type=int, default=500, help="S4r connections in each round"
     )
+    parser.add_argument("--fleet-rate", type=float, default=4000.0, help="fleet messages/s")
+    parser.add_argument("--fleet-seconds", type=float, default=10.0, help="fleet publishing time")
     parser.add_argument(
         "--servers",
         default=",".join(SERVERS),
@@ -212,6 +215,8 @@ async def _bench(options: argparse.Namespace) -> dict[str, Any]:
             latency_idle_streams=options.latency_idle_streams,
             storm_connections=options.storm,
             resume_connections=options.resume_connections,
+            fleet_rate=options.fleet_rate,
+            fleet_seconds=options.fleet_seconds,
             source=source,
             server_environ=tuple(
                 (name, value)
@@ -294,6 +299,9 @@ def main() -> None:
     report = uvloop.run(_bench(options))
     print()
     print(table(report))
+    if "fleet" in report["scenarios"]:
+        print()
+        print(fleet_table(report["scenarios"]["fleet"]))
     options.output.parent.mkdir(parents=True, exist_ok=True)
     options.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nall results: {options.output} ({report['wall_seconds']} s)")

@@ -103,12 +103,32 @@ def sample(pid: int) -> ProcessSample:
     return ProcessSample(time.monotonic(), cpu, rss)
 
 
-def broker_pid() -> int | None:
-    """The RabbitMQ Erlang VM's pid, to report the broker's CPU beside the server's."""
+def _listening_inodes(port: int) -> set[str]:
+    """The inodes of the sockets listening on TCP ``port`` (``/proc/net/tcp``, tcp6)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local address (hex ip:port), state 0A is LISTEN, inode is the 10th field.
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                inodes.add(fields[9])
+    return inodes
+
+
+def broker_pid(port: int = 5672) -> int | None:
+    """The pid of the RabbitMQ Erlang VM listening on ``port``, to report the broker's CPU
+    beside the server's: not any ``beam.smp`` (tests start brokers of their own)."""
+    sockets = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "comm").read_text().strip() == "beam.smp":
+                if (entry / "comm").read_text().strip() != "beam.smp":
+                    continue
+                if any(os.readlink(fd) in sockets for fd in (entry / "fd").iterdir()):
                     return int(entry.name)
             except OSError:
                 continue
@@ -126,6 +146,7 @@ class BenchEnvironment:
     userids: list[str] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
     queues: list[str] = field(default_factory=list)
+    exchanges: list[str] = field(default_factory=list)
 
     @property
     def certs(self) -> Path:
@@ -178,21 +199,36 @@ class BenchEnvironment:
                 admin.close()
             except psycopg2.Error as error:
                 print(f"bench: cannot drop {self.database}: {error}", file=sys.stderr)
-        if self.queues:
+        if self.queues or self.exchanges:
             try:
                 connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
                 channel = connection.channel()
                 for queue in self.queues:
                     channel.queue_delete(queue)
+                for exchange in self.exchanges:
+                    channel.exchange_delete(exchange)
                 connection.close()
             except pika.exceptions.AMQPError as error:
-                print(f"bench: cannot delete queues {self.queues}: {error!r}", file=sys.stderr)
+                print(
+                    f"bench: cannot delete queues {self.queues} or exchanges {self.exchanges}: "
+                    f"{error!r}",
+                    file=sys.stderr,
+                )
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def new_queue(self) -> str:
         """A queue name of this run, deleted by L{tear_down}."""
         name = f"sse-bench-{self.run_id}-{len(self.queues)}"
         self.queues.append(name)
+        return name
+
+    def new_super_stream(self, partitions: int) -> str:
+        """A super stream name of this run (``SSE_RABBITMQ_QUEUE_NAME`` with
+        ``SSE_RABBITMQ_PARTITIONS``): its exchange and partition queues, which the server
+        declares, are deleted by L{tear_down}."""
+        name = f"sse-bench-{self.run_id}-s{len(self.exchanges)}"
+        self.exchanges.append(name)
+        self.queues.extend(f"{name}-{number}" for number in range(partitions))
         return name
 
     def users_file(self, count: int, start: int = 0) -> Path:
@@ -263,8 +299,11 @@ class ServerProcess:
         return [str(TWISTD), "-n", "--pidfile=", "sse-server"]
 
     async def start(self, timeout: float = 60.0) -> None:
-        """Spawn the server; return once it listens, consumes and has its database pool."""
-        self.queue = self.environment.new_queue()
+        """Spawn the server; return once it listens, consumes and has its database pool.
+
+        It consumes a fresh queue of the run unless ``queue`` was set (several servers
+        sharing a stream)."""
+        self.queue = self.queue or self.environment.new_queue()
         with open(self.log_path, "wb") as log, open(self.log_path.with_suffix(".err"), "wb") as err:
             self.process = await asyncio.create_subprocess_exec(
                 *self.command(),

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import ingest
+from .fleet import fleet_headline
 
 __all__ = ["HEADLINES", "headline_values", "table"]
 
@@ -98,6 +99,7 @@ HEADLINES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "S4r": _resumed,
     "ceiling": _ceiling,
     "ingest": ingest.headline,
+    "fleet": fleet_headline,
 }
 
 

@@ -43,6 +43,7 @@ from .environment import (
     sample,
     server_process,
 )
+from .fleet import fleet
 from .ingest import ingest
 from .profiling import Profiler
 
@@ -67,6 +68,8 @@ class Settings:
     resume_connections: int = 500
     streams_per_h2_connection: int = 100
     open_concurrency: int = 100
+    fleet_rate: float = 4000.0
+    fleet_seconds: float = 10.0
     source: Path | None = None
     server_environ: tuple[tuple[str, str], ...] = ()
     server: str = SSE_TWISTED
@@ -643,10 +646,12 @@ SCENARIOS = {
     "s1": lambda environment, settings: idle_capacity(environment, settings),
     "s5-idle": lambda environment, settings: idle_capacity(environment, settings, "h2"),
     "ingest": lambda environment, settings: ingest(environment, settings),
+    "fleet": lambda environment, settings: fleet(environment, settings),
 }
 
-# The ceiling measures no server; uvicorn, which serves the reference, speaks no HTTP/2.
-SSE_TWISTED_ONLY = frozenset({"ceiling", "ingest", "s5-throughput", "s5-idle"})
+# The ceiling measures no server; uvicorn, which serves the reference, speaks no HTTP/2;
+# the fleet needs the partitioned mode.
+SSE_TWISTED_ONLY = frozenset({"ceiling", "ingest", "s5-throughput", "s5-idle", "fleet"})
 
 
 async def run_scenario(
