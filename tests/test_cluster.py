@@ -293,6 +293,31 @@ async def let_in(browser: Browser, url: str, publish_to: str, userid: str) -> in
     raise AssertionError("never let in")
 
 
+def listing_both(
+    environ: dict[str, str],
+    primary: PostgresServer,
+    standby: PostgresServer,
+    standby_first: bool,
+    **settings: str,
+) -> dict[str, str]:
+    """``environ`` listing both PostgreSQL hosts, the primary as ``localhost`` and the
+    standby as ``127.0.0.1`` (verify-full checks each against its own name), every
+    subscribe asking the database (no cache)."""
+    hosts = [("localhost", primary), ("127.0.0.1", standby)]
+    if standby_first:
+        hosts.reverse()
+    return {
+        **environ,
+        "SSE_POSTGRES_HOST": ",".join(name for name, _ in hosts),
+        "SSE_POSTGRES_PORT": ",".join(str(server.port) for _, server in hosts),
+        "SSE_POSTGRES_SSLMODE": "verify-full",
+        "SSE_POSTGRES_USERNAME": primary.user,
+        "SSE_POSTGRES_DB_NAME": primary.database,
+        "SSE_AUTH_CACHE_SECONDS": "0",
+        **settings,
+    }
+
+
 @pytest_twisted.ensureDeferred
 async def test_cluster_of_postgres_hosts_losing_the_primary_still_lets_subscribers_in(
     plaintext_environ: dict[str, str],
@@ -302,18 +327,9 @@ async def test_cluster_of_postgres_hosts_losing_the_primary_still_lets_subscribe
 ) -> None:
     primary, standby = primary_and_standby
     userid, token = await replicated_subscriber(primary, standby)
-    environ = {
-        **plaintext_environ,
-        # Each host by another name in the certificate: verify-full checks each one's own.
-        "SSE_POSTGRES_HOST": "localhost,127.0.0.1",
-        "SSE_POSTGRES_PORT": f"{primary.port},{standby.port}",
-        "SSE_POSTGRES_SSLMODE": "verify-full",
-        "SSE_POSTGRES_USERNAME": primary.user,
-        "SSE_POSTGRES_DB_NAME": primary.database,
-        "SSE_POSTGRES_TIMEOUT_SECONDS": "2",
-        # Every subscribe asks the database.
-        "SSE_AUTH_CACHE_SECONDS": "0",
-    }
+    environ = listing_both(
+        plaintext_environ, primary, standby, standby_first=False, SSE_POSTGRES_TIMEOUT_SECONDS="2"
+    )
     queue = environ["SSE_RABBITMQ_QUEUE_NAME"]
     server = await start_server(environ)
     try:
@@ -339,16 +355,9 @@ async def test_cluster_of_postgres_hosts_the_revocation_listener_passes_a_standb
 ) -> None:
     primary, standby = primary_and_standby
     userid, token = await replicated_subscriber(primary, standby)
-    environ = {
-        **plaintext_environ,
-        "SSE_POSTGRES_HOST": "127.0.0.1,localhost",
-        "SSE_POSTGRES_PORT": f"{standby.port},{primary.port}",
-        "SSE_POSTGRES_SSLMODE": "verify-full",
-        "SSE_POSTGRES_USERNAME": primary.user,
-        "SSE_POSTGRES_DB_NAME": primary.database,
-        "SSE_POSTGRES_POOL_SIZE": "2",
-        "SSE_AUTH_CACHE_SECONDS": "0",
-    }
+    environ = listing_both(
+        plaintext_environ, primary, standby, standby_first=True, SSE_POSTGRES_POOL_SIZE="2"
+    )
     server = await start_server(environ)
     try:
         listener = server.service.getServiceNamed("revocations")
@@ -401,17 +410,10 @@ async def test_cluster_of_postgres_hosts_a_revocation_closes_the_stream_while_th
     primary, standby = primary_and_standby
     alice, alice_token = await replicated_subscriber(primary, standby)
     bob, bob_token = await replicated_subscriber(primary, standby)
-    environ = {
-        **plaintext_environ,
-        # The standby first: the subscriber checks read from it.
-        "SSE_POSTGRES_HOST": "127.0.0.1,localhost",
-        "SSE_POSTGRES_PORT": f"{standby.port},{primary.port}",
-        "SSE_POSTGRES_SSLMODE": "verify-full",
-        "SSE_POSTGRES_USERNAME": primary.user,
-        "SSE_POSTGRES_DB_NAME": primary.database,
-        "SSE_POSTGRES_POOL_SIZE": "2",
-        "SSE_AUTH_CACHE_SECONDS": "0",
-    }
+    # The standby first: the subscriber checks read from it.
+    environ = listing_both(
+        plaintext_environ, primary, standby, standby_first=True, SSE_POSTGRES_POOL_SIZE="2"
+    )
     queue = environ["SSE_RABBITMQ_QUEUE_NAME"]
     server = await start_server(environ)
     try:
