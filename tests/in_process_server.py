@@ -37,9 +37,9 @@ class RunningServer:
         self.service.log_observer.close()
 
 
-async def start_server(environ: Mapping[str, str]) -> RunningServer:
+async def start_server(environ: Mapping[str, str], consuming: bool = True) -> RunningServer:
     """Start a server on a free port with ``environ`` as its SSE_* settings; wait until it
-    listens and consumes."""
+    listens and (unless ``consuming`` is false: a consumer that is to be refused) consumes."""
     config = load_config(
         {"SSE_PORT": "0", "SSE_LISTEN_ADDRESS": "127.0.0.1", "SSE_METRICS_PORT": "0", **environ}
     )
@@ -48,5 +48,6 @@ async def start_server(environ: Mapping[str, str]) -> RunningServer:
     service.startService()
     port = await bounded(service.listener.listening)
     running = RunningServer(config, service, port.getHost().port, fatal)
-    await wait_for(lambda: service.consumer.consuming, "consumer never started")
+    if consuming:
+        await wait_for(lambda: service.consumer.consuming, "consumer never started")
     return running

@@ -18,7 +18,6 @@ import psycopg2
 import pytest
 import pytest_twisted
 from twisted.application.service import Service
-from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent
@@ -35,7 +34,6 @@ from sse_twisted._replay import ReplayWindow
 from sse_twisted._router import MessageRouter
 from sse_twisted._shard import PartitionedConsumer
 from sse_twisted._streams import EventStream, StreamRegistry
-from sse_twisted.tap import build_service
 from tests.browser import Browser
 from tests.in_process_server import RunningServer, start_server
 from tests.logs import warnings_logged
@@ -482,7 +480,7 @@ async def test_a_layout_that_does_not_match_stops_start_up_with_one_line(
             connection.close()
 
     await deferToThread(make_it)
-    running = await _start_refused(partitioned_environ)
+    running = await start_server(partitioned_environ, consuming=False)
     try:
         await wait_for(lambda: running.fatal, "start-up refused")
         (line,) = running.fatal
@@ -490,15 +488,3 @@ async def test_a_layout_that_does_not_match_stops_start_up_with_one_line(
         assert "\n" not in line
     finally:
         await running.stop()
-
-
-async def _start_refused(environ: dict[str, str]) -> RunningServer:
-    """A server whose consumer never starts consuming (start_server waits for it)."""
-    config = load_config(
-        {"SSE_PORT": "0", "SSE_LISTEN_ADDRESS": "127.0.0.1", "SSE_METRICS_PORT": "0", **environ}
-    )
-    fatal: list[str] = []
-    service = build_service(config, reactor, on_fatal=fatal.append)
-    service.startService()
-    port = await bounded(service.listener.listening)
-    return RunningServer(config, service, port.getHost().port, fatal)
