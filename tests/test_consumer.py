@@ -306,22 +306,40 @@ async def test_a_classic_queue_of_the_same_name_is_fatal_and_explained_in_one_li
         assert not consumer._client.running  # it no longer reconnects
 
 
+@pytest.mark.parametrize(
+    ("declared", "setting", "argument"),
+    [
+        ({"x-max-age": "2D"}, {"rabbitmq_max_age": "1D"}, "x-max-age"),
+        (
+            {"x-max-age": "1D"},
+            {"rabbitmq_initial_cluster_size": 3},
+            "x-initial-cluster-size",
+        ),
+    ],
+    ids=["retention", "replication"],
+)
 @pytest_twisted.ensureDeferred
-async def test_a_stream_declared_with_other_retention_is_consumed_as_it_is(
-    tmp_path: Path, system_broker: Broker, new_queue: Callable[[Broker], str], logs: LogWatcher
+async def test_a_stream_declared_with_other_arguments_is_consumed_as_it_is(
+    tmp_path: Path,
+    system_broker: Broker,
+    new_queue: Callable[[Broker], str],
+    logs: LogWatcher,
+    declared: dict[str, Any],
+    setting: dict[str, Any],
+    argument: str,
 ) -> None:
     queue = new_queue(system_broker)
-    await deferToThread(system_broker.declare, queue, {"x-queue-type": "stream", "x-max-age": "2D"})
+    await deferToThread(system_broker.declare, queue, {"x-queue-type": "stream", **declared})
     inbox = Inbox()
-    config = consumer_config(tmp_path, 5672, queue, rabbitmq_max_age="1D")
+    config = consumer_config(tmp_path, 5672, queue, **setting)
     consumer = StreamConsumerService(config, reactor, inbox, unexpected_fatal, Metrics())
     async with running(consumer):
         await logs.wait_for(f"consuming {queue} at ")
-        await deferToThread(system_broker.publish, queue, [b"kept for two days"])
+        await deferToThread(system_broker.publish, queue, [b"kept as the stream is"])
         await inbox.wait_for(1)
-    assert inbox.bodies == [b"kept for two days"]
+    assert inbox.bodies == [b"kept as the stream is"]
     [warning] = logs.lines("exists with other arguments")
-    assert "x-max-age" in warning
+    assert argument in warning
 
 
 @pytest_twisted.ensureDeferred
@@ -548,24 +566,6 @@ async def test_a_classic_queue_is_refused_in_one_line_also_with_a_replication_se
         reason = await bounded(fatal, TIMEOUT)
     assert "\n" not in reason
     assert f"{queue!r} exists as a non-stream queue" in reason
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_stream_declared_with_another_replication_is_consumed_as_it_is(
-    tmp_path: Path, system_broker: Broker, new_queue: Callable[[Broker], str], logs: LogWatcher
-) -> None:
-    queue = new_queue(system_broker)
-    await deferToThread(system_broker.declare, queue, {"x-queue-type": "stream", "x-max-age": "1D"})
-    inbox = Inbox()
-    config = consumer_config(tmp_path, 5672, queue, rabbitmq_initial_cluster_size=3)
-    consumer = StreamConsumerService(config, reactor, inbox, unexpected_fatal, Metrics())
-    async with running(consumer):
-        await logs.wait_for(f"consuming {queue} at ")
-        await deferToThread(system_broker.publish, queue, [b"on the replicas it has"])
-        await inbox.wait_for(1)
-    assert inbox.bodies == [b"on the replicas it has"]
-    [warning] = logs.lines("exists with other arguments")
-    assert "x-initial-cluster-size" in warning
 
 
 @pytest_twisted.ensureDeferred
