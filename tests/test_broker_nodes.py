@@ -109,16 +109,21 @@ async def test_a_node_that_refuses_is_skipped_for_the_next_one() -> None:
     assert len(accepted) == 1
 
 
+async def three_connects(nodes: BrokerNodesEndpoint) -> list[str]:
+    """The node each of three connects reached, each connection lost before the next."""
+    addresses = []
+    for _ in range(3):
+        protocol = await connect(nodes)
+        addresses.append(nodes.address)
+        protocol.transport.loseConnection()
+    return addresses
+
+
 @pytest_twisted.ensureDeferred
 async def test_each_connect_starts_from_the_node_after_the_last_one_connected() -> None:
     # The next connect only follows a lost connection (or a refused handshake): move on.
     async with listening() as (first, at_first), listening() as (second, at_second):
-        nodes = endpoint(first, second)
-        addresses = []
-        for _ in range(3):
-            protocol = await connect(nodes)
-            addresses.append(nodes.address)
-            protocol.transport.loseConnection()
+        addresses = await three_connects(endpoint(first, second))
     assert addresses == [
         f"amqp://127.0.0.1:{first}",
         f"amqp://127.0.0.1:{second}",
@@ -131,12 +136,7 @@ async def test_each_connect_starts_from_the_node_after_the_last_one_connected() 
 async def test_a_node_down_is_passed_over_in_each_round() -> None:
     down = closed_port()
     async with listening() as (second, at_second), listening() as (third, at_third):
-        nodes = endpoint(down, second, third)
-        addresses = []
-        for _ in range(3):
-            protocol = await connect(nodes)
-            addresses.append(nodes.address)
-            protocol.transport.loseConnection()
+        addresses = await three_connects(endpoint(down, second, third))
     # The first down, the second; after the second, the third; after it, round again.
     assert addresses == [
         f"amqp://127.0.0.1:{second}",
