@@ -22,7 +22,7 @@ from ._metrics import Metrics
 from ._paths import MASK
 from ._resource import plain_answer
 from ._shard import LocalPartition, LocalPartitions
-from ._site import TrackedRequest, access_log, client_of
+from ._site import TrackedRequest, access_log, client_of, release_request_state
 from ._streams import EventStream, StreamRegistry
 from ._uuids import is_v4_uuid
 from .interfaces import BackendBusy, BackendUnavailable, IAuthenticator
@@ -236,6 +236,7 @@ class SubscribeResource(Resource):
         self._registry.add(stream)
         finished.addBoth(self._closed, stream)
         stream.send_first(head)
+        release_request_state(request)
         self.log.info(
             "stream opened for {userid} on {topic}",
             userid=userid,
