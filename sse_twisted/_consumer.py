@@ -54,10 +54,10 @@ _CLOSE_TIMEOUT_SECONDS = 5.0
 # of its size (Twisted reads up to 64 KiB, some 700 frames of deliveries): it is handed at
 # most this much at a time, a few dozen frames.
 _PIKA_FEED_BYTES = 4096
-# The longest a delivery waits for its acknowledgement when fewer than half the prefetch
-# window arrive: short beside the window's time at any rate that could drain it, long beside
-# the publisher's batches, so that a paced stream costs an ack a few times a second, not one
-# (a frame, a socket write and a reactor wake-up) for every few messages.
+# The longest a delivery waits for its acknowledgement while fewer than half the prefetch
+# window are unacknowledged (half the window is acked at once, so the broker never waits for
+# this): a paced stream then costs an ack a few times a second, not one (a frame, a socket
+# write and the reactor turns around it) for every reactor turn of a few messages.
 _ACK_SECONDS = 0.1
 
 
