@@ -54,6 +54,11 @@ _CLOSE_TIMEOUT_SECONDS = 5.0
 # of its size (Twisted reads up to 64 KiB, some 700 frames of deliveries): it is handed at
 # most this much at a time, a few dozen frames.
 _PIKA_FEED_BYTES = 4096
+# The longest a delivery waits for its acknowledgement while fewer than half the prefetch
+# window are unacknowledged (half the window is acked at once, so the broker never waits for
+# this): a paced stream then costs an ack a few times a second, not one (a frame, a socket
+# write and the reactor turns around it) for every reactor turn of a few messages.
+_ACK_SECONDS = 0.1
 
 
 def _describe_amqp_failure(failure: Failure) -> str:
@@ -667,14 +672,15 @@ class StreamConsumerService(Service):
 
     def _acknowledge(self, delivery_tag: int) -> None:
         # Acks on a stream free no message, only prefetch credit. One multiple=True ack per
-        # half window, or per reactor turn when fewer arrive, keeps the broker sending
-        # without costing a frame and a write for every message on the hot path.
+        # half window, or _ACK_SECONDS after the first unacknowledged delivery when fewer
+        # arrive, keeps the broker sending without costing a frame and a write for every
+        # message, nor for every reactor turn of a paced stream.
         self._last_delivery_tag = delivery_tag
         self._unacked += 1
         if self._unacked >= self._ack_batch:
             self._flush_acks()
         elif self._ack_call is None:
-            self._ack_call = self._reactor.callLater(0, self._flush_acks)
+            self._ack_call = self._reactor.callLater(_ACK_SECONDS, self._flush_acks)
 
     def _flush_acks(self) -> None:
         if self._ack_call is not None:

@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
@@ -237,6 +238,38 @@ async def test_messages_after_start_arrive_in_order_with_increasing_offsets(
         assert inbox.offsets == sorted(set(inbox.offsets))
         assert consumer.last_offset == inbox.offsets[-1]
     assert not consumer.consuming
+
+
+@dataclass
+class _AckRecorder:
+    """Stands in for the consumer's pika channel: records the acknowledgements sent."""
+
+    is_open: bool = True
+    acks: list[tuple[int, bool]] = field(default_factory=list)
+
+    def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self.acks.append((delivery_tag, multiple))
+
+
+def test_a_paced_stream_is_acked_once_per_interval_and_a_busy_one_every_half_window(
+    tmp_path: Path,
+) -> None:
+    clock = MemoryReactorClock()
+    config = consumer_config(tmp_path, 5672, "never-connected", rabbitmq_prefetch=10)
+    consumer = StreamConsumerService(config, clock, Inbox(), unexpected_fatal, Metrics())
+    channel = _AckRecorder()
+    consumer._channel = channel  # type: ignore[assignment]
+    for tag in (1, 2, 3):  # a few deliveries, each in a reactor turn of its own
+        consumer._acknowledge(tag)
+        clock.advance(0.01)
+    assert channel.acks == []
+    clock.advance(_consumer._ACK_SECONDS)
+    assert channel.acks == [(3, True)]
+    for tag in range(4, 9):  # half the window of 10 at once: acked without waiting
+        consumer._acknowledge(tag)
+    assert channel.acks == [(3, True), (8, True)]
+    clock.advance(_consumer._ACK_SECONDS)
+    assert channel.acks == [(3, True), (8, True)]
 
 
 @pytest_twisted.ensureDeferred
