@@ -253,14 +253,9 @@ async def replicated_subscriber(
     """A subscriber added on the primary, once the standby has it too."""
     userid, token = add_subscriber(primary)
     query = "SELECT 1 FROM users WHERE uuid = %s"
-
-    async def on_standby() -> bool:
-        return bool(await deferToThread(standby.execute, query, (userid,)))
-
-    deadline = reactor.seconds() + 20
-    while not await on_standby():
-        assert reactor.seconds() < deadline, "the standby never received the subscriber"
-        await deferLater(reactor, 0.1, lambda: None)
+    await wait_for_rows(
+        standby, query, (userid,), [(1,)], "the standby never received the subscriber"
+    )
     return userid, token
 
 
