@@ -17,6 +17,7 @@ from sse_twisted._logging import JSONLogObserver
 from tests.backends import Pki, PostgresServer, RabbitMQServer
 from tests.browser import Browser
 from tests.conftest_backends import pki, postgres_tls, rabbitmq_tls
+from tests.proxies import installed_node
 from tests.publishing import delete_queue
 from tests.secrets_tracking import LOGGED_TEXT, USED_SECRETS, leaked_secrets, new_uuid
 
@@ -60,6 +61,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             if reporter is not None:
                 reporter.write_line(message, red=True, bold=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """The node executable, with the npm eventsource client installed (``npm ci`` once a
+    session, for every test that runs the real EventSource client)."""
+    return installed_node()
 
 
 @pytest.fixture(scope="session")

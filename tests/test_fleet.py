@@ -35,7 +35,6 @@ from tests.proxies import (
     EventSourceTab,
     binary,
     haproxy_command,
-    installed_node,
     listening,
     render,
     spawn,
@@ -63,12 +62,6 @@ MESSAGES = 5000
 KILLED, KILLED_AFTER = "a1", 2000
 # The machine is shared and loaded: generous deadlines (the run takes far less when quiet).
 SLOW = 120
-
-
-@pytest.fixture(scope="module")
-def node() -> str:
-    """The node executable, with the npm eventsource client installed."""
-    return installed_node()
 
 
 @pytest.fixture

@@ -33,7 +33,6 @@ from tests.proxies import (
     EventSourceTab,
     Proxy,
     binary,
-    installed_node,
     listening,
     render,
     spawn,
@@ -45,12 +44,6 @@ from tests.sse_parser import EventParser
 from tests.subscribers import add_local_subscriber
 from tests.twistd_processes import Instance
 from tests.waiting import TIMEOUT, bounded, wait_for
-
-
-@pytest.fixture(scope="session")
-def node() -> str:
-    """The node executable, with the npm eventsource client installed."""
-    return installed_node()
 
 
 async def start_nginx(directory: Path, certs: Path, port: int, upstreams: list[int]) -> Proxy:
