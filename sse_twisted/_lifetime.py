@@ -39,20 +39,20 @@ class StreamLifetimeService(Service):
 
     Each gets a jittered ``retry:`` and, when events were consumed since it opened without
     any being for it, an ``id:`` of the newest: its browser then resumes from there
-    rather than from nothing. ``window`` is the replay window, or (partitioned) what gives
-    the window of a userid's partition.
+    rather than from nothing. ``window_of`` gives the replay window of a userid's
+    partition (None when it is not consumed here).
     """
 
     def __init__(
         self,
         registry: StreamRegistry,
-        window: ReplayWindow | Callable[[str], ReplayWindow | None],
+        window_of: Callable[[str], ReplayWindow | None],
         clock: IReactorTime,
         retry_milliseconds: int,
         jitter_milliseconds: int,
     ) -> None:
         self._registry = registry
-        self._window_of = window if callable(window) else (lambda _userid: window)
+        self._window_of = window_of
         self._clock = clock
         self._retry_milliseconds = retry_milliseconds
         self._jitter_milliseconds = jitter_milliseconds

@@ -36,9 +36,10 @@ JITTER_MILLISECONDS = 400
 
 def lifetimes(clock: Clock, window: ReplayWindow | None = None) -> tuple[StreamRegistry, Any]:
     registry = StreamRegistry()
+    kept = window if window is not None else ReplayWindow(clock, 300, 1000)
     service = StreamLifetimeService(
         registry,
-        window if window is not None else ReplayWindow(clock, 300, 1000),
+        lambda _userid: kept,
         clock,
         RETRY_MILLISECONDS,
         JITTER_MILLISECONDS,
