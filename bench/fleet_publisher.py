@@ -109,17 +109,10 @@ def publish(options: argparse.Namespace) -> dict[str, object]:
         per_partition[number] += 1
         body = (_TEMPLATE % (userid, options.count + number, time.monotonic_ns())).encode()
         publisher.write(publisher.frames_to(number, body))
-    publisher.sync()
-    ended = time.monotonic()
-    cpu = sum(os.times()[:2]) - cpu_before
-    publisher.close()
     return {
         "count": options.count + len(sentinels),
         "per_partition": per_partition,
-        "started": started,
-        "ended": ended,
-        "publish_rate": options.count / max(ended - started, 1e-9),
-        "cpu_seconds": round(cpu, 3),
+        **publisher.finish(started, cpu_before, options.count),
     }
 
 

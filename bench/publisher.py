@@ -118,6 +118,21 @@ class RawPublisher:
         self._send(_CHANNEL, pika.spec.Basic.Qos(prefetch_count=0))
         self._expect(pika.spec.Basic.QosOk)
 
+    def finish(self, started: float, cpu_before: float, count: int) -> dict[str, float]:
+        """Wait until the broker has taken every message, then close: the summary's timing
+        (``count`` messages published since ``started``, with this process's CPU since
+        ``cpu_before``)."""
+        self.sync()
+        ended = time.monotonic()
+        cpu = sum(os.times()[:2]) - cpu_before
+        self.close()
+        return {
+            "started": started,
+            "ended": ended,
+            "publish_rate": count / max(ended - started, 1e-9),
+            "cpu_seconds": round(cpu, 3),
+        }
+
     def close(self) -> None:
         """Close the connection politely."""
         self._send(
@@ -176,17 +191,10 @@ def publish(options: argparse.Namespace) -> dict[str, float | int]:
                     hot_sent += 1
             body = (_TEMPLATE % (users[seq % len(users)], seq, time.monotonic_ns())).encode()
             publisher.write(publisher.frames(body))
-    publisher.sync()
-    ended = time.monotonic()
-    cpu = sum(os.times()[:2]) - cpu_before
-    publisher.close()
     return {
         "count": options.count,
         "hot_messages": hot_sent,
-        "started": started,
-        "ended": ended,
-        "publish_rate": options.count / max(ended - started, 1e-9),
-        "cpu_seconds": round(cpu, 3),
+        **publisher.finish(started, cpu_before, options.count),
     }
 
 
