@@ -25,30 +25,53 @@ def heartbeats(stream: EventStream) -> int:
 
 def test_every_stream_gets_one_heartbeat_per_interval_spread_over_the_interval() -> None:
     clock, registry = Clock(), StreamRegistry()
-    streams = open_streams(registry, 300)
+    streams = open_streams(registry, 300)  # 30 slices of one batch each, every 5 s
     service = HeartbeatService(registry, interval_seconds=150, clock=clock)
     service.startService()  # the first slice is written at once
-    most_in_one_tick = 0
+    written_per_second = [sum(map(heartbeats, streams))]
     for _ in range(149):
-        before = sum(heartbeats(stream) for stream in streams)
+        before = sum(map(heartbeats, streams))
         clock.advance(1)
-        most_in_one_tick = max(most_in_one_tick, sum(map(heartbeats, streams)) - before)
+        written_per_second.append(sum(map(heartbeats, streams)) - before)
     service.stopService()
     assert [heartbeats(stream) for stream in streams] == [1] * 300
-    assert most_in_one_tick == 2
+    assert written_per_second == ([10] + [0] * 4) * 30
+
+
+def test_an_instance_with_few_streams_wakes_once_an_interval_for_them() -> None:
+    clock, registry = Clock(), StreamRegistry()
+    streams = open_streams(registry, 3)
+    service = HeartbeatService(registry, interval_seconds=15, clock=clock)
+    service.startService()
+    assert [heartbeats(stream) for stream in streams] == [1] * 3
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [15]
+    clock.advance(15)
+    assert [heartbeats(stream) for stream in streams] == [2] * 3
+    service.stopService()
+
+
+def test_an_instance_with_no_stream_wakes_once_an_interval() -> None:
+    clock, registry = Clock(), StreamRegistry()
+    service = HeartbeatService(registry, interval_seconds=15, clock=clock)
+    service.startService()
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [15]
+    streams = open_streams(registry, 2)
+    clock.advance(15)  # a new round takes the streams opened since
+    assert [heartbeats(stream) for stream in streams] == [1] * 2
+    service.stopService()
 
 
 def test_a_stream_closed_during_the_round_is_skipped() -> None:
     clock, registry = Clock(), StreamRegistry()
-    streams = open_streams(registry, 10)
+    streams = open_streams(registry, 20)  # two slices: at 0 and at 75
     service = HeartbeatService(registry, interval_seconds=150, clock=clock)
-    service.startService()  # the round's snapshot holds all ten
-    for stream in streams[::2]:
+    service.startService()  # the round's snapshot holds all twenty
+    for stream in streams[10::2]:
         stream.request.finish()
         registry.remove(stream)
     clock.advance(149)
     service.stopService()
-    assert [heartbeats(stream) for stream in streams] == [0, 1] * 5
+    assert [heartbeats(stream) for stream in streams] == [1] * 10 + [0, 1] * 5
 
 
 def test_ticks_a_busy_reactor_ran_late_are_made_up() -> None:

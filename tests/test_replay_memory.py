@@ -215,16 +215,15 @@ def test_a_resumer_is_not_dropped_before_a_whole_heartbeat_interval_without_prog
     stream, request = _paced_stream(room=4096, cap=3000)
     # 2 MB: a drain lets about 70 KB more go.
     stream.send_first([_frame(offset) for offset in range(2000)])
-    # A lone stream's heartbeat is in the last slice: at 14.9 s, then every 15 s.
+    # A lone stream's heartbeats are at 0 s, then every 15 s.
     service = _heartbeats([stream], clock)
-    for _ in range(10):
-        # Reads a little every 10 s: each heartbeat sees progress since the one before.
-        clock.advance(10)
-        request.drain()
-    assert not request.channel.transport.disconnecting
-    # The last read was at 100 s; the heartbeats at 104.9 and 119.9 s find nothing taken
-    # since, and the one at 134.9 s drops it.
-    clock.advance(34)
+    for second in range(1, 135):
+        clock.advance(1)
+        if second % 10 == 0 and second <= 100:
+            # Reads a little every 10 s: each heartbeat sees progress since the one before.
+            request.drain()
+    # The last read was at 100 s; the heartbeats at 105 and 120 s find nothing taken
+    # since, and the one at 135 s drops it.
     assert not request.channel.transport.disconnecting
     clock.advance(1)
     service.stopService()
