@@ -82,25 +82,32 @@ def _server_process_setup(soft_file_limit: int | None = None) -> None:
 
 @dataclass(frozen=True, slots=True)
 class ProcessSample:
-    """CPU seconds (user + system) and resident memory of a process at one instant."""
+    """CPU seconds (user + system), resident memory and wake-ups of a process at one instant.
+
+    ``wake_ups`` counts the main thread's voluntary context switches: for a ``twistd``, each
+    time its reactor waited for something (``epoll_wait`` that blocked) and woke again.
+    """
 
     at: float
     cpu_seconds: float
     rss_kib: int
+    wake_ups: int
 
 
 def sample(pid: int) -> ProcessSample:
-    """Read ``/proc/<pid>/stat`` (utime + stime) and ``/proc/<pid>/status`` (VmRSS)."""
+    """Read ``/proc/<pid>/stat`` (utime + stime) and ``/proc/<pid>/status`` (VmRSS,
+    voluntary_ctxt_switches)."""
     with open(f"/proc/{pid}/stat", "rb") as stat:
         fields = stat.read().rsplit(b")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-    rss = 0
+    rss = wake_ups = 0
     with open(f"/proc/{pid}/status", "rb") as status:
         for line in status:
             if line.startswith(b"VmRSS:"):
                 rss = int(line.split()[1])
-                break
-    return ProcessSample(time.monotonic(), cpu, rss)
+            elif line.startswith(b"voluntary_ctxt_switches:"):
+                wake_ups = int(line.split()[1])
+    return ProcessSample(time.monotonic(), cpu, rss, wake_ups)
 
 
 def _listening_inodes(port: int) -> set[str]:

@@ -15,7 +15,10 @@ until every partition's sentinel reached its stream, divided by the fleet's mess
 **CPU per fleet message**; the target is that it falls in proportion to the shards: at S
 shards, each instance's within 20 % of the one-shard figure / S. Also per instance: the
 messages of its partitions, its deliveries, its CPU per message it consumed, its CPU when
-idle (5 s before publishing) and its memory; the broker's CPU (the ``beam.smp`` on port
+idle (5 s before publishing), its memory, and how often its reactor woke (voluntary context
+switches), idle and while messages flowed; over every instance of every layout, a fit of
+CPU as a cost per message plus a cost per wake-up (what splits into shards and what each
+instance pays however few messages it gets); the broker's CPU (the ``beam.smp`` on port
 5672) over the same window, and net of what it spent in the idle 5 s (the broker is shared
 with anything else on the machine: an indication only).
 """
@@ -221,6 +224,8 @@ async def _sharding(
             consumed = sum(published["per_partition"][number] for number in instance.partitions)
             cpu = end[index].cpu_seconds - start[index].cpu_seconds
             idle_cpu = idle_end[index].cpu_seconds - idle_start[index].cpu_seconds
+            wake_ups = end[index].wake_ups - start[index].wake_ups
+            idle_wake_ups = idle_end[index].wake_ups - idle_start[index].wake_ups
             delivered = sum(
                 n for (user, _), n in received.items() if partition[user] in instance.partitions
             )
@@ -234,6 +239,10 @@ async def _sharding(
                     "cpu_us_per_fleet_message": round(1e6 * cpu / fleet_messages, 2),
                     "cpu_us_per_consumed_message": round(1e6 * cpu / max(consumed, 1), 2),
                     "idle_cpu_percent": round(100 * idle_cpu / _IDLE_SECONDS, 2),
+                    "wake_ups": wake_ups,
+                    "wake_ups_per_second": round(wake_ups / (end[index].at - start[index].at), 1),
+                    "idle_wake_ups_per_second": round(idle_wake_ups / _IDLE_SECONDS, 1),
+                    "idle_cpu_us_per_wake_up": round(1e6 * idle_cpu / max(idle_wake_ups, 1), 1),
                     "rss_kb": end[index].rss_kib,
                     "warnings": len(instance.server.problems()),
                 }
@@ -280,6 +289,27 @@ def _verdicts(shardings: list[dict[str, Any]]) -> None:
         sharding["worst_deviation_from_proportional"] = round(worst, 3)
 
 
+def _per_message_and_per_wake_up(shardings: list[dict[str, Any]]) -> dict[str, float]:
+    """The least-squares fit, over every instance of every layout, of its CPU as ``a`` per
+    message it consumed plus ``w`` per wake-up of its reactor: what a message costs, and
+    what the instance pays each time it wakes however few messages it finds."""
+    instances = [instance for sharding in shardings for instance in sharding["instances"]]
+    pairs = [(instance["consumed_messages"], instance["wake_ups"]) for instance in instances]
+    cpus = [instance["cpu_seconds"] for instance in instances]
+    mm = sum(m * m for m, _ in pairs)
+    mk = sum(m * k for m, k in pairs)
+    kk = sum(k * k for _, k in pairs)
+    mc = sum(m * c for (m, _), c in zip(pairs, cpus, strict=True))
+    kc = sum(k * c for (_, k), c in zip(pairs, cpus, strict=True))
+    determinant = mm * kk - mk * mk
+    if not determinant:
+        return {}
+    return {
+        "cpu_us_per_message": round(1e6 * (mc * kk - kc * mk) / determinant, 2),
+        "cpu_us_per_wake_up": round(1e6 * (kc * mm - mc * mk) / determinant, 1),
+    }
+
+
 async def fleet(environment: BenchEnvironment, settings: Settings) -> dict[str, Any]:
     """The fleet scenario: each layout of ``SHARDINGS`` in turn, then the verdicts."""
     count = int(settings.fleet_rate * settings.fleet_seconds)
@@ -296,6 +326,7 @@ async def fleet(environment: BenchEnvironment, settings: Settings) -> dict[str, 
         "users": min(FLEET_USERS, len(environment.userids)),
         "streams": min(FLEET_STREAMS, len(environment.userids)),
         "shardings": shardings,
+        "fit": _per_message_and_per_wake_up(shardings),
     }
 
 
@@ -327,6 +358,7 @@ def fleet_table(result: dict[str, Any]) -> str:
         "target",
         "CPU/consumed msg",
         "idle CPU",
+        "wake-ups/s",
     )
     rows = [header]
     verdicts = []
@@ -345,6 +377,7 @@ def fleet_table(result: dict[str, Any]) -> str:
                     f"{1 / shards:.3f} ± 20 %",
                     f"{instance['cpu_us_per_consumed_message']} µs",
                     f"{instance['idle_cpu_percent']} %",
+                    f"{instance.get('wake_ups_per_second', '')}",
                 )
             )
         if shards > 1:
@@ -378,5 +411,22 @@ def fleet_table(result: dict[str, Any]) -> str:
             f"{result['rate']} msg/s over {result['users']} users, {result['streams']} streams",
             *lines,
             *verdicts,
+            *_fit_line(result),
         ]
     )
+
+
+def _fit_line(result: dict[str, Any]) -> list[str]:
+    fit = result.get("fit") or {}
+    if not fit:
+        return []
+    idle = [
+        instance["idle_cpu_us_per_wake_up"]
+        for sharding in result["shardings"]
+        for instance in sharding["instances"]
+    ]
+    return [
+        f"fleet: over every instance, CPU = {fit['cpu_us_per_message']} µs per message "
+        f"consumed + {fit['cpu_us_per_wake_up']} µs per wake-up of its reactor (least "
+        f"squares); an idle instance's wake-ups cost {min(idle)} to {max(idle)} µs each"
+    ]
