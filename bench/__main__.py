@@ -181,6 +181,8 @@ def _median(values: list[Any]) -> Any:
         return first
     if isinstance(first, bool) or not isinstance(first, int | float):
         return first
+    if all(value == first for value in values):
+        return first  # an even count's median is a float: 2 shards must stay 2, not 2.0
     numbers = [value for value in values if isinstance(value, int | float)]
     middle = statistics.median(numbers)
     return round(middle, 3) if isinstance(middle, float) else middle
@@ -297,13 +299,14 @@ def main() -> None:
     # A terminated bench still stops its server and drops its database and queues.
     signal.signal(signal.SIGTERM, _interrupt)
     report = uvloop.run(_bench(options))
+    # Saved first: minutes of measurement must not hang on the printing below.
+    options.output.parent.mkdir(parents=True, exist_ok=True)
+    options.output.write_text(json.dumps(report, indent=2) + "\n")
     print()
     print(table(report))
     if "fleet" in report["scenarios"]:
         print()
         print(fleet_table(report["scenarios"]["fleet"]))
-    options.output.parent.mkdir(parents=True, exist_ok=True)
-    options.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nall results: {options.output} ({report['wall_seconds']} s)")
 
 
