@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import struct
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pika.spec
 
 from sse_twisted._partitions import partition_of
 
-from .publisher import RawPublisher
+from .publisher import _CHANNEL, RawPublisher
 
 __all__ = ["PartitionPublisher"]
 
@@ -31,8 +30,6 @@ _TEMPLATE = (
     '{"type":"foundcontract","userid":"%s","filename":"report.pdf",'
     '"filepath":"/contracts/report.pdf","finished":false,"seq":%d,"sent":%d}'
 )
-_CHANNEL = 1
-_FRAME_END = b"\xce"
 _TICK_SECONDS = 0.01
 
 
@@ -52,19 +49,7 @@ class PartitionPublisher(RawPublisher):
 
     def frames_to(self, partition: int, body: bytes) -> bytes:
         """The three frames that publish ``body`` to ``partition`` (after L{route})."""
-        size = len(body)
-        header = self._headers.get(size)
-        if header is None:
-            header = self._headers[size] = pika.frame.Header(
-                _CHANNEL, size, self._properties
-            ).marshal()
-        return (
-            self._methods[partition]
-            + header
-            + struct.pack(">BHI", 3, _CHANNEL, size)
-            + body
-            + _FRAME_END
-        )
+        return self.publish_frames(self._methods[partition], body)
 
 
 def _arguments() -> argparse.Namespace:

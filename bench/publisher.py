@@ -101,13 +101,17 @@ class RawPublisher:
 
     def frames(self, body: bytes) -> bytes:
         """The three frames that publish ``body`` (after L{check_queue})."""
+        return self.publish_frames(self._method, body)
+
+    def publish_frames(self, method: bytes, body: bytes) -> bytes:
+        """The marshalled publish ``method`` frame, then ``body``'s header and body frames."""
         size = len(body)
         header = self._headers.get(size)
         if header is None:
             header = self._headers[size] = pika.frame.Header(
                 _CHANNEL, size, self._properties
             ).marshal()
-        return self._method + header + struct.pack(">BHI", 3, _CHANNEL, size) + body + _FRAME_END
+        return method + header + struct.pack(">BHI", 3, _CHANNEL, size) + body + _FRAME_END
 
     def write(self, data: bytes) -> None:
         """Send marshalled frames."""
