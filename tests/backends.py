@@ -156,6 +156,15 @@ class PostgresServer:
     database: str = "sse"
     user: str = "postgres"
 
+    def settings(self) -> dict[str, str]:
+        """The server's ``SSE_POSTGRES_*`` host, port, user and database settings."""
+        return {
+            "SSE_POSTGRES_HOST": self.host,
+            "SSE_POSTGRES_PORT": str(self.port),
+            "SSE_POSTGRES_USERNAME": self.user,
+            "SSE_POSTGRES_DB_NAME": self.database,
+        }
+
     @property
     def data_directory(self) -> Path:
         """The cluster's PGDATA."""

@@ -134,10 +134,7 @@ def tls_environ(
     the test)."""
     environ = {
         "SSE_CERTS_DIR": str(pki.directory),
-        "SSE_POSTGRES_HOST": postgres_tls.host,
-        "SSE_POSTGRES_PORT": str(postgres_tls.port),
-        "SSE_POSTGRES_USERNAME": postgres_tls.user,
-        "SSE_POSTGRES_DB_NAME": postgres_tls.database,
+        **postgres_tls.settings(),
         "SSE_POSTGRES_TIMEOUT_SECONDS": "2",
         "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
         "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),

@@ -153,10 +153,7 @@ async def test_cluster_losing_the_consumers_node_mid_flow_loses_and_repeats_noth
     queue = f"messages-{new_uuid()}"
     environ = {
         "SSE_CERTS_DIR": str(pki.directory),
-        "SSE_POSTGRES_HOST": postgres_tls.host,
-        "SSE_POSTGRES_PORT": str(postgres_tls.port),
-        "SSE_POSTGRES_USERNAME": postgres_tls.user,
-        "SSE_POSTGRES_DB_NAME": postgres_tls.database,
+        **postgres_tls.settings(),
         # Every node over TLS, each verified against the name it is listed by.
         "SSE_RABBITMQ_HOST": ",".join(f"{node.host}:{node.amqps_port}" for node in nodes),
         "SSE_RABBITMQ_INITIAL_CLUSTER_SIZE": "3",

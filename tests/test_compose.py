@@ -489,9 +489,7 @@ async def test_the_image_healthcheck_passes_against_a_running_server_and_fails_w
     server = await start_server(
         {
             "SSE_CERTS_DIR": str(pki.directory),
-            "SSE_POSTGRES_HOST": postgres_tls.host,
-            "SSE_POSTGRES_PORT": str(postgres_tls.port),
-            "SSE_POSTGRES_DB_NAME": postgres_tls.database,
+            **postgres_tls.settings(),
             "SSE_RABBITMQ_HOST": rabbitmq_tls.host,
             "SSE_RABBITMQ_PORT": str(rabbitmq_tls.amqps_port),
             "SSE_RABBITMQ_QUEUE_NAME": f"messages-{new_uuid()}",
