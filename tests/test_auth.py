@@ -294,10 +294,16 @@ async def test_checks_whose_wait_timed_out_are_never_sent(
             with pytest.raises(BackendUnavailable):
                 await bounded(checking)
         assert authenticator.waiting == 0
+        # Two were sent at once. PostgreSQL's statement_timeout (the same 0.5 s, counted from
+        # when it got the query) can end one before a late reactor fires a waiting check's
+        # timeout, and that check is then sent (rarely, on a loaded machine). At least one
+        # must have timed out in line for the test to say anything.
+        sent = authenticator.queries
+        assert 2 <= sent < len(checks)
         locker.rollback()
-    # The two sent finish in the background; the three that timed out in line are gone.
+    # The sent ones finish in the background; those that timed out in line are gone.
     assert await check(authenticator, *ALICE) is True
-    assert authenticator.queries == 3
+    assert authenticator.queries == sent + 1
 
 
 @pytest_twisted.ensureDeferred
