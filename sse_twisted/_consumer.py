@@ -37,6 +37,8 @@ from ._config import Config
 from ._live import LiveStart
 from ._metrics import Metrics, amqp_timestamp_seconds
 from ._partitions import SuperStream
+from ._read_pacing import ReadPacer
+from ._ticks import delay_to_tick_by
 from ._tls import rabbitmq_client_tls
 
 __all__ = ["StreamConsumerService"]
@@ -82,15 +84,20 @@ class _StreamConnection(TwistedProtocolConnection):
     tests/test_private_names.py fails if it goes.
     """
 
-    def __init__(self, parameters: pika.ConnectionParameters, reactor: Any) -> None:
+    def __init__(
+        self, parameters: pika.ConnectionParameters, reactor: Any, pacer: ReadPacer | None
+    ) -> None:
         super().__init__(parameters, custom_reactor=reactor)
         self._reactor = reactor
+        self._pacer = pacer
         self._end_reason: str | None = None
         self._deadline: DelayedCall | None = None
         self.lost: Deferred[str] = Deferred()
 
     def makeConnection(self, transport: ITransport) -> None:
         super().makeConnection(transport)
+        if self._pacer is not None:
+            self._pacer.attach(transport)
         # Heartbeats only start after the handshake: a peer that accepts TCP and then says
         # nothing would otherwise hold this connection, and stop retries, forever.
         self._abort_after(_HANDSHAKE_TIMEOUT_SECONDS, "no AMQP handshake")
@@ -98,6 +105,8 @@ class _StreamConnection(TwistedProtocolConnection):
     def dataReceived(self, data: bytes) -> None:
         for start in range(0, len(data), _PIKA_FEED_BYTES):
             super().dataReceived(data[start : start + _PIKA_FEED_BYTES])
+        if self._pacer is not None:
+            self._pacer.received(len(data))
 
     def connectionReady(self) -> _StreamConnection:
         self._cancel_deadline()
@@ -105,6 +114,8 @@ class _StreamConnection(TwistedProtocolConnection):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
+        if self._pacer is not None:
+            self._pacer.detach()
         pending = self._impl._error  # see the class docstring
         if self._end_reason is None and pending is not None:
             self._end_reason = repr(pending)
@@ -233,6 +244,7 @@ class StreamConsumerService(Service):
         if super_stream is not None:
             self._queue_arguments = super_stream.queue_arguments
         self._prefetch = config.rabbitmq_prefetch
+        self._read_interval_seconds = config.ingest_batch_milliseconds / 1000
         self._read_back_seconds = config.replay_seconds
         self._ack_batch = max(1, config.rabbitmq_prefetch // 2)
         self._on_message = on_message
@@ -285,7 +297,10 @@ class StreamConsumerService(Service):
         await self._client.stopService()
 
     def _new_connection(self) -> _StreamConnection:
-        connection = _StreamConnection(self._parameters, self._reactor)
+        pacer = None
+        if self._read_interval_seconds:
+            pacer = ReadPacer(self._reactor, self._read_interval_seconds)
+        connection = _StreamConnection(self._parameters, self._reactor, pacer)
         if connection.ready is not None:
             # lost tells why it failed; AMQPConnectionError(1) would add nothing.
             connection.ready.addCallbacks(self._connection_ready, lambda _: None)
@@ -680,7 +695,9 @@ class StreamConsumerService(Service):
         if self._unacked >= self._ack_batch:
             self._flush_acks()
         elif self._ack_call is None:
-            self._ack_call = self._reactor.callLater(_ACK_SECONDS, self._flush_acks)
+            # On the tick grid, so that the acks share a wake-up with the stall tick.
+            delay = delay_to_tick_by(self._reactor.seconds(), _ACK_SECONDS)
+            self._ack_call = self._reactor.callLater(delay, self._flush_acks)
 
     def _flush_acks(self) -> None:
         if self._ack_call is not None:

@@ -1,10 +1,11 @@
 """Stalls made visible: how late the reactor runs a short periodic tick, how long each
 garbage collection holds the process, and one log line per stall saying what ran.
 
-A tick is due every L{TICK_SECONDS}; the time it runs past that is the reactor's lag, the
-time everything else waiting for the reactor (a message to deliver, a connection to
-accept) waited too. A stall blocks at most one tick, so the lag seen is between the
-stall's length minus one interval and its length.
+A tick is due at every point of the tick grid (L{sse_twisted._ticks.TICK_SECONDS}
+apart); the time it runs past that is the reactor's lag, the time everything else waiting
+for the reactor (a message to deliver, a connection to accept) waited too. A stall
+blocks at most one tick, so the lag seen is between the stall's length minus one interval
+and its length.
 
 What ran is told by counters the components already keep (``activity``): each stall line
 gives how much each moved since the previous tick, beside the collections that ran in
@@ -28,10 +29,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-__all__ = ["TICK_SECONDS", "CollectionPause", "GarbageCollectionTimer", "StallMonitorService"]
+from ._ticks import delay_to_tick
 
-TICK_SECONDS = 0.05
-"""How often the lag is measured: often enough to see a stall, 20 wake-ups a second."""
+__all__ = ["CollectionPause", "GarbageCollectionTimer", "StallMonitorService"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,8 +147,11 @@ class StallMonitorService(Service):
         return {name: total() for name, total in self._activity.items()}
 
     def _schedule(self) -> None:
-        self._due = self._clock.seconds() + TICK_SECONDS
-        self._call = self._clock.callLater(TICK_SECONDS, self._tick)
+        # On the tick grid, where paced reads and acks fall too: one wake-up for them all.
+        now = self._clock.seconds()
+        delay = delay_to_tick(now)
+        self._due = now + delay
+        self._call = self._clock.callLater(delay, self._tick)
 
     def _tick(self) -> None:
         lag = max(0.0, self._clock.seconds() - self._due)

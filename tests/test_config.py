@@ -65,6 +65,7 @@ def test_cors_origins_are_a_comma_separated_list(certs_dir: Path) -> None:
         ("SSE_AUTH_CACHE_SECONDS", "-inf", "SSE_AUTH_CACHE_SECONDS: '-inf' must be a finite"),
         ("SSE_TRUSTED_PROXIES", "10.0.0.0/8,proxy", "SSE_TRUSTED_PROXIES: 'proxy' is not an IP"),
         ("SSE_RABBITMQ_MAX_AGE", "7 days", "SSE_RABBITMQ_MAX_AGE: '7 days' is not a RabbitMQ"),
+        ("SSE_INGEST_BATCH_MS", "101", "SSE_INGEST_BATCH_MS: 101 is over 100 (milliseconds)"),
         ("SSE_CERTS_DIR", "/nonexistent/certs", "SSE_CERTS_DIR: '/nonexistent/certs' is not a"),
     ],
 )

@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
+from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
@@ -36,6 +37,7 @@ from sse_twisted import _consumer
 from sse_twisted._config import Config, load_config
 from sse_twisted._consumer import StreamConsumerService
 from sse_twisted._metrics import Metrics
+from sse_twisted._socket_reads import socket_reads
 from sse_twisted.devcerts import (
     DEV_CERTIFICATE_FILES,
     issue_certificate,
@@ -238,6 +240,55 @@ async def test_messages_after_start_arrive_in_order_with_increasing_offsets(
         assert inbox.offsets == sorted(set(inbox.offsets))
         assert consumer.last_offset == inbox.offsets[-1]
     assert not consumer.consuming
+
+
+async def _paused_once_within(turns: int, reads: object) -> bool:
+    """Whether the consumer's socket leaves the reactor's readers in the next ``turns``."""
+    for _ in range(turns):
+        if reads not in reactor.getReaders():
+            return True
+        await deferLater(reactor, 0)
+    return False
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["amqp", "amqps"])
+@pytest_twisted.ensureDeferred
+async def test_paced_reads_lose_nothing_trickling_or_behind(
+    tls: bool,
+    pki: Pki,
+    rabbitmq_tls: RabbitMQServer,
+    system_broker: Broker,
+    private_broker: Broker,
+    new_queue: Callable[[Broker], str],
+    logs: LogWatcher,
+) -> None:
+    broker = private_broker if tls else system_broker
+    queue = new_queue(broker)
+    if tls:
+        config = tls_config(pki.directory, rabbitmq_tls, queue, "localhost")
+    else:
+        config = consumer_config(pki.directory, 5672, queue)
+    # A small window too: paced, the acks must still keep the broker sending.
+    config = replace(config, ingest_batch_milliseconds=50, rabbitmq_prefetch=10)
+    inbox = Inbox()
+    consumer = StreamConsumerService(config, reactor, inbox, unexpected_fatal, Metrics())
+    trickle = [f"trickle {number}".encode() for number in range(20)]
+    behind = [f"behind {number}".encode() + b"x" * (number * 97 % 9000) for number in range(300)]
+    async with running(consumer):
+        await logs.wait_for(f"consuming {queue} at ")
+        assert consumer._connection is not None
+        reads = socket_reads(consumer._connection.transport)
+        paused = []
+        for number, body in enumerate(trickle, start=1):
+            await deferToThread(broker.publish, queue, [body])
+            await inbox.wait_for(number)  # each alone: a pause always ends
+            paused.append(await _paused_once_within(10, reads))
+        await deferToThread(broker.publish, queue, behind)  # read at full speed
+        await inbox.wait_for(len(trickle) + len(behind))
+    assert inbox.bodies == trickle + behind
+    assert inbox.offsets == list(range(inbox.offsets[0], inbox.offsets[0] + len(inbox.offsets)))
+    # Each small read pauses until the next 50 ms point; seen unless that point is very near.
+    assert sum(paused) >= len(trickle) // 2
 
 
 @dataclass

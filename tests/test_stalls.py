@@ -12,7 +12,8 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent
 
 from sse_twisted._metrics import Metrics
-from sse_twisted._stalls import TICK_SECONDS, GarbageCollectionTimer, StallMonitorService
+from sse_twisted._stalls import GarbageCollectionTimer, StallMonitorService
+from sse_twisted._ticks import TICK_SECONDS
 from tests.logs import json_log
 
 
@@ -131,7 +132,7 @@ def test_a_stall_over_the_threshold_logs_one_line_with_what_ran_since_the_last_t
     cpu_clock = _Timer()
     monitor = _monitor(metrics, collections, counters, clock, cpu_clock=cpu_clock)
     clock.advance(0)
-    clock.advance(TICK_SECONDS + 0.049)  # under the 50 ms threshold: no line
+    clock.advance(TICK_SECONDS + 0.049)  # at 0.099 s, under the 50 ms threshold: no line
     assert _stall_lines(log_events) == []
 
     counters.keep_alives += 70
@@ -145,7 +146,7 @@ def test_a_stall_over_the_threshold_logs_one_line_with_what_ran_since_the_last_t
     collections("start", {"generation": 0})
     timer.now = 1.064
     collections("stop", {"generation": 0, "collected": 3, "uncollectable": 0})
-    clock.advance(TICK_SECONDS + 0.080)
+    clock.advance(0.001 + 0.080)  # the next tick was due on the grid, at 0.1 s
 
     [line] = _stall_lines(log_events)
     assert line["lag_ms"] == 80.0
@@ -157,7 +158,7 @@ def test_a_stall_over_the_threshold_logs_one_line_with_what_ran_since_the_last_t
     assert line["keep_alives"] == 70
     assert line["lines_logged"] == 3
     assert line["open_streams"] == 1000
-    clock.advance(TICK_SECONDS)  # the next tick is on time: no second line
+    clock.advance(0.02)  # the next tick, due at 0.2 s, is on time: no second line
     assert len(_stall_lines(log_events)) == 1
     monitor.stopService()
 
