@@ -106,7 +106,7 @@ class _StreamConnection(TwistedProtocolConnection):
         for start in range(0, len(data), _PIKA_FEED_BYTES):
             super().dataReceived(data[start : start + _PIKA_FEED_BYTES])
         if self._pacer is not None:
-            self._pacer.received(len(data))
+            self._pacer.received()
 
     def connectionReady(self) -> _StreamConnection:
         self._cancel_deadline()

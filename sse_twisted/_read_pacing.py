@@ -1,74 +1,87 @@
 """Reading the broker in batches while messages trickle in (``SSE_INGEST_BATCH_MS``).
 
 A consumer that reads each delivery as it arrives wakes the reactor for every few
-messages, and a wake-up costs what several messages do. Paced, a connection that has just
-read a little stops reading until the next point of the tick grid, so what arrives
-meanwhile is read in one wake-up, beside the stall tick; a message waits at most the
-interval. A read of a backlog (at least L{BACKLOG_BYTES}) is never followed by a pause:
-pacing never holds back a connection that is behind.
+messages, and a wake-up costs what several messages do. Paced, a connection that has read
+everything its socket held stops reading until the next point of the tick grid, so what
+arrives meanwhile is read in one wake-up, beside the stall tick; a message waits at most
+the interval. A read that leaves bytes in the socket is never followed by a pause: pacing
+never holds back a connection that is behind.
 """
 
 from __future__ import annotations
 
+import fcntl
+import struct
+import termios
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.base import DelayedCall
 from twisted.internet.interfaces import IPushProducer, ITransport
+from twisted.protocols.policies import ProtocolWrapper
 
-from ._socket_reads import socket_reads
 from ._ticks import delay_to_tick
 
-__all__ = ["BACKLOG_BYTES", "ReadPacer"]
+__all__ = ["ReadPacer", "socket_backlog"]
 
-BACKLOG_BYTES = 32 * 1024
-"""A read at least this large (half of what Twisted reads at once) may have left more in
-the socket: reading goes on."""
+
+def socket_backlog(transport: ITransport) -> int:
+    """Bytes waiting in the kernel to be read from ``transport``'s socket (C{FIONREAD}),
+    under its TLS wrapping if it has one."""
+    layer: Any = transport
+    while isinstance(layer, ProtocolWrapper):
+        layer = layer.transport
+    handle = layer.getHandle()
+    waiting: int = struct.unpack("i", fcntl.ioctl(handle.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    return waiting
 
 
 class ReadPacer:
-    """Pauses a transport's reads after each small read until the next multiple of
-    ``interval_seconds``.
+    """Pauses a transport's reads, after a read that emptied its socket, until the next
+    multiple of ``interval_seconds``.
 
-    A read is judged whole once the reactor turn that delivered it is over, since TLS
-    hands one socket read to the protocol in several pieces.
+    ``backlog`` gives the bytes still waiting in the socket (L{socket_backlog}).
     """
 
-    def __init__(self, reactor: Any, interval_seconds: float) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        interval_seconds: float,
+        backlog: Callable[[ITransport], int] = socket_backlog,
+    ) -> None:
         self._reactor = reactor
         self._interval_seconds = interval_seconds
-        self._transport: IPushProducer | None = None
-        self._bytes_read = 0
-        self._judging: DelayedCall | None = None
+        self._backlog = backlog
+        self._transport: ITransport | None = None
+        self._reads: IPushProducer | None = None
         self._resuming: DelayedCall | None = None
 
     def attach(self, transport: ITransport) -> None:
-        """Pace the reads of ``transport`` (the connection's, once it is made)."""
-        self._transport = socket_reads(transport)
+        """Pace the reads of ``transport`` (the connection's, once it is made; under TLS a
+        C{TLSMemoryBIOProtocol}, which provides what the TCP transport beneath provides and
+        passes the calls on to it)."""
+        self._transport = transport
+        self._reads = IPushProducer(transport, None)
 
-    def received(self, size: int) -> None:
-        """Count ``size`` bytes just handed to the protocol."""
-        self._bytes_read += size
-        if self._judging is None and self._transport is not None:
-            self._judging = self._reactor.callLater(0, self._judge_read)
+    def received(self) -> None:
+        """The protocol was just handed bytes read from the transport (TLS hands one read
+        over in pieces: each calls this, the first decides)."""
+        if self._resuming is not None or self._transport is None or self._reads is None:
+            return
+        if self._backlog(self._transport):
+            return
+        self._reads.pauseProducing()
+        delay = delay_to_tick(self._reactor.seconds(), self._interval_seconds)
+        self._resuming = self._reactor.callLater(delay, self._resume)
 
     def detach(self) -> None:
         """Stop pacing: the connection is lost."""
-        self._transport = None
-        for call in (self._judging, self._resuming):
-            if call is not None and call.active():
-                call.cancel()
-        self._judging = self._resuming = None
-
-    def _judge_read(self) -> None:
-        self._judging = None
-        small = self._bytes_read < BACKLOG_BYTES
-        self._bytes_read = 0
-        if small and self._resuming is None and self._transport is not None:
-            self._transport.pauseProducing()
-            delay = delay_to_tick(self._reactor.seconds(), self._interval_seconds)
-            self._resuming = self._reactor.callLater(delay, self._resume)
+        self._transport = self._reads = None
+        if self._resuming is not None and self._resuming.active():
+            self._resuming.cancel()
+        self._resuming = None
 
     def _resume(self) -> None:
         self._resuming = None
-        if self._transport is not None:
-            self._transport.resumeProducing()
+        if self._reads is not None:
+            self._reads.resumeProducing()

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet import reactor
+from twisted.protocols.policies import ProtocolWrapper
 
 from sse_twisted._config import Config, load_config
 from sse_twisted.tap import SSEService, build_service
 from tests.waiting import bounded, wait_for
+
+
+def socket_transport(transport: Any) -> Any:
+    """The TCP transport under the TLS and connection-tracking wrappers of a connection."""
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
+    return transport
 
 
 @dataclass

@@ -37,13 +37,13 @@ from sse_twisted import _consumer
 from sse_twisted._config import Config, load_config
 from sse_twisted._consumer import StreamConsumerService
 from sse_twisted._metrics import Metrics
-from sse_twisted._socket_reads import socket_reads
 from sse_twisted.devcerts import (
     DEV_CERTIFICATE_FILES,
     issue_certificate,
     load_certificate_authority,
 )
 from tests.backends import Pki, RabbitMQServer
+from tests.in_process_server import socket_transport
 from tests.logs import lines_with
 from tests.publishing import delete_queue
 from tests.waiting import bounded
@@ -277,7 +277,7 @@ async def test_paced_reads_lose_nothing_trickling_or_behind(
     async with running(consumer):
         await logs.wait_for(f"consuming {queue} at ")
         assert consumer._connection is not None
-        reads = socket_reads(consumer._connection.transport)
+        reads = socket_transport(consumer._connection.transport)
         paused = []
         for number, body in enumerate(trickle, start=1):
             await deferToThread(broker.publish, queue, [body])

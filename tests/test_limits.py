@@ -28,11 +28,10 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent
-from twisted.protocols.policies import ProtocolWrapper
 
 from tests.backends import Pki
 from tests.browser import Browser
-from tests.in_process_server import start_server
+from tests.in_process_server import socket_transport, start_server
 from tests.logs import failures, lines_with
 from tests.memory_http import decode_chunks, responses
 from tests.publishing import found_contract, publish
@@ -364,13 +363,6 @@ def _flood(connection: ssl.SSLSocket, total: int, stall_seconds: float) -> int:
     return sent
 
 
-def _socket_transport(transport: Any) -> Any:
-    """The TCP transport under the TLS and connection-tracking wrappers."""
-    while isinstance(transport, ProtocolWrapper):
-        transport = transport.transport
-    return transport
-
-
 @pytest_twisted.ensureDeferred
 async def test_junk_pipelined_after_requests_gets_400_after_their_answers_then_the_close(
     plaintext_environ: dict[str, str],
@@ -541,7 +533,7 @@ async def test_a_pipelined_flood_behind_a_stream_whose_client_does_not_read_is_h
         assert sent < 2 * 1024 * 1024
         # ...because the server stopped reading, with a bounded part of it read: the rest
         # waits in the kernels' buffers.
-        tcp = _socket_transport(channel.transport)
+        tcp = socket_transport(channel.transport)
         await wait_for(lambda: tcp not in reactor.getReaders(), "the server never stopped reading")
         assert 0 < sum(map(len, channel._dataBuffer)) <= _MOST_PIPELINED_BYTES_HELD
 

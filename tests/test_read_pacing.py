@@ -1,7 +1,11 @@
 """Paced broker reads (SSE_INGEST_BATCH_MS) and the tick grid they share with the other
-timers: in memory, on a Clock. tests/test_consumer.py consumes paced from a real broker."""
+timers: on a Clock, the socket's backlog on a real socket pair. tests/test_consumer.py
+consumes paced from a real broker, over AMQP and AMQPS."""
 
 from __future__ import annotations
+
+import socket
+import time
 
 import pytest
 from twisted.internet.protocol import Factory, Protocol
@@ -10,25 +14,35 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from sse_twisted._read_pacing import BACKLOG_BYTES, ReadPacer
-from sse_twisted._socket_reads import socket_reads
+from sse_twisted._read_pacing import ReadPacer, socket_backlog
 from sse_twisted._ticks import TICK_SECONDS, delay_to_tick, delay_to_tick_by
 
 
-def paced(clock: Clock, interval: float = TICK_SECONDS) -> tuple[ReadPacer, StringTransport]:
-    pacer = ReadPacer(clock, interval)
+class _Socket:
+    """Stands in for the kernel's count of bytes waiting in a connection's socket."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+
+    def __call__(self, transport: object) -> int:
+        return self.waiting
+
+
+def paced(
+    clock: Clock, interval: float = TICK_SECONDS
+) -> tuple[ReadPacer, StringTransport, _Socket]:
+    socket = _Socket()
+    pacer = ReadPacer(clock, interval, socket)
     transport = StringTransport()
     pacer.attach(transport)
-    return pacer, transport
+    return pacer, transport, socket
 
 
-def test_a_small_read_pauses_reading_until_the_next_point_of_the_grid() -> None:
+def test_a_read_that_empties_the_socket_pauses_reading_until_the_next_point_of_the_grid() -> None:
     clock = Clock()
     clock.advance(0.013)
-    pacer, transport = paced(clock)
-    pacer.received(300)
-    assert transport.producerState == "producing"  # the read is judged once its turn is over
-    clock.advance(0)
+    pacer, transport, _ = paced(clock)
+    pacer.received()
     assert transport.producerState == "paused"
     clock.advance(0.05 - 0.013 - 0.001)
     assert transport.producerState == "paused"
@@ -36,57 +50,59 @@ def test_a_small_read_pauses_reading_until_the_next_point_of_the_grid() -> None:
     assert transport.producerState == "producing"
 
 
-def test_a_read_of_a_backlog_keeps_reading() -> None:
+def test_a_read_that_leaves_bytes_in_the_socket_keeps_reading() -> None:
     clock = Clock()
-    pacer, transport = paced(clock)
-    pacer.received(BACKLOG_BYTES)
-    clock.advance(0)
+    pacer, transport, socket = paced(clock)
+    socket.waiting = 65536  # a connection that is behind
+    pacer.received()
     assert transport.producerState == "producing"
-    pacer.received(BACKLOG_BYTES - 1)  # the backlog is read: the next small read pauses
-    clock.advance(0)
+    assert clock.getDelayedCalls() == []
+    socket.waiting = 0  # caught up: the next read pauses
+    pacer.received()
     assert transport.producerState == "paused"
 
 
-def test_a_read_handed_over_in_pieces_is_judged_whole() -> None:
+def test_the_pieces_of_a_read_and_what_comes_while_paused_extend_no_pause() -> None:
     clock = Clock()
-    pacer, transport = paced(clock)
-    for _ in range(4):  # how TLS hands one socket read of 64 KiB to the protocol
-        pacer.received(BACKLOG_BYTES // 2)
-    clock.advance(0)
-    assert transport.producerState == "producing"
-
-
-def test_reads_while_paused_extend_no_pause() -> None:
-    clock = Clock()
-    pacer, transport = paced(clock, interval=0.1)
-    pacer.received(10)
-    clock.advance(0)
+    pacer, transport, _ = paced(clock, interval=0.1)
+    pacer.received()
+    pacer.received()  # the next piece TLS decrypted from the same read
     clock.advance(0.06)
-    pacer.received(10)  # what TLS had decrypted already comes after the pause
-    clock.advance(0)
-    assert transport.producerState == "paused"
+    pacer.received()
+    assert len(clock.getDelayedCalls()) == 1
     clock.advance(0.04)  # still the first pause's point: 0.1 s
     assert transport.producerState == "producing"
 
 
-def test_a_lost_connection_is_neither_paused_nor_resumed_later() -> None:
+def test_a_lost_connection_is_not_resumed_later_nor_paused_again() -> None:
     clock = Clock()
-    pacer, transport = paced(clock)
-    pacer.received(10)
-    clock.advance(0)
+    pacer, transport, _ = paced(clock)
+    pacer.received()
     pacer.detach()
     assert clock.getDelayedCalls() == []
-    pacer.received(10)
+    transport.resumeProducing()
+    pacer.received()
     clock.advance(1)
-    assert transport.producerState == "paused"  # as left: the transport is gone
+    assert transport.producerState == "producing"
 
 
-def test_a_read_just_before_its_connection_is_lost_schedules_nothing() -> None:
-    clock = Clock()
-    pacer, _ = paced(clock)
-    pacer.received(10)
-    pacer.detach()
-    assert clock.getDelayedCalls() == []
+def test_the_socket_backlog_is_what_the_kernel_holds_unread_under_tls_too() -> None:
+    here, there = socket.socketpair()
+    with here, there:
+        tcp = StringTransport()
+        tcp.getHandle = lambda: here  # type: ignore[attr-defined]
+        tls = TLSMemoryBIOFactory(
+            CertificateOptions(), True, Factory.forProtocol(Protocol)
+        ).buildProtocol(None)
+        tls.makeConnection(tcp)
+        assert socket_backlog(tls) == 0
+        there.sendall(b"x" * 1000)
+        deadline = time.monotonic() + 5
+        while socket_backlog(tls) < 1000 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert socket_backlog(tls) == socket_backlog(tcp) == 1000
+        here.recv(600)
+        assert socket_backlog(tls) == 400
 
 
 @pytest.mark.parametrize(
@@ -122,11 +138,15 @@ def test_a_timer_within_a_deadline_fires_on_the_last_point_before_it() -> None:
     assert 0.2 + delay_to_tick_by(0.2, 0.1) == pytest.approx(0.3)
 
 
-def test_under_tls_wrapping_the_socket_reads_are_the_transport_beneath() -> None:
+def test_under_tls_the_tcp_transport_beneath_is_paused() -> None:
+    clock = Clock()
     tcp = StringTransport()
     wrapping = TLSMemoryBIOFactory(CertificateOptions(), True, Factory.forProtocol(Protocol))
-    tls = wrapping.buildProtocol(None)
+    tls = wrapping.buildProtocol(None)  # as wrapClientTLS builds it for the consumer
     tls.makeConnection(tcp)
-    assert socket_reads(tls) is tcp
-    assert socket_reads(tcp) is tcp
-    assert socket_reads(None) is None
+    pacer = ReadPacer(clock, TICK_SECONDS, _Socket())
+    pacer.attach(tls)
+    pacer.received()
+    assert tcp.producerState == "paused"
+    clock.advance(TICK_SECONDS)
+    assert tcp.producerState == "producing"

@@ -23,12 +23,12 @@ from sse_twisted._replay import ReplayWindow
 from sse_twisted._streams import EventStream, StreamRegistry
 from tests.backends import Pki, free_port
 from tests.browser import Browser
-from tests.in_process_server import RunningServer, start_server
+from tests.in_process_server import RunningServer, socket_transport, start_server
 from tests.publishing import found_contract, publish
 from tests.secrets_tracking import new_uuid
 from tests.sse_parser import EventParser
 from tests.subscribers import add_local_subscriber
-from tests.test_limits import _raw_connection, _socket_transport
+from tests.test_limits import _raw_connection
 from tests.test_metrics_flow import scrape
 from tests.waiting import bounded, wait_for
 
@@ -246,7 +246,7 @@ def _held_for(stream: Any) -> int:
         aggregator = getattr(transport, "_aggregator", None)
         if aggregator is not None:
             held += sum(map(len, aggregator._buffer))
-        if transport is _socket_transport(transport):
+        if transport is socket_transport(transport):
             return held + len(transport.dataBuffer) - transport.offset + transport._tempDataLen
         transport = transport.transport
     return held
