@@ -478,8 +478,9 @@ SETTINGS: tuple[Setting, ...] = (
         "ingest-batch-ms",
         "0",
         _batch_interval,
-        "while messages trickle in, read the broker at most this often, on the 50 ms tick grid "
-        "(0 = each as it comes): far fewer wake-ups, each message up to this much later",
+        "while messages trickle in, read the broker at most this often (0 = each as it "
+        "comes): fewer reactor wake-ups, each message up to this much later; 25, 50 and 100 "
+        "share their wake-ups with the 50 ms stall tick",
     ),
     Setting(
         "rabbitmq_heartbeat_seconds",
