@@ -8,17 +8,14 @@ worth of CPU (bench/RESULTS.md, issue 13).
 
 from __future__ import annotations
 
-import math
-
 __all__ = ["TICK_SECONDS", "delay_to_tick", "delay_to_tick_by"]
 
 TICK_SECONDS = 0.05
 """The grid's step: the stall monitor's tick; other periodic timers fall on its points."""
 
-# A time a hair below a grid point (floating-point rounding of k * period) is on it.
-_ON_THE_POINT = 1e-6
-# Grid points are whole nanoseconds, so that every timer computes the same float for one.
-_DIGITS = 9
+# The grid is counted in whole nanoseconds: exact whatever the clock reads (an epoch time
+# divided by 0.05 in floating point is off by more than a hair of a step).
+_NANOSECONDS = 1_000_000_000
 
 
 def delay_to_tick(now: float, period: float = TICK_SECONDS) -> float:
@@ -27,8 +24,10 @@ def delay_to_tick(now: float, period: float = TICK_SECONDS) -> float:
 
     Timers whose periods are multiples of one another meet on the points they share.
     """
-    point = round((math.floor(now / period + _ON_THE_POINT) + 1) * period, _DIGITS)
-    return point - now
+    now_ns = round(now * _NANOSECONDS)
+    step_ns = round(period * _NANOSECONDS)
+    point_ns = (now_ns // step_ns + 1) * step_ns
+    return (point_ns - now_ns) / _NANOSECONDS
 
 
 def delay_to_tick_by(now: float, seconds: float) -> float:

@@ -113,12 +113,14 @@ def test_the_socket_backlog_is_what_the_kernel_holds_unread_under_tls_too() -> N
         (0.05, 0.05, 0.1),  # on a point: the next one
         (3 * 0.05, 0.05, 0.2),  # 0.15000000000000002 is on the point 0.15
         (0.05 * 1_000_001 - 1e-12, 0.05, 50_000.1),  # a hair below a point, late in a run
+        (1_780_000_000.0501, 0.05, 1_780_000_000.1),  # reactor time is epoch time
+        (1_780_000_000.07, 0.05, 1_780_000_000.1),
         (0.07, 0.1, 0.1),
         (0.1, 0.025, 0.125),
     ],
 )
 def test_the_next_point_of_the_grid(now: float, period: float, expected: float) -> None:
-    assert now + delay_to_tick(now, period) == pytest.approx(expected, abs=1e-9)
+    assert now + delay_to_tick(now, period) == pytest.approx(expected, abs=1e-6)
 
 
 def test_timers_set_at_different_moments_for_one_point_are_due_together() -> None:
