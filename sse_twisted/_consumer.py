@@ -108,6 +108,11 @@ class _StreamConnection(TwistedProtocolConnection):
         if self._pacer is not None:
             self._pacer.received()
 
+    def pace_reads(self) -> None:
+        """Read in batches from now on, if batching is set (``SSE_INGEST_BATCH_MS``)."""
+        if self._pacer is not None:
+            self._pacer.arm()
+
     def connectionReady(self) -> _StreamConnection:
         self._cancel_deadline()
         return self
@@ -393,7 +398,9 @@ class StreamConsumerService(Service):
             address=self._nodes.address,
             offset=str(offset),  # may be a datetime, which JSON log lines cannot hold
         )
-        if not self._caught_up:
+        if self._caught_up:
+            connection.pace_reads()  # a reconnection: live at once
+        else:
             self._wait_for_quiet()
         probe.addCallbacks(self._probed, lambda _: None, callbackArgs=(consumer,))
 
@@ -594,6 +601,8 @@ class StreamConsumerService(Service):
     def _finish_read_back(self) -> None:
         self._caught_up = True
         self._cancel_quiet()
+        if self._connection is not None:
+            self._connection.pace_reads()
         self.log.info(
             "read back {queue} up to offset {tail}: what follows is live",
             queue=self._queue,

@@ -40,7 +40,9 @@ class ReadPacer:
     """Pauses a transport's reads, after a read that emptied its socket, until the next
     multiple of ``interval_seconds``.
 
-    ``backlog`` gives the bytes still waiting in the socket (L{socket_backlog}).
+    ``backlog`` gives the bytes still waiting in the socket (L{socket_backlog}). Nothing is
+    paced before L{arm}: the handshake, the declarations and the read-back are many small
+    round trips, each of which a pause would hold up.
     """
 
     def __init__(
@@ -55,6 +57,11 @@ class ReadPacer:
         self._transport: ITransport | None = None
         self._reads: IPushProducer | None = None
         self._resuming: DelayedCall | None = None
+        self._armed = False
+
+    def arm(self) -> None:
+        """Start pacing: the consumer is live."""
+        self._armed = True
 
     def attach(self, transport: ITransport) -> None:
         """Pace the reads of ``transport`` (the connection's, once it is made; under TLS a
@@ -66,11 +73,12 @@ class ReadPacer:
     def received(self) -> None:
         """The protocol was just handed bytes read from the transport (TLS hands one read
         over in pieces: each calls this, the first decides)."""
-        if self._resuming is not None or self._transport is None or self._reads is None:
+        reads = self._reads
+        if not self._armed or self._resuming is not None or self._transport is None:
             return
-        if self._backlog(self._transport):
+        if reads is None or self._backlog(self._transport):
             return
-        self._reads.pauseProducing()
+        reads.pauseProducing()
         delay = delay_to_tick(self._reactor.seconds(), self._interval_seconds)
         self._resuming = self._reactor.callLater(delay, self._resume)
 

@@ -251,9 +251,24 @@ async def _paused_once_within(turns: int, reads: object) -> bool:
     return False
 
 
+async def _trickle(
+    broker: Broker, queue: str, consumer: StreamConsumerService, inbox: Inbox, bodies: list[bytes]
+) -> int:
+    """Publish ``bodies`` one at a time, each once the one before has arrived (so that a pause
+    must end); how many of their reads were seen followed by a pause."""
+    assert consumer._connection is not None
+    reads = socket_transport(consumer._connection.transport)
+    paused = 0
+    for body in bodies:
+        await deferToThread(broker.publish, queue, [body])
+        await inbox.wait_for(len(inbox.bodies) + 1)
+        paused += await _paused_once_within(10, reads)
+    return paused
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["amqp", "amqps"])
 @pytest_twisted.ensureDeferred
-async def test_paced_reads_lose_nothing_trickling_or_behind(
+async def test_paced_reads_lose_nothing_trickling_behind_or_across_a_reconnection(
     tls: bool,
     pki: Pki,
     rabbitmq_tls: RabbitMQServer,
@@ -274,21 +289,21 @@ async def test_paced_reads_lose_nothing_trickling_or_behind(
     consumer = StreamConsumerService(config, reactor, inbox, unexpected_fatal, Metrics())
     trickle = [f"trickle {number}".encode() for number in range(20)]
     behind = [f"behind {number}".encode() + b"x" * (number * 97 % 9000) for number in range(300)]
+    again = [f"again {number}".encode() for number in range(20)]
     async with running(consumer):
-        await logs.wait_for(f"consuming {queue} at ")
-        assert consumer._connection is not None
-        reads = socket_transport(consumer._connection.transport)
-        paused = []
-        for number, body in enumerate(trickle, start=1):
-            await deferToThread(broker.publish, queue, [body])
-            await inbox.wait_for(number)  # each alone: a pause always ends
-            paused.append(await _paused_once_within(10, reads))
+        await logs.wait_for(f"read back {queue} ")  # live: paced from now on
+        paused = await _trickle(broker, queue, consumer, inbox, trickle)
         await deferToThread(broker.publish, queue, behind)  # read at full speed
         await inbox.wait_for(len(trickle) + len(behind))
-    assert inbox.bodies == trickle + behind
+        assert consumer._connection is not None
+        consumer._connection.transport.abortConnection()
+        await logs.wait_for(f"consuming {queue} at ", count=2)  # live again at once
+        paused_again = await _trickle(broker, queue, consumer, inbox, again)
+    assert inbox.bodies == trickle + behind + again
     assert inbox.offsets == list(range(inbox.offsets[0], inbox.offsets[0] + len(inbox.offsets)))
     # Each small read pauses until the next 50 ms point; seen unless that point is very near.
-    assert sum(paused) >= len(trickle) // 2
+    assert paused >= len(trickle) // 2
+    assert paused_again >= len(again) // 2
 
 
 @dataclass

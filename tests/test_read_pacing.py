@@ -35,7 +35,21 @@ def paced(
     pacer = ReadPacer(clock, interval, socket)
     transport = StringTransport()
     pacer.attach(transport)
+    pacer.arm()
     return pacer, transport, socket
+
+
+def test_nothing_is_paced_before_the_consumer_is_live() -> None:
+    clock = Clock()
+    pacer = ReadPacer(clock, TICK_SECONDS, _Socket())
+    transport = StringTransport()
+    pacer.attach(transport)
+    pacer.received()  # the handshake, the declarations, the read-back
+    assert transport.producerState == "producing"
+    assert clock.getDelayedCalls() == []
+    pacer.arm()
+    pacer.received()
+    assert transport.producerState == "paused"
 
 
 def test_a_read_that_empties_the_socket_pauses_reading_until_the_next_point_of_the_grid() -> None:
@@ -148,6 +162,7 @@ def test_under_tls_the_tcp_transport_beneath_is_paused() -> None:
     tls.makeConnection(tcp)
     pacer = ReadPacer(clock, TICK_SECONDS, _Socket())
     pacer.attach(tls)
+    pacer.arm()
     pacer.received()
     assert tcp.producerState == "paused"
     clock.advance(TICK_SECONDS)
