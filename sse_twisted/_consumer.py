@@ -71,7 +71,8 @@ def _describe_amqp_failure(failure: Failure) -> str:
 
 
 class _StreamConnection(TwistedProtocolConnection):
-    """pika's Twisted protocol, telling why each connection really ended.
+    """pika's Twisted protocol, telling why each connection really ended, and reading in
+    batches once live if given a L{ReadPacer}.
 
     @ivar lost: fires with why the connection ended, once it has.
 

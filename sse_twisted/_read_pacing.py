@@ -27,12 +27,16 @@ __all__ = ["ReadPacer", "socket_backlog"]
 
 def socket_backlog(transport: ITransport) -> int:
     """Bytes waiting in the kernel to be read from ``transport``'s socket (C{FIONREAD}),
-    under its TLS wrapping if it has one."""
+    under its TLS wrapping if it has one; 0 once the socket is closed (TLS hands over what
+    it still holds while the connection is being lost)."""
     layer: Any = transport
     while isinstance(layer, ProtocolWrapper):
         layer = layer.transport
-    handle = layer.getHandle()
-    waiting: int = struct.unpack("i", fcntl.ioctl(handle.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    try:
+        count = fcntl.ioctl(layer.getHandle().fileno(), termios.FIONREAD, b"\0" * 4)
+    except (AttributeError, OSError, ValueError):  # closed: fileno() -1, or no socket left
+        return 0
+    waiting: int = struct.unpack("i", count)[0]
     return waiting
 
 

@@ -117,6 +117,9 @@ def test_the_socket_backlog_is_what_the_kernel_holds_unread_under_tls_too() -> N
         assert socket_backlog(tls) == socket_backlog(tcp) == 1000
         here.recv(600)
         assert socket_backlog(tls) == 400
+    assert socket_backlog(tls) == 0  # closed, as TLS hands over its last bytes
+    del tcp.getHandle  # what Twisted's TCP transport does with a closed socket
+    assert socket_backlog(tls) == 0
 
 
 @pytest.mark.parametrize(
