@@ -260,8 +260,9 @@ async def _trickle(
     reads = socket_transport(consumer._connection.transport)
     paused = 0
     for body in bodies:
+        arrived = len(inbox.bodies) + 1  # counted first: it may arrive before publish returns
         await deferToThread(broker.publish, queue, [body])
-        await inbox.wait_for(len(inbox.bodies) + 1)
+        await inbox.wait_for(arrived)
         paused += await _paused_once_within(10, reads)
     return paused
 
