@@ -25,7 +25,7 @@ from ._ticks import delay_to_tick
 __all__ = ["ReadPacer", "socket_backlog"]
 
 
-def socket_backlog(transport: ITransport) -> int:
+def socket_backlog(transport: object) -> int:
     """Bytes waiting in the kernel to be read from ``transport``'s socket (C{FIONREAD}),
     under its TLS wrapping if it has one; 0 once the socket is closed (TLS hands over what
     it still holds while the connection is being lost)."""
@@ -53,12 +53,11 @@ class ReadPacer:
         self,
         reactor: Any,
         interval_seconds: float,
-        backlog: Callable[[ITransport], int] = socket_backlog,
+        backlog: Callable[[IPushProducer], int] = socket_backlog,
     ) -> None:
         self._reactor = reactor
         self._interval_seconds = interval_seconds
         self._backlog = backlog
-        self._transport: ITransport | None = None
         self._reads: IPushProducer | None = None
         self._resuming: DelayedCall | None = None
         self._armed = False
@@ -71,16 +70,15 @@ class ReadPacer:
         """Pace the reads of ``transport`` (the connection's, once it is made; under TLS a
         C{TLSMemoryBIOProtocol}, which provides what the TCP transport beneath provides and
         passes the calls on to it)."""
-        self._transport = transport
         self._reads = IPushProducer(transport, None)
 
     def received(self) -> None:
         """The protocol was just handed bytes read from the transport (TLS hands one read
         over in pieces: each calls this, the first decides)."""
         reads = self._reads
-        if not self._armed or self._resuming is not None or self._transport is None:
+        if not self._armed or self._resuming is not None or reads is None:
             return
-        if reads is None or self._backlog(self._transport):
+        if self._backlog(reads):
             return
         reads.pauseProducing()
         delay = delay_to_tick(self._reactor.seconds(), self._interval_seconds)
@@ -88,7 +86,7 @@ class ReadPacer:
 
     def detach(self) -> None:
         """Stop pacing: the connection is lost."""
-        self._transport = self._reads = None
+        self._reads = None
         if self._resuming is not None and self._resuming.active():
             self._resuming.cancel()
         self._resuming = None
